@@ -1,0 +1,97 @@
+"""Method interface and registry.
+
+A method is a dataclass whose fields are its hyperparameters (mirrored by `conf/method/<name>.yaml`).
+It is created, run on a cache copy, and dropped: per-sample state lives on the cache or in locals, never
+on the method object, so one method object serves every sample and two methods can share a process.
+
+Life cycle for one (sample, budget):
+  1. `compress(cache, ctx)` once after prefill (skipped when the prompt fits the budget);
+  2. `before_forward(cache, ctx, num_new)` before every later forward (question tail, each decode step):
+     decode-time methods evict there so the cache stays within budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from kvbench.cache import KVCache
+from kvbench.registry import Registry
+
+
+@dataclass
+class CompressionContext:
+    """What a method may use to compress one prefilled prompt."""
+
+    budget: int  # KV entries per KV head per layer, window included (already resolved for this prompt)
+    prompt_len: int  # tokens in the compressed segment (T)
+    num_heads: int
+    num_kv_heads: int
+    # Post-RoPE queries of the last prefilled tokens per layer, `[H, W, d]`, and their positions `[W]`.
+    window_queries: list[torch.Tensor] = field(default_factory=list)
+    window_positions: torch.Tensor | None = None
+    scaling: float = 1.0
+    seed: int = 0
+    model: Any = None
+
+
+@dataclass
+class Method:
+    name: ClassVar[str] = ""
+    # Methods that never evict (full) do not take part in budget sweeps.
+    compresses: ClassVar[bool] = True
+
+    def window_queries_needed(self) -> int:
+        """How many trailing prompt queries per layer `compress` needs (recorded during the one prefill)."""
+        return 0
+
+    def compress(self, cache: KVCache, ctx: CompressionContext) -> None:
+        """Evict at the end of prefill so each layer holds its budget. Default: nothing to do."""
+
+    def before_forward(self, cache: KVCache, ctx: CompressionContext, num_new: int) -> None:
+        """Called before each forward after compression. Default: the cache only grows."""
+
+    def params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def label(self) -> str:
+        """`name`, plus the hyperparameters that differ from the defaults."""
+        defaults = type(self)()
+        changed = {k: v for k, v in self.params().items() if getattr(defaults, k) != v}
+        if not changed:
+            return self.name
+        return f"{self.name}(" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + ")"
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register_method(name: str):
+    """Class decorator: register a Method dataclass under `name`."""
+
+    def decorator(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        return METHODS.register(name)(cls)
+
+    return decorator
+
+
+def build_method(cfg: Any) -> Method:
+    """Create a method from its config (`name` + hyperparameters); unknown parameters fail in one line."""
+    params = dict(cfg)
+    name = params.pop("name", None)
+    cls = METHODS.get(name)
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - valid)
+    if unknown:
+        raise ValueError(
+            f"unknown parameter '{unknown[0]}' for method {name}. Valid parameters: {', '.join(sorted(valid))}."
+        )
+    method = cls(**params)
+    validate = getattr(method, "validate", None)
+    if validate is not None:
+        validate()
+    return method

@@ -1,0 +1,102 @@
+"""Helpers shared by the scoring methods, written once: GQA aggregation, observation-window attention,
+pooling, top-k keep and per-layer budget allocation. All softmax statistics are fp32."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+GQA_AGGREGATIONS = ("mean", "max")
+POOLINGS = ("max", "avg", "none")
+
+
+def aggregate_gqa(scores: torch.Tensor, num_kv_heads: int, how: str = "mean") -> torch.Tensor:
+    """Reduce per-query-head scores `[H, ...]` to per-KV-head scores `[Hkv, ...]` over each GQA group."""
+    grouped = scores.unflatten(0, (num_kv_heads, scores.shape[0] // num_kv_heads))
+    if how == "mean":
+        return grouped.mean(dim=1)
+    if how == "max":
+        return grouped.amax(dim=1)
+    raise ValueError(f"unknown gqa_agg '{how}'. Valid gqa_aggs: {', '.join(GQA_AGGREGATIONS)}.")
+
+
+def window_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """Softmax attention probabilities of window queries `[H, w, d]` over keys `[Hkv, T, d]`, `[H, w, T]`.
+
+    Causal by original position (key visible iff key position <= query position), fp32. Query head h
+    attends with KV head h // g, the cache is never expanded.
+    """
+    num_heads, num_kv_heads = queries.shape[0], keys.shape[0]
+    group = num_heads // num_kv_heads
+    q = queries.float().unflatten(0, (num_kv_heads, group))
+    logits = torch.einsum("hgwd,htd->hgwt", q, keys.float()) * scaling
+    visible = key_positions[:, None, None, :] <= query_positions[None, None, :, None]
+    logits = logits.masked_fill(~visible, float("-inf"))
+    return logits.softmax(dim=-1).flatten(0, 1)
+
+
+def pool_scores(scores: torch.Tensor, kernel: int, kind: str) -> torch.Tensor:
+    """1-D pooling along the token axis of `[Hkv, N]` with stride 1 and padding kernel//2 (length kept)."""
+    if kind == "none" or kernel <= 1:
+        return scores
+    if kernel % 2 == 0:
+        raise ValueError(f"pooling kernel must be odd to keep the length, got {kernel}")
+    x = scores[:, None, :]
+    if kind == "max":
+        return F.max_pool1d(x, kernel_size=kernel, stride=1, padding=kernel // 2)[:, 0]
+    if kind == "avg":
+        return F.avg_pool1d(x, kernel_size=kernel, stride=1, padding=kernel // 2)[:, 0]
+    raise ValueError(f"unknown pool '{kind}'. Valid pools: {', '.join(POOLINGS)}.")
+
+
+def topk_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores per row `[Hkv, N] -> [Hkv, k]`, sorted ascending (original order).
+
+    Ties go to the earlier slot (stable), so selections are deterministic.
+    """
+    k = max(0, min(k, scores.shape[-1]))
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    return order.sort(dim=-1).values
+
+
+def keep_with_window(prefix_scores: torch.Tensor, budget: int, window: int) -> torch.Tensor:
+    """Top-(budget - window) of `prefix_scores [Hkv, T - window]` plus the last `window` slots, `[Hkv, budget]`."""
+    num_heads, prefix_len = prefix_scores.shape
+    chosen = topk_keep(prefix_scores, budget - window)
+    recent = torch.arange(prefix_len, prefix_len + window, device=prefix_scores.device).expand(num_heads, -1)
+    return torch.cat([chosen, recent], dim=-1)
+
+
+def round_preserving_sum(values: list[float], total: int) -> list[int]:
+    """Round to integers whose sum is exactly `total` (largest remainder; ties to the earlier entry)."""
+    floors = [int(v // 1) for v in values]
+    missing = total - sum(floors)
+    by_remainder = sorted(range(len(values)), key=lambda i: (-(values[i] - floors[i]), i))
+    for i in by_remainder[: max(0, missing)]:
+        floors[i] += 1
+    return floors
+
+
+def pyramid_layer_budgets(budget: int, window: int, prompt_len: int, num_layers: int, beta: float) -> list[int]:
+    """PyramidKV's per-layer budgets (window included), arithmetic from the most at layer 0 down to the least.
+
+    Uses a float step and sum-preserving rounding, so the layer average is exactly `budget`. Falls back to
+    the uniform (SnapKV) allocation when the prompt is shorter than 2 * (budget - window).
+    """
+    selectable = budget - window
+    if num_layers == 1 or selectable <= 0 or prompt_len < 2 * selectable:
+        return [budget] * num_layers
+    least = selectable / beta
+    most = 2 * selectable - least
+    if most >= prompt_len - window:
+        most = prompt_len - window
+        least = 2 * selectable - most
+    step = (most - least) / (num_layers - 1)
+    raw = [most - layer * step for layer in range(num_layers)]
+    return [b + window for b in round_preserving_sum(raw, selectable * num_layers)]

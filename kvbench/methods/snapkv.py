@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.cache import KVCache, KVLayer
+from kvbench.methods.base import CompressionContext, Method, register_method
+from kvbench.methods.scoring import (
+    GQA_AGGREGATIONS,
+    POOLINGS,
+    aggregate_gqa,
+    keep_with_window,
+    pool_scores,
+    window_attention,
+)
+
+
+@register_method("snapkv")
+@dataclass
+class SnapKV(Method):
+    """SnapKV (Li et al., 2024, "SnapKV: LLM Knows What You are Looking for Before Generation").
+
+    At the end of prefill, the last `window` prompt queries attend to all keys (softmax in fp32, causal
+    inside the window); each older key's score is the sum of its attention over the window rows, pooled
+    along the sequence per query head, then averaged over the GQA group (`gqa_agg`). Each KV head keeps its
+    top-(budget - window) older keys plus the window. Generated tokens are appended uncompressed.
+
+    Hyperparameters: window=32, kernel=7, pool=max (the paper's LongBench settings; kvpress uses 64/5/avg),
+    gqa_agg=mean. When budget < window, only the last `budget` slots are kept.
+    """
+
+    window: int = 32
+    kernel: int = 7
+    pool: str = "max"
+    gqa_agg: str = "mean"
+
+    def validate(self) -> None:
+        if self.pool not in POOLINGS:
+            raise ValueError(f"unknown pool '{self.pool}'. Valid pools: {', '.join(POOLINGS)}.")
+        if self.gqa_agg not in GQA_AGGREGATIONS:
+            raise ValueError(f"unknown gqa_agg '{self.gqa_agg}'. Valid gqa_aggs: {', '.join(GQA_AGGREGATIONS)}.")
+        if self.window < 1 or self.kernel < 1:
+            raise ValueError(f"window and kernel must be >= 1, got window={self.window} kernel={self.kernel}")
+
+    def window_queries_needed(self) -> int:
+        return self.window
+
+    def layer_budgets(self, ctx: CompressionContext, num_layers: int) -> list[int]:
+        return [ctx.budget] * num_layers
+
+    def scores(self, queries: torch.Tensor, query_positions: torch.Tensor, layer: KVLayer, scaling: float):
+        """Pooled, GQA-aggregated window scores of the keys before the window, `[Hkv, T - w]`."""
+        window = queries.shape[1]
+        prefix = layer.get_seq_length() - window
+        probs = window_attention(queries, layer.keys[0], query_positions, layer.positions, scaling)
+        per_query_head = pool_scores(probs[..., :prefix].sum(dim=1), self.kernel, self.pool)
+        return aggregate_gqa(per_query_head, layer.num_heads, self.gqa_agg)
+
+    def compress(self, cache: KVCache, ctx: CompressionContext) -> None:
+        budgets = self.layer_budgets(ctx, len(cache.layers))
+        for queries, layer, budget in zip(ctx.window_queries, cache.layers, budgets, strict=True):
+            if budget >= layer.get_seq_length():
+                continue
+            window = min(self.window, budget)
+            scores = self.scores(queries[:, -window:], ctx.window_positions[-window:], layer, ctx.scaling)
+            layer.keep(keep_with_window(scores, budget, window))

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.cache import KVCache
+from kvbench.methods.base import CompressionContext, Method, register_method
+from kvbench.methods.window import keep_recent
+
+
+def rope_inv_freq(model: torch.nn.Module) -> torch.Tensor:
+    for module in model.modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if isinstance(inv_freq, torch.Tensor):
+            return inv_freq
+    raise ValueError("streamingllm rerotate=true needs a RoPE model (no module with inv_freq found)")
+
+
+def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Move post-RoPE keys `[1, Hkv, L, d]` by `delta` positions `[Hkv, L]` (HF rotate-half layout)."""
+    angles = delta.to(torch.float32)[..., None] * inv_freq.to(keys.device, torch.float32)
+    angles = torch.cat([angles, angles], dim=-1)[None]
+    k = keys.float()
+    half = k.shape[-1] // 2
+    rotated_half = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
+    return (k * angles.cos() + rotated_half * angles.sin()).to(keys.dtype)
+
+
+@register_method("streamingllm")
+@dataclass
+class StreamingLLM(Method):
+    """StreamingLLM (Xiao et al., 2023, "Efficient Streaming Language Models with Attention Sinks").
+
+    Keeps the first `n_sink` slots (attention sinks) and the most recent `budget - n_sink`. Compresses once
+    at the end of prefill and then before every forward, so the cache never exceeds the budget.
+
+    Hyperparameters: n_sink=4; rerotate=false keeps every slot at its original position (kvbench default);
+    rerotate=true is the paper's mode: kept keys are re-rotated to contiguous positions 0..len-1 and new
+    tokens take their cache index as position.
+    """
+
+    n_sink: int = 4
+    rerotate: bool = False
+
+    def _evict(self, cache: KVCache, keep: int, ctx: CompressionContext) -> None:
+        keep_recent(cache, max(keep, min(self.n_sink, ctx.budget)), sinks=self.n_sink)
+        if self.rerotate:
+            self._renumber(cache, ctx)
+
+    def _renumber(self, cache: KVCache, ctx: CompressionContext) -> None:
+        inv_freq = rope_inv_freq(ctx.model)
+        for layer in cache.layers:
+            contiguous = torch.arange(layer.get_seq_length(), device=layer.device).expand_as(layer.positions)
+            layer.keys = rotate_keys(layer.keys, contiguous - layer.positions, inv_freq)
+            layer.positions = contiguous.clone()
+        cache.seen_tokens = cache.layers[0].get_seq_length()
+
+    def compress(self, cache: KVCache, ctx: CompressionContext) -> None:
+        self._evict(cache, ctx.budget, ctx)
+
+    def before_forward(self, cache: KVCache, ctx: CompressionContext, num_new: int) -> None:
+        if cache.layers[0].get_seq_length() + num_new > ctx.budget:
+            self._evict(cache, ctx.budget - num_new, ctx)

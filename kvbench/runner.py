@@ -1,0 +1,157 @@
+"""One sample through every (method, budget) job: prefill once, then copy -> compress -> decode -> score."""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from kvbench.budget import entries_for
+from kvbench.generation import Prefill, forward_tokens, greedy_decode, prefill
+from kvbench.measure import Stopwatch
+from kvbench.methods.base import CompressionContext, Method
+from kvbench.models import LoadedModel
+from kvbench.prompt import Prompt, build_prompt
+from kvbench.tasks.base import Sample
+from kvbench.tasks.metrics import score
+
+COMPRESS_MODES = ("prompt", "context")
+
+
+@dataclass
+class Job:
+    """One (method, nominal budget) setting; `key` identifies its row for this sample."""
+
+    method: Method
+    budget: int | float | None
+    key: str
+
+
+def split_point(prompt: Prompt, compress: str) -> int:
+    """compress=prompt: the whole prompt is prefilled and compressed (query-aware, the SnapKV setting);
+    compress=context: only the tokens up to the end of the context are (query-agnostic, the kvpress one)."""
+    if compress not in COMPRESS_MODES:
+        raise ValueError(f"unknown compress '{compress}'. Valid compress modes: {', '.join(COMPRESS_MODES)}.")
+    return len(prompt) if compress == "prompt" else prompt.context_end
+
+
+def run_job(
+    lm: LoadedModel,
+    sample: Sample,
+    prompt: Prompt,
+    split: int,
+    pre: Prefill,
+    job: Job,
+    seed: int,
+    stopwatch: Stopwatch,
+) -> dict[str, Any]:
+    cache = pre.cache.copy()
+    config = lm.config
+    entries = entries_for(job.budget, split)
+    applies = job.method.compresses and entries is not None
+    compressed = applies and entries < split
+    ctx = CompressionContext(
+        budget=entries if entries is not None else split,
+        prompt_len=split,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        window_queries=pre.window_queries,
+        window_positions=pre.window_positions,
+        scaling=pre.scaling,
+        seed=seed,
+        model=lm.model,
+    )
+    with stopwatch.phase("compress") as compress_phase:
+        if compressed:
+            job.method.compress(cache, ctx)
+    kept = cache.kept_per_layer()
+    kept_entries = sum(sum(heads) for heads in kept)
+    kv_bytes, kv_bytes_logical = cache.kv_bytes(), cache.logical_kv_bytes()
+
+    def before_forward(num_new: int) -> None:
+        if applies:
+            job.method.before_forward(cache, ctx, num_new)
+
+    tail = prompt.input_ids[split:]
+    with stopwatch.phase("tail") as tail_phase:
+        if tail:
+            before_forward(len(tail))
+            logits = forward_tokens(lm, cache, tail)
+        else:
+            logits = pre.last_logits
+    decoded = greedy_decode(lm, cache, logits, sample.max_new_tokens, before_forward, stopwatch)
+    prediction = lm.tokenizer.decode(decoded.tokens, skip_special_tokens=True)
+    layers, heads = config.num_hidden_layers, config.num_key_value_heads
+    return {
+        "status": "ok",
+        "compressed": compressed,
+        "budget_entries": entries,
+        "kept_entries": kept_entries,
+        "kept_per_layer": [sum(h) / len(h) for h in kept],
+        "kept_fraction": kept_entries / (split * layers * heads),
+        "kv_bytes": kv_bytes,
+        "kv_bytes_logical": kv_bytes_logical,
+        "kv_bytes_full": pre.cache.kv_bytes(),
+        "kv_bytes_final": cache.kv_bytes(),
+        "max_layer_len_decode": decoded.max_layer_len,
+        "prefill_s": pre.seconds,
+        "compress_s": compress_phase.seconds,
+        "tail_s": tail_phase.seconds,
+        "ttft_s": pre.seconds + compress_phase.seconds + tail_phase.seconds,
+        "decode_s": decoded.seconds,
+        "tpot_s": decoded.seconds / decoded.steps if decoded.steps else None,
+        "output_tokens": len(decoded.tokens),
+        "output_ids": decoded.tokens,
+        "prediction": prediction,
+        "score": score(sample.metric, prediction, sample.answers),
+        "peak_mem_prefill_bytes": pre.peak_mem_bytes,
+        "peak_mem_decode_bytes": decoded.peak_mem_bytes,
+        "peak_mem_kind": stopwatch.memory_kind,
+    }
+
+
+def run_sample(
+    lm: LoadedModel,
+    sample: Sample,
+    jobs: list[Job],
+    compress: str,
+    seed: int,
+    fail_fast: bool = False,
+) -> Iterator[tuple[Job, dict[str, Any]]]:
+    """Yield (job, row) for every job; a failure becomes an error row (or raises with fail_fast)."""
+    stopwatch = Stopwatch(lm.device)
+    base = {"prompt_tokens": None, "compressed_tokens": None, "truncated_tokens": None}
+    try:
+        prompt = build_prompt(lm.tokenizer, sample, lm.max_context - sample.max_new_tokens)
+        split = split_point(prompt, compress)
+        base = {
+            "prompt_tokens": len(prompt),
+            "compressed_tokens": split,
+            "truncated_tokens": prompt.truncated_tokens,
+        }
+        window = max((job.method.window_queries_needed() for job in jobs), default=0)
+        pre = prefill(lm, prompt.input_ids[:split], min(window, split), stopwatch)
+    except Exception as err:
+        if fail_fast:
+            raise
+        for job in jobs:
+            yield job, {**base, **error_fields(err)}
+        return
+    for job in jobs:
+        try:
+            row = run_job(lm, sample, prompt, split, pre, job, seed, stopwatch)
+        except Exception as err:
+            if fail_fast:
+                raise
+            row = error_fields(err)
+        yield job, {**base, **row}
+
+
+def error_fields(err: BaseException) -> dict[str, Any]:
+    return {
+        "status": "error",
+        "error": f"{type(err).__name__}: {err}",
+        "traceback": "".join(traceback.format_exception(err))[-4000:],
+        "score": None,
+    }
