@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from kvbench.registry import Registry
 
@@ -28,8 +29,6 @@ class Sample:
     max_new_tokens: int
     question_position: QuestionPosition = "after"
     use_chat_template: bool = True
-    # Text placed between the parts, e.g. LongBench's own instruction wording; empty by default.
-    instruction: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
 
     def fingerprint(self) -> str:
@@ -41,12 +40,14 @@ class Sample:
 
 
 class Task(ABC):
-    """A benchmark. Subclasses are registered with `@TASKS.register(name)` and built from `conf/task/<name>.yaml`.
+    """A benchmark: a dataclass whose fields mirror `conf/task/<name>.yaml`, registered with
+    `@TASKS.register(name)`.
 
-    `samples(tokenizer, max_context)` yields the samples in a deterministic order for the configured seed.
+    `samples(tokenizer, max_context)` yields the samples in a deterministic order for the configured seed;
+    `max_context` is the model's maximum sequence length (prompt + generation).
     """
 
-    name: str = ""
+    name: ClassVar[str] = ""
 
     @abstractmethod
     def samples(self, tokenizer: Any, max_context: int) -> Iterator[Sample]: ...
@@ -57,3 +58,34 @@ class Task(ABC):
 
 
 TASKS: Registry[type[Task]] = Registry("task")
+
+
+def register_task(name: str):
+    """Class decorator: register a Task dataclass under `name`."""
+
+    def decorator(cls: type[Task]) -> type[Task]:
+        cls.name = name
+        return TASKS.register(name)(cls)
+
+    return decorator
+
+
+def build_task(cfg: Any) -> Task:
+    """Create a task from its config (`name` + fields); unknown fields fail in one line."""
+    params = dict(cfg)
+    name = params.pop("name", None)
+    cls = TASKS.get(name)
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - valid)
+    if unknown:
+        raise ValueError(f"unknown field '{unknown[0]}' for task {name}. Valid fields: {', '.join(sorted(valid))}.")
+    return cls(**params)
+
+
+def as_list(value: Any) -> list:
+    """Config values that may be a scalar or a list (e.g. question_position) as a list."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        return list(value)
+    return [value]
