@@ -53,7 +53,8 @@ def attend(
 ) -> torch.Tensor:
     """Attention for `query [1, H, q, d]` over `key/value [1, Hkv, L, d]` (GQA without expanding the cache).
 
-    `mask` is boolean, broadcastable to `[1, Hkv or 1, q, L]`. Returns `[1, H, q, d]`.
+    `mask` is boolean (True = attend) or additive float, broadcastable to `[1, Hkv or 1, q, L]`.
+    Returns `[1, H, q, d]`.
     """
     num_heads, num_kv_heads = query.shape[1], key.shape[1]
     group = num_heads // num_kv_heads
@@ -67,10 +68,12 @@ def attend(
         if mask is not None:
             per_head = mask.shape[1] == num_heads
             mask = mask.unflatten(1, (num_kv_heads, group)) if per_head else mask[:, :, None]
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         probs = scores.softmax(dim=-1)
         out = torch.einsum("bhgqk,bhkd->bhgqd", probs, value.float())
         return out.flatten(1, 2).to(query.dtype)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(query.dtype)
     return F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=group > 1
     )

@@ -29,6 +29,10 @@ class KVLayer(CacheLayerMixin):
     def __init__(self) -> None:
         super().__init__()
         self.positions: torch.Tensor | None = None
+        # Per-slot method state `[Hkv, L]` (e.g. H2O's accumulated attention, popularity levels) that follows the
+        # slots through evictions. New slots get 0. The entry "logit_bias" is added to each slot's attention
+        # logit (RazorAttention's compensation token counts n times: bias log n).
+        self.extras: dict[str, torch.Tensor] = {}
         # False while the slots are exactly positions 0..L-1 in order (a plain causal cache).
         self.evicted = False
         # True when heads hold different positions (per-head selection); masks are then per head.
@@ -54,6 +58,9 @@ class KVLayer(CacheLayerMixin):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.positions = torch.cat([self.positions, positions.to(self.device).expand(num_heads, -1)], dim=1)
+        for name, state in self.extras.items():
+            fresh = state.new_zeros((state.shape[0], key_states.shape[-2]))
+            self.extras[name] = torch.cat([state, fresh], dim=1)
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -85,6 +92,7 @@ class KVLayer(CacheLayerMixin):
         self.keys = self.keys.gather(2, gather.expand(-1, -1, -1, self.keys.shape[-1])).contiguous()
         self.values = self.values.gather(2, gather.expand(-1, -1, -1, self.values.shape[-1])).contiguous()
         self.positions = self.positions.gather(1, indices.to(self.device)).contiguous()
+        self.extras = {name: state.gather(1, indices.to(state.device)) for name, state in self.extras.items()}
         if valid is not None and not bool(valid.all()):
             valid = valid.to(self.device)
             self.positions = self.positions.masked_fill(~valid, PAD_POSITION)
@@ -97,18 +105,24 @@ class KVLayer(CacheLayerMixin):
         self.per_head = self.padded or not bool((self.positions == self.positions[:1]).all())
 
     def attention_mask(self, query_positions: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
-        """Boolean mask `[1, Hkv or 1, q, L]` (True = attend) for queries at `query_positions`, and is_causal.
+        """Mask `[1, Hkv or 1, q, L]` for queries at `query_positions`, and is_causal.
 
-        Returns (None, True) when a plain causal mask is exact and (None, False) when every key is visible.
+        Boolean (True = attend), or additive float (-inf = hidden) when slots carry a logit bias. Returns
+        (None, True) when a plain causal mask is exact and (None, False) when every key is visible.
         """
         q_len = query_positions.shape[0]
         k_len = self.get_seq_length()
-        if not self.evicted and q_len == k_len:
-            return None, q_len > 1
-        if q_len == 1 and not self.padded:
-            return None, False
-        key_pos = self.positions if self.per_head else self.positions[:1]
+        bias = self.extras.get("logit_bias")
+        if bias is None:
+            if not self.evicted and q_len == k_len:
+                return None, q_len > 1
+            if q_len == 1 and not self.padded:
+                return None, False
+        key_pos = self.positions if (self.per_head or bias is not None) else self.positions[:1]
         mask = key_pos[:, None, :] <= query_positions.to(self.device)[None, :, None]
+        if bias is not None:
+            additive = bias[:, None, :].to(torch.float32).expand_as(mask)
+            mask = additive.masked_fill(~mask, float("-inf"))
         return mask[None], False
 
     def nbytes(self) -> int:
@@ -127,6 +141,7 @@ class KVLayer(CacheLayerMixin):
             other.keys, other.values = self.keys.clone(), self.values.clone()
             other.positions = self.positions.clone()
             other.is_initialized = True
+        other.extras = {name: state.clone() for name, state in self.extras.items()}
         other.evicted, other.per_head, other.padded = self.evicted, self.per_head, self.padded
         return other
 

@@ -66,12 +66,16 @@ def forward_tokens(lm: LoadedModel, cache: KVCache, token_ids: list[int]) -> tor
     return output.logits[0, -1]
 
 
-def prefill(lm: LoadedModel, token_ids: list[int], window: int, stopwatch: Stopwatch) -> Prefill:
-    """Prefill `token_ids` into a fresh full cache, recording the last `window` queries of every layer."""
+def prefill(
+    lm: LoadedModel, token_ids: list[int], window: int, stopwatch: Stopwatch, observers: list | None = None
+) -> Prefill:
+    """Prefill `token_ids` into a fresh full cache, recording the last `window` queries of every layer.
+
+    `observers` (methods' prefill observers) see every layer's attention of this one prefill.
+    """
     cache = KVCache(lm.config.num_hidden_layers)
     recorder = QueryRecorder(window) if window > 0 else None
-    if recorder is not None:
-        cache.observers.append(recorder)
+    cache.observers.extend(([recorder] if recorder else []) + list(observers or []))
     with stopwatch.phase("prefill") as phase:
         logits = forward_tokens(lm, cache, token_ids)
     cache.observers.clear()

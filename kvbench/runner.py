@@ -5,6 +5,7 @@ from __future__ import annotations
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kvbench.budget import entries_for
@@ -45,6 +46,8 @@ def run_job(
     job: Job,
     seed: int,
     stopwatch: Stopwatch,
+    prefill_stats: Any = None,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     cache = pre.cache.copy()
     config = lm.config
@@ -60,9 +63,14 @@ def run_job(
         window_positions=pre.window_positions,
         scaling=pre.scaling,
         seed=seed,
-        model=lm.model,
+        lm=lm,
+        input_ids=prompt.input_ids[:split],
+        prefill_stats=prefill_stats,
+        cache_dir=cache_dir,
     )
     with stopwatch.phase("compress") as compress_phase:
+        if applies:
+            job.method.setup(cache, ctx)
         if compressed:
             job.method.compress(cache, ctx)
     kept = cache.kept_per_layer()
@@ -108,6 +116,7 @@ def run_job(
         "peak_mem_prefill_bytes": pre.peak_mem_bytes,
         "peak_mem_decode_bytes": decoded.peak_mem_bytes,
         "peak_mem_kind": stopwatch.memory_kind,
+        "method_record": ctx.record or None,
     }
 
 
@@ -118,8 +127,12 @@ def run_sample(
     compress: str,
     seed: int,
     fail_fast: bool = False,
+    cache_dir: Path | None = None,
 ) -> Iterator[tuple[Job, dict[str, Any]]]:
-    """Yield (job, row) for every job; a failure becomes an error row (or raises with fail_fast)."""
+    """Yield (job, row) for every job; a failure becomes an error row (or raises with fail_fast).
+
+    The prompt is prefilled once; every job works on its own copy of that cache.
+    """
     stopwatch = Stopwatch(lm.device)
     base = {"prompt_tokens": None, "compressed_tokens": None, "truncated_tokens": None}
     try:
@@ -131,7 +144,9 @@ def run_sample(
             "truncated_tokens": prompt.truncated_tokens,
         }
         window = max((job.method.window_queries_needed() for job in jobs), default=0)
-        pre = prefill(lm, prompt.input_ids[:split], min(window, split), stopwatch)
+        observers = {id(job): job.method.prefill_observer() for job in jobs}
+        attached = [obs for obs in observers.values() if obs is not None]
+        pre = prefill(lm, prompt.input_ids[:split], min(window, split), stopwatch, attached)
     except Exception as err:
         if fail_fast:
             raise
@@ -140,7 +155,7 @@ def run_sample(
         return
     for job in jobs:
         try:
-            row = run_job(lm, sample, prompt, split, pre, job, seed, stopwatch)
+            row = run_job(lm, sample, prompt, split, pre, job, seed, stopwatch, observers[id(job)], cache_dir)
         except Exception as err:
             if fail_fast:
                 raise

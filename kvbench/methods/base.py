@@ -4,10 +4,16 @@ A method is a dataclass whose fields are its hyperparameters (mirrored by `conf/
 It is created, run on a cache copy, and dropped: per-sample state lives on the cache or in locals, never
 on the method object, so one method object serves every sample and two methods can share a process.
 
-Life cycle for one (sample, budget):
-  1. `compress(cache, ctx)` once after prefill (skipped when the prompt fits the budget);
-  2. `before_forward(cache, ctx, num_new)` before every later forward (question tail, each decode step):
+Life cycle for one sample:
+  0. `prefill_observer()` (optional) watches the one shared prefill, e.g. to sum attention over all prompt
+     queries; the runner hands it back as `ctx.prefill_stats`.
+For each budget of the sweep, on a fresh copy of the prefilled cache:
+  1. `setup(cache, ctx)`: attach decode-time observers or per-slot state (`layer.extras`);
+  2. `compress(cache, ctx)` once (skipped when the prompt fits the budget);
+  3. `before_forward(cache, ctx, num_new)` before every later forward (question tail, each decode step):
      decode-time methods evict there so the cache stays within budget.
+Methods may write numbers worth keeping (e.g. level sizes over time) into `ctx.record`; they land in the
+row under `method_record`.
 """
 
 from __future__ import annotations
@@ -35,7 +41,15 @@ class CompressionContext:
     window_positions: torch.Tensor | None = None
     scaling: float = 1.0
     seed: int = 0
-    model: Any = None
+    lm: Any = None  # kvbench.models.LoadedModel: model, tokenizer, device (methods that run extra forwards)
+    input_ids: list[int] = field(default_factory=list)  # the compressed segment's tokens
+    prefill_stats: Any = None  # this method's prefill observer, after the prefill
+    cache_dir: Any = None  # pathlib.Path for per-model artefacts (e.g. head profiles), outside the repo
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> Any:
+        return None if self.lm is None else self.lm.model
 
 
 @dataclass
@@ -47,6 +61,13 @@ class Method:
     def window_queries_needed(self) -> int:
         """How many trailing prompt queries per layer `compress` needs (recorded during the one prefill)."""
         return 0
+
+    def prefill_observer(self) -> Any:
+        """An attention observer to attach to the shared prefill (None: this method needs none)."""
+        return None
+
+    def setup(self, cache: KVCache, ctx: CompressionContext) -> None:
+        """Prepare a fresh cache copy before compression. Default: nothing."""
 
     def compress(self, cache: KVCache, ctx: CompressionContext) -> None:
         """Evict at the end of prefill so each layer holds its budget. Default: nothing to do."""

@@ -22,9 +22,9 @@ class SnapKV(Method):
     """SnapKV (Li et al., 2024, "SnapKV: LLM Knows What You are Looking for Before Generation").
 
     At the end of prefill, the last `window` prompt queries attend to all keys (softmax in fp32, causal
-    inside the window); each older key's score is the sum of its attention over the window rows, pooled
-    along the sequence per query head, then averaged over the GQA group (`gqa_agg`). Each KV head keeps its
-    top-(budget - window) older keys plus the window. Generated tokens are appended uncompressed.
+    inside the window); each older key's score is the sum of its attention over the window rows, averaged
+    over the GQA group (`gqa_agg`), then pooled along the sequence. Each KV head keeps its top-(budget -
+    window) older keys plus the window. Generated tokens are appended uncompressed.
 
     Hyperparameters: window=32, kernel=7, pool=max (the paper's LongBench settings; kvpress uses 64/5/avg),
     gqa_agg=mean. When budget < window, only the last `budget` slots are kept.
@@ -54,8 +54,8 @@ class SnapKV(Method):
         window = queries.shape[1]
         prefix = layer.get_seq_length() - window
         probs = window_attention(queries, layer.keys[0], query_positions, layer.positions, scaling)
-        per_query_head = pool_scores(probs[..., :prefix].sum(dim=1), self.kernel, self.pool)
-        return aggregate_gqa(per_query_head, layer.num_heads, self.gqa_agg)
+        per_kv_head = aggregate_gqa(probs[..., :prefix].sum(dim=1), layer.num_heads, self.gqa_agg)
+        return pool_scores(per_kv_head, self.kernel, self.pool)
 
     def compress(self, cache: KVCache, ctx: CompressionContext) -> None:
         budgets = self.layer_budgets(ctx, len(cache.layers))
