@@ -24,7 +24,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvbench.cache import KVCache
+from kvbench.cache import KVCache, KVLayer
+from kvbench.methods.scoring import keep_with_window
 from kvbench.registry import Registry
 
 
@@ -46,6 +47,7 @@ class CompressionContext:
     prefill_stats: Any = None  # this method's prefill observer, after the prefill
     cache_dir: Any = None  # pathlib.Path for per-model artefacts (e.g. head profiles), outside the repo
     record: dict[str, Any] = field(default_factory=dict)
+    kernels: str = "torch"  # "torch" or "triton": which implementation shared kernels should use
 
     @property
     def model(self) -> Any:
@@ -85,6 +87,35 @@ class Method:
         if not changed:
             return self.name
         return f"{self.name}(" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + ")"
+
+
+@dataclass
+class LayerScores:
+    """A scorer's verdict on one layer: higher = more worth keeping."""
+
+    scores: torch.Tensor  # [Hkv, n] for slots 0..n-1
+    protected: int = 0  # the trailing slots n..L-1 (e.g. the observation window) are always kept
+
+
+@dataclass
+class ScoringMethod(Method):
+    """A method that ranks each layer's slots; `compress` keeps, per KV head, the protected tail plus the
+    top-(budget - protected) scored slots. Wrappers (AdaKV, decode-time budgets) reuse `layer_scores`."""
+
+    def layer_scores(self, layer_idx: int, layer: KVLayer, budget: int, ctx: CompressionContext) -> LayerScores:
+        raise TypeError(f"{type(self).__name__} must implement layer_scores")
+
+    def layer_budgets(self, ctx: CompressionContext, num_layers: int) -> list[int]:
+        """Entries per KV head for each layer (uniform by default)."""
+        return [ctx.budget] * num_layers
+
+    def compress(self, cache: KVCache, ctx: CompressionContext) -> None:
+        budgets = self.layer_budgets(ctx, len(cache.layers))
+        for layer_idx, (layer, budget) in enumerate(zip(cache.layers, budgets, strict=True)):
+            if budget >= layer.get_seq_length():
+                continue
+            verdict = self.layer_scores(layer_idx, layer, budget, ctx)
+            layer.keep(keep_with_window(verdict.scores, budget, verdict.protected))
 
 
 METHODS: Registry[type[Method]] = Registry("method")

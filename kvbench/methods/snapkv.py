@@ -2,15 +2,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from kvbench.cache import KVCache, KVLayer
-from kvbench.methods.base import CompressionContext, Method, register_method
+from kvbench.cache import KVLayer
+from kvbench.methods.base import CompressionContext, LayerScores, ScoringMethod, register_method
 from kvbench.methods.scoring import (
     GQA_AGGREGATIONS,
     POOLINGS,
     aggregate_gqa,
-    keep_with_window,
     pool_scores,
     window_attention,
 )
@@ -18,7 +15,7 @@ from kvbench.methods.scoring import (
 
 @register_method("snapkv")
 @dataclass
-class SnapKV(Method):
+class SnapKV(ScoringMethod):
     """SnapKV (Li et al., 2024, "SnapKV: LLM Knows What You are Looking for Before Generation").
 
     At the end of prefill, the last `window` prompt queries attend to all keys (softmax in fp32, causal
@@ -46,22 +43,11 @@ class SnapKV(Method):
     def window_queries_needed(self) -> int:
         return self.window
 
-    def layer_budgets(self, ctx: CompressionContext, num_layers: int) -> list[int]:
-        return [ctx.budget] * num_layers
-
-    def scores(self, queries: torch.Tensor, query_positions: torch.Tensor, layer: KVLayer, scaling: float):
-        """Pooled, GQA-aggregated window scores of the keys before the window, `[Hkv, T - w]`."""
-        window = queries.shape[1]
+    def layer_scores(self, layer_idx: int, layer: KVLayer, budget: int, ctx: CompressionContext) -> LayerScores:
+        """Pooled, GQA-aggregated window attention of the keys before the window; the window is protected."""
+        window = min(self.window, budget)
+        queries = ctx.window_queries[layer_idx][:, -window:]
         prefix = layer.get_seq_length() - window
-        probs = window_attention(queries, layer.keys[0], query_positions, layer.positions, scaling)
+        probs = window_attention(queries, layer.keys[0], ctx.window_positions[-window:], layer.positions, ctx.scaling)
         per_kv_head = aggregate_gqa(probs[..., :prefix].sum(dim=1), layer.num_heads, self.gqa_agg)
-        return pool_scores(per_kv_head, self.kernel, self.pool)
-
-    def compress(self, cache: KVCache, ctx: CompressionContext) -> None:
-        budgets = self.layer_budgets(ctx, len(cache.layers))
-        for queries, layer, budget in zip(ctx.window_queries, cache.layers, budgets, strict=True):
-            if budget >= layer.get_seq_length():
-                continue
-            window = min(self.window, budget)
-            scores = self.scores(queries[:, -window:], ctx.window_positions[-window:], layer, ctx.scaling)
-            layer.keep(keep_with_window(scores, budget, window))
+        return LayerScores(pool_scores(per_kv_head, self.kernel, self.pool), protected=window)

@@ -8,6 +8,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from kvbench.registry import Registry
@@ -52,8 +53,13 @@ class Task(ABC):
     @abstractmethod
     def samples(self, tokenizer: Any, max_context: int) -> Iterator[Sample]: ...
 
-    def figure_kinds(self) -> list[str]:
-        """Task-specific figures (besides accuracy_vs_budget) the report should draw."""
+    def figures(self, rows: Any, out_dir: Path) -> list[Path]:
+        """Draw task-specific figures (PNG + PDF) from the run's rows; returns the files written.
+
+        `rows` is a pandas DataFrame with one row per sample x method x budget: columns `method`,
+        `method_label`, `budget`, `compress`, `question_position`, `score`, `status`, ... and the sample's
+        meta flattened as `meta.<key>`.
+        """
         return []
 
 
