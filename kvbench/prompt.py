@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kvbench.tasks.base import QUESTION_POSITIONS, Sample
+from kvbench.sample import QUESTION_POSITIONS, Sample
 
 SEPARATOR = "\n\n"
 

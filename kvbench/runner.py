@@ -14,7 +14,7 @@ from kvbench.measure import Stopwatch
 from kvbench.methods.base import CompressionContext, Method
 from kvbench.models import LoadedModel
 from kvbench.prompt import Prompt, build_prompt
-from kvbench.tasks.base import Sample
+from kvbench.sample import Sample
 from kvbench.tasks.metrics import score
 
 COMPRESS_MODES = ("prompt", "context")
@@ -48,6 +48,7 @@ def run_job(
     stopwatch: Stopwatch,
     prefill_stats: Any = None,
     cache_dir: Path | None = None,
+    kernels: str = "torch",
 ) -> dict[str, Any]:
     cache = pre.cache.copy()
     config = lm.config
@@ -67,6 +68,7 @@ def run_job(
         input_ids=prompt.input_ids[:split],
         prefill_stats=prefill_stats,
         cache_dir=cache_dir,
+        kernels=kernels,
     )
     with stopwatch.phase("compress") as compress_phase:
         if applies:
@@ -128,6 +130,7 @@ def run_sample(
     seed: int,
     fail_fast: bool = False,
     cache_dir: Path | None = None,
+    kernels: str = "torch",
 ) -> Iterator[tuple[Job, dict[str, Any]]]:
     """Yield (job, row) for every job; a failure becomes an error row (or raises with fail_fast).
 
@@ -155,7 +158,7 @@ def run_sample(
         return
     for job in jobs:
         try:
-            row = run_job(lm, sample, prompt, split, pre, job, seed, stopwatch, observers[id(job)], cache_dir)
+            row = run_job(lm, sample, prompt, split, pre, job, seed, stopwatch, observers[id(job)], cache_dir, kernels)
         except Exception as err:
             if fail_fast:
                 raise

@@ -1,0 +1,81 @@
+"""Paper-ready figures (PNG + PDF) drawn from a run's rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
+import pandas as pd  # noqa: E402
+
+from kvbench.report import rows_frame  # noqa: E402
+
+
+def save(fig: Any, out_dir: Path, stem: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]
+    for path in paths:
+        fig.savefig(path, bbox_inches="tight", dpi=150)
+    plt.close(fig)
+    return paths
+
+
+def _ok(rows: Any) -> pd.DataFrame:
+    frame = rows if isinstance(rows, pd.DataFrame) else rows_frame(rows)
+    return frame[frame["status"] == "ok"] if not frame.empty else frame
+
+
+def accuracy_vs_budget(rows: Any, out_dir: Path) -> list[Path]:
+    """Accuracy vs budget, one line per method (and compress mode); full-cache rows as dashed lines."""
+    frame = _ok(rows)
+    if frame.empty:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    compressed = frame[frame["budget"].notna()]
+    series = list(compressed.groupby(["method_label", "compress"])) if not compressed.empty else []
+    for (label, compress), group in series:
+        curve = group.groupby("budget_sort")["score"].mean().sort_index()
+        ax.plot(curve.index, curve.values, marker="o", label=f"{label} ({compress})")
+    for (label, compress), group in frame[frame["budget"].isna()].groupby(["method_label", "compress"]):
+        ax.axhline(group["score"].mean(), linestyle="--", color="gray", label=f"{label} ({compress}, full cache)")
+    int_budgets = [b for b in compressed["budget_sort"].unique() if b >= 1]
+    if int_budgets and len(int_budgets) == compressed["budget_sort"].nunique():
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("budget (KV entries per head per layer)")
+    else:
+        ax.set_xlabel("budget")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(", ".join(sorted(frame["task"].unique())))
+    return save(fig, out_dir, "accuracy_vs_budget")
+
+
+def niah_heatmap(rows: Any, out_dir: Path) -> list[Path]:
+    """Depth (y) x context length (x) accuracy, red-yellow-green in [0, 1], one panel per method x budget."""
+    frame = _ok(rows)
+    if frame.empty or "meta.depth" not in frame:
+        return []
+    panels = list(frame.groupby(["method_label", "compress", "budget_label"], sort=False))
+    panels.sort(key=lambda item: (item[0][0], item[0][1], item[1]["budget_sort"].iloc[0]))
+    cols = min(4, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.0 * nrows), squeeze=False)
+    image = None
+    for ax, ((label, compress, budget), group) in zip(axes.flat, panels, strict=False):
+        grid = group.pivot_table(index="meta.depth", columns="meta.length", values="score", aggfunc="mean")
+        image = ax.imshow(grid.values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto", origin="upper")
+        ax.set_xticks(range(len(grid.columns)), [f"{int(c)}" for c in grid.columns], fontsize=7)
+        ax.set_yticks(range(len(grid.index)), [f"{d:g}%" for d in grid.index], fontsize=7)
+        ax.set_title(f"{label} ({compress}) @ {budget}", fontsize=8)
+        ax.set_xlabel("context length (tokens)", fontsize=7)
+        ax.set_ylabel("needle depth", fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy")
+    return save(fig, out_dir, "niah_heatmap")

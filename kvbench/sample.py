@@ -1,0 +1,35 @@
+"""One evaluation item, independent of any task (the prompt builder and the runner use it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+QuestionPosition = Literal["before", "after", "both"]
+QUESTION_POSITIONS: tuple[str, ...] = ("before", "after", "both")
+
+
+@dataclass
+class Sample:
+    """One evaluation item. `context` is what compress=context compresses; `question` may go before/after it."""
+
+    sample_id: str
+    context: str
+    question: str
+    answer_prefix: str
+    answers: list[str]
+    metric: str
+    max_new_tokens: int
+    question_position: QuestionPosition = "after"
+    use_chat_template: bool = True
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """Stable hash of everything that determines the prompt and its scoring (used in result keys)."""
+        payload = dataclasses.asdict(self)
+        payload.pop("meta")
+        text = json.dumps(payload, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
