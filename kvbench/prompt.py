@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kvbench.sample import QUESTION_POSITIONS, Sample
+from kvbench.sample import DEFAULT_SEPARATOR, QUESTION_POSITIONS, Sample
 
-SEPARATOR = "\n\n"
+SEPARATOR = DEFAULT_SEPARATOR
 
 
 @dataclass
@@ -43,8 +43,8 @@ def _user_message(sample: Sample, context: str) -> tuple[str, int]:
             f"unknown question_position '{sample.question_position}'. "
             f"Valid question_positions: {', '.join(QUESTION_POSITIONS)}."
         )
-    before = sample.question + SEPARATOR if sample.question_position in ("before", "both") else ""
-    after = SEPARATOR + sample.question if sample.question_position in ("after", "both") else ""
+    before = sample.question + sample.separator if sample.question_position in ("before", "both") else ""
+    after = sample.separator + sample.question if sample.question_position in ("after", "both") else ""
     return before + context + after, len(before) + len(context)
 
 
@@ -56,7 +56,7 @@ def _render(tokenizer: Any, sample: Sample, context: str) -> tuple[str, int]:
         )
         start = text.index(user)
         return text + sample.answer_prefix, start + context_end
-    return user + SEPARATOR + sample.answer_prefix, context_end
+    return user + sample.separator + sample.answer_prefix, context_end
 
 
 def _encode(tokenizer: Any, text: str, first: bool, templated: bool) -> list[int]:

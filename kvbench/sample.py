@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 QuestionPosition = Literal["before", "after", "both"]
 QUESTION_POSITIONS: tuple[str, ...] = ("before", "after", "both")
+DEFAULT_SEPARATOR = "\n\n"
 
 
 @dataclass
@@ -26,10 +27,15 @@ class Sample:
     question_position: QuestionPosition = "after"
     use_chat_template: bool = True
     meta: dict[str, Any] = field(default_factory=dict)
+    # Joins question and context (and, without a chat template, the prompt and the answer prefix). Benchmarks
+    # whose protocol fixes the exact prompt text (LongBench, InfiniteBench) carry their own joins and use "".
+    separator: str = DEFAULT_SEPARATOR
 
     def fingerprint(self) -> str:
         """Stable hash of everything that determines the prompt and its scoring (used in result keys)."""
         payload = dataclasses.asdict(self)
         payload.pop("meta")
+        if payload["separator"] == DEFAULT_SEPARATOR:
+            del payload["separator"]  # keeps the keys of samples written before the field existed
         text = json.dumps(payload, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
