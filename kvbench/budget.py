@@ -28,8 +28,6 @@ def parse_budget(value: Any) -> int | float | None:
             raise BudgetError(f"budget must be {BUDGET_RULE}; got {value}")
         return value
     if isinstance(value, float):
-        if value.is_integer() and value >= 1:
-            return int(value)
         if not (0.0 < value < 1.0) or math.isnan(value):
             raise BudgetError(f"budget must be {BUDGET_RULE}; got {value}")
         return value
