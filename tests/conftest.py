@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
-from kvbench.models import LoadedModel, load_model
+# Without a GPU the Triton kernels are tested in Triton's CPU interpreter. It must be on before triton is first
+# imported (transformers imports it through torch._dynamo), or triton's own library functions are compiled-only.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kvbench.models import LoadedModel, load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -3,14 +3,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvbench.cache import KVLayer
+from kvbench.kernels import window_scores
 from kvbench.methods.base import CompressionContext, LayerScores, ScoringMethod, register_method
-from kvbench.methods.scoring import (
-    GQA_AGGREGATIONS,
-    POOLINGS,
-    aggregate_gqa,
-    pool_scores,
-    window_attention,
-)
+from kvbench.methods.scoring import GQA_AGGREGATIONS, POOLINGS, pool_scores
 
 
 @register_method("snapkv")
@@ -48,6 +43,16 @@ class SnapKV(ScoringMethod):
         window = min(self.window, budget)
         queries = ctx.window_queries[layer_idx][:, -window:]
         prefix = layer.get_seq_length() - window
-        probs = window_attention(queries, layer.keys[0], ctx.window_positions[-window:], layer.positions, ctx.scaling)
-        per_kv_head = aggregate_gqa(probs[..., :prefix].sum(dim=1), layer.num_heads, self.gqa_agg)
+        # Fused kernel on ctx.kernels="triton": the [H, window, T] probabilities are never materialised.
+        per_kv_head = window_scores(
+            queries,
+            layer.keys[0],
+            ctx.window_positions[-window:],
+            layer.positions,
+            ctx.scaling,
+            reduce="sum",
+            gqa_agg=self.gqa_agg,
+            num_scored=prefix,
+            impl=ctx.kernels,
+        )
         return LayerScores(pool_scores(per_kv_head, self.kernel, self.pool), protected=window)
