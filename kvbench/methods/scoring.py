@@ -100,3 +100,17 @@ def pyramid_layer_budgets(budget: int, window: int, prompt_len: int, num_layers:
     step = (most - least) / (num_layers - 1)
     raw = [most - layer * step for layer in range(num_layers)]
     return [b + window for b in round_preserving_sum(raw, selectable * num_layers)]
+
+
+def mask_to_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept slots of a boolean mask `[Hkv, L]` as `KVLayer.keep` arguments: indices `[Hkv, m]` (each row's kept
+    slots in ascending order, then padding) and `valid [Hkv, m]`, with m the largest per-head count.
+
+    For methods whose KV heads keep different numbers of slots (AdaKV, KVzip, RazorAttention).
+    """
+    counts = mask.sum(dim=-1)
+    width = int(counts.max()) if mask.numel() else 0
+    # A stable sort of "not kept" puts each row's kept slots first, still in slot order.
+    indices = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[:, :width]
+    valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
+    return indices.masked_fill(~valid, 0), valid
