@@ -439,3 +439,31 @@ def test_level_sizes_average_over_layers_and_heads():
         cache.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), layer_idx)
         cache.layers[layer_idx].extras[LEVEL] = torch.tensor([[0.0, 1.0, 3.0], [3.0, 3.0, 2.0]])
     assert level_sizes(cache) == [0.5, 0.5, 0.5, 1.5]
+
+
+def test_plot_popularity_script_draws_level_sizes(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "plot_popularity.py"
+    spec = importlib.util.spec_from_file_location("plot_popularity", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [
+        {
+            "status": "ok",
+            "method": "hierarchical",
+            "method_label": "hierarchical",
+            "compress": "prompt",
+            "budget": budget,
+            "method_record": {"level_sizes": [[0, 90, 5, 3, 2], [0, 30, 5, 3, 2], [10, 20, 15, 3, 2]]},
+        }
+        for budget in (40, 64)
+    ] + [{"status": "ok", "method": "snapkv", "method_record": None}]
+    steps, levels = module.mean_curve([rows[0]["method_record"]["level_sizes"]] * 2)
+    assert steps == [0, 10] and levels == [[30, 5, 3, 2], [20, 15, 3, 2]]  # post-compression state at 0
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    paths = module.popularity_figures(module.read_jsonl(tmp_path / "samples.jsonl"), tmp_path)
+    assert sorted(p.name for p in paths) == ["popularity_hierarchical_prompt.pdf", "popularity_hierarchical_prompt.png"]
+    assert all(p.stat().st_size > 0 for p in paths)

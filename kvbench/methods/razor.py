@@ -18,13 +18,10 @@ from kvbench.methods.scoring import mask_to_indices
 PROFILE_VERSION = 1
 
 
-def default_cache_dir() -> Path:
-    """Where per-model artefacts go when the run gives no cache_dir: $KVBENCH_CACHE_DIR or ~/.cache/kvbench."""
-    env = os.environ.get("KVBENCH_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "kvbench"
+def default_cache_dir(lm: Any) -> Path:
+    """Per-model artefacts when the run gives no cache_dir: $KVBENCH_CACHE (or ~/.cache/kvbench) / <model>,
+    the same place the CLI uses."""
+    return Path(os.environ.get("KVBENCH_CACHE", Path.home() / ".cache" / "kvbench")) / lm.name
 
 
 class RepeatAttention:
@@ -93,7 +90,8 @@ class RazorAttention(Method):
     `induction_fraction` of KV heads by induction score and the top `echo_fraction` by echo score (the
     paper's 14% + 1%). A query head's score is per KV head the MAX over its GQA group (a KV head that serves
     one retrieval query head must keep everything). The profile is cached as JSON under
-    `<cache_dir>/razor/` (default $KVBENCH_CACHE_DIR or ~/.cache/kvbench), keyed by the model's identity.
+    `<cache_dir>/razor/` (default $KVBENCH_CACHE or ~/.cache/kvbench, / <model>), keyed by the model's identity
+    and the profiling settings.
 
     Every other KV head keeps `n_sink` sink slots, the most recent slots, and ONE compensation token for all
     dropped slots: k = mean of the dropped keys (post-RoPE), v = mean of their values, whose attention
@@ -130,7 +128,7 @@ class RazorAttention(Method):
         identity = json.dumps(lm.identity, sort_keys=True, default=str)
         settings = f"{PROFILE_VERSION}-{self.profile_tokens}-{self.profile_samples}-{self.profile_seed}"
         digest = hashlib.sha256(f"{identity}|{settings}".encode()).hexdigest()[:16]
-        return Path(cache_dir or default_cache_dir()) / "razor" / f"{lm.name}-{digest}.json"
+        return Path(cache_dir or default_cache_dir(lm)) / "razor" / f"{lm.name}-{digest}.json"
 
     def head_profile(self, lm: Any, cache_dir: Path | None) -> dict[str, list[list[float]]]:
         path = self.profile_path(lm, cache_dir)
