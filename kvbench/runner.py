@@ -149,6 +149,9 @@ def run_sample(
         window = max((job.method.window_queries_needed() for job in jobs), default=0)
         observers = {id(job): job.method.prefill_observer() for job in jobs}
         attached = [obs for obs in observers.values() if obs is not None]
+        for observer in attached:  # observers that need the model (e.g. its RoPE) get it before the prefill
+            if hasattr(observer, "bind_model"):
+                observer.bind_model(lm)
         pre = prefill(lm, prompt.input_ids[:split], min(window, split), stopwatch, attached)
     except Exception as err:
         if fail_fast:

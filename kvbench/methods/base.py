@@ -6,7 +6,8 @@ on the method object, so one method object serves every sample and two methods c
 
 Life cycle for one sample:
   0. `prefill_observer()` (optional) watches the one shared prefill, e.g. to sum attention over all prompt
-     queries; the runner hands it back as `ctx.prefill_stats`.
+     queries; the runner hands it back as `ctx.prefill_stats`. An observer with a `bind_model(lm)` method
+     gets the LoadedModel before the prefill (e.g. to read the model's RoPE).
 For each budget of the sweep, on a fresh copy of the prefilled cache:
   1. `setup(cache, ctx)`: attach decode-time observers or per-slot state (`layer.extras`);
   2. `compress(cache, ctx)` once (skipped when the prompt fits the budget);
@@ -25,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from kvbench.cache import KVCache, KVLayer
+from kvbench.methods.decode_budget import attach_recent_queries, check_decode_budget, enforce_decode_budget
 from kvbench.methods.scoring import keep_with_window
 from kvbench.registry import Registry
 
@@ -100,7 +102,28 @@ class LayerScores:
 @dataclass
 class ScoringMethod(Method):
     """A method that ranks each layer's slots; `compress` keeps, per KV head, the protected tail plus the
-    top-(budget - protected) scored slots. Wrappers (AdaKV, decode-time budgets) reuse `layer_scores`."""
+    top-(budget - protected) scored slots. Wrappers (AdaKV, decode-time budgets) reuse `layer_scores`.
+
+    Every scorer also takes `decode_budget` (null: generated tokens are appended uncompressed) and
+    `decode_interval`: during generation each layer stays within `decode_budget` slots per KV head, re-scored
+    down to `decode_budget - decode_interval` when full (see `kvbench.methods.decode_budget`). Subclasses that
+    override `setup` or `before_forward` call the parent's.
+    """
+
+    # Keyword-only so that subclasses' own fields keep their positional order.
+    decode_budget: int | None = field(default=None, kw_only=True)
+    decode_interval: int = field(default=16, kw_only=True)
+
+    def __post_init__(self) -> None:
+        check_decode_budget(self.decode_budget, self.decode_interval)
+
+    def setup(self, cache: KVCache, ctx: CompressionContext) -> None:
+        if self.decode_budget is not None:
+            attach_recent_queries(cache, ctx, self.window_queries_needed())
+
+    def before_forward(self, cache: KVCache, ctx: CompressionContext, num_new: int) -> None:
+        if self.decode_budget is not None:
+            enforce_decode_budget(self, cache, ctx, num_new, self.decode_budget, self.decode_interval)
 
     def layer_scores(self, layer_idx: int, layer: KVLayer, budget: int, ctx: CompressionContext) -> LayerScores:
         raise TypeError(f"{type(self).__name__} must implement layer_scores")
