@@ -7,6 +7,8 @@ first imported. The interpreter is slow, so shapes stay small.
 
 from __future__ import annotations
 
+import secrets
+
 import pytest
 import torch
 
@@ -50,8 +52,10 @@ def poisoned(monkeypatch):
 
 
 def fresh_generator() -> torch.Generator:
-    """A new seed per call (printed on failure through the test's locals), so each run draws new inputs."""
-    return torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    """A new seed per call and per run (printed, so pytest shows it with a failure)."""
+    seed = secrets.randbits(31)
+    print(f"input seed {seed}")
+    return torch.Generator().manual_seed(seed)
 
 
 def window_inputs(heads, kv_heads, window, length, dim, dtype, generator):
