@@ -98,11 +98,11 @@ def test_window_scores_default_launch_and_num_scored(poisoned):
 
 def test_window_scores_known_answer():
     # One query seeing two equal keys and a padded one: each visible key gets probability 1/2.
-    queries = torch.ones(1, 1, 16)
-    keys = torch.ones(1, 3, 16)
-    key_positions = torch.tensor([[0, PAD_POSITION, 1]])
+    queries = torch.ones(1, 1, 16, device=DEVICE)
+    keys = torch.ones(1, 3, 16, device=DEVICE)
+    key_positions = torch.tensor([[0, PAD_POSITION, 1]], device=DEVICE)
     for impl in ("torch", "triton"):
-        scores = window_scores(queries, keys, torch.tensor([1]), key_positions, 1.0, impl=impl)
+        scores = window_scores(queries, keys, torch.tensor([1], device=DEVICE), key_positions, 1.0, impl=impl)
         assert scores.tolist() == [[0.5, 0.0, 0.5]]
 
 
@@ -167,10 +167,10 @@ def test_decode_attention_default_launch_many_splits_and_empty_head(poisoned):
 
 def test_decode_attention_dispatch_and_known_answer():
     # Two visible slots with equal logits: the output is the mean of their values, the third is hidden.
-    query = torch.zeros(2, 16)
-    keys = torch.randn(1, 3, 16)
-    values = torch.arange(48, dtype=torch.float32).reshape(1, 3, 16)
-    valid = torch.tensor([[True, False, True]])
+    query = torch.zeros(2, 16, device=DEVICE)
+    keys = torch.randn(1, 3, 16, device=DEVICE)
+    values = torch.arange(48, dtype=torch.float32, device=DEVICE).reshape(1, 3, 16)
+    valid = torch.tensor([[True, False, True]], device=DEVICE)
     for impl in ("torch", "triton"):
         out, probs = decode_attention(query, keys, values, 1.0, valid=valid, return_probs=True, impl=impl)
         torch.testing.assert_close(out, ((values[0, 0] + values[0, 2]) / 2).expand(2, -1))
@@ -181,6 +181,8 @@ def test_resolve_kernels(monkeypatch):
     assert KERNEL_MODES == ("auto", "triton", "torch")
     assert resolve_kernels("torch", "cpu") == "torch"
     assert resolve_kernels("auto", "cpu") == "torch"
+    if torch.cuda.is_available():
+        assert resolve_kernels("auto", "cuda") == resolve_kernels("triton", "cuda") == "triton"
     with pytest.raises(ValueError, match=r"unknown kernels 'cuda'. Valid kernels: auto, triton, torch"):
         resolve_kernels("cuda", "cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -190,6 +192,7 @@ def test_resolve_kernels(monkeypatch):
         resolve_kernels("triton", "cpu")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tiny_lm lives on the CPU, where Triton runs only interpreted")
 @pytest.mark.parametrize("name", ["snapkv", "pyramidkv"])
 def test_scorers_keep_the_same_slots_with_triton_kernels(tiny_lm, name):
     """The fused window scores select what the torch path selects, on a real (tiny) model's queries."""
