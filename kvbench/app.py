@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from kvbench import config as run_config
+from kvbench.kernels.dispatch import resolve_kernels
 from kvbench.methods import build_method
 from kvbench.methods.base import Method
 from kvbench.methods.full import Full
@@ -92,13 +93,24 @@ def run(cfg: Any) -> dict[str, Any]:
     method = build_method(cfg.method)
     task = build_task(cfg.task)
     lm = load_model(cfg.model)
+    kernels = resolve_kernels(settings.kernels, lm.device)
     methods = [method]
     if settings.include_full and method.compresses:
         methods.append(Full())
 
     store = ResultsStore(settings.run_dir)
     store.write_text("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    store.write_text("manifest.json", json.dumps(manifest(lm, settings.seed, {"kernels": settings.kernels}), indent=2))
+    store.write_text(
+        "manifest.json",
+        json.dumps(
+            manifest(
+                lm,
+                settings.seed,
+                {"kernels": {"requested": settings.kernels, "resolved": kernels}},
+            ),
+            indent=2,
+        ),
+    )
     samples = list(task.samples(lm.tokenizer, lm.max_context))
     if settings.max_samples is not None:
         samples = samples[: settings.max_samples]
@@ -111,11 +123,6 @@ def run(cfg: Any) -> dict[str, Any]:
     if skipped:
         log.info("resuming: %d rows already in %s, %d to run", skipped, store.samples_path, total)
     cache_dir = default_cache_dir(lm)
-    kernels = (
-        "triton"
-        if settings.kernels == "triton" or (settings.kernels == "auto" and lm.device.type == "cuda")
-        else "torch"
-    )
     with tqdm(total=total, desc=f"{task.name} x {method.label()}", disable=not settings.progress, unit="row") as bar:
         for sample, jobs in work:
             for job, row in run_sample(

@@ -10,13 +10,13 @@ from typing import Any
 from hydra.utils import to_absolute_path
 
 from kvbench.budget import parse_budget
+from kvbench.kernels.dispatch import KERNEL_MODES
 from kvbench.registry import UnknownNameError, unknown_name_message
 from kvbench.runner import COMPRESS_MODES
 from kvbench.tasks.base import as_list  # noqa: I001
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SELECTABLE_GROUPS = ("model", "method", "task", "experiment")
-KERNEL_MODES = ("auto", "triton", "torch")
 
 
 class ConfigError(ValueError):
