@@ -33,8 +33,10 @@ def summarize(rows: list[dict[str, Any]]) -> pd.DataFrame:
         return frame
     frame["ok"] = frame["status"] == "ok"
     keys = ["task", "method_label", "compress", "budget_label", "budget_sort"]
-    if "question_position" in frame and frame["question_position"].nunique() > 1:
-        keys.insert(3, "question_position")
+    # Benchmarks with subtasks are reported per subtask (LongBench/RULER convention: the mean per subtask).
+    for column in ("question_position", "subtask"):
+        if column in frame and frame[column].nunique() > 1:
+            keys.insert(1, column)
     ok = frame[frame["ok"]]
     summary = ok.groupby(keys, dropna=False).agg(
         n=("score", "size"),
@@ -52,7 +54,10 @@ def summarize(rows: list[dict[str, Any]]) -> pd.DataFrame:
     summary = summary.join(errors, how="outer").fillna({"errors": 0, "n": 0}).reset_index()
     summary["errors"] = summary["errors"].astype(int)
     summary["n"] = summary["n"].astype(int)
-    summary = summary.sort_values(["task", "method_label", "compress", "budget_sort"]).drop(columns="budget_sort")
+    order = [
+        k for k in ("task", "subtask", "method_label", "compress", "question_position", "budget_sort") if k in keys
+    ]
+    summary = summary.sort_values(order).drop(columns="budget_sort")
     return summary.rename(columns={"budget_label": "budget", "method_label": "method"}).reset_index(drop=True)
 
 
@@ -63,6 +68,7 @@ def format_table(summary: pd.DataFrame) -> str:
         c
         for c in (
             "task",
+            "subtask",
             "method",
             "compress",
             "question_position",
