@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Callable, Iterable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -44,3 +45,20 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
+
+
+def build_registered(registry: Registry, cfg: Any, field_kind: str) -> Any:
+    """Instantiate the dataclass registered under `cfg.name` with the other config keys as its fields.
+
+    Unknown keys fail in one line naming the valid ones (e.g. "unknown parameter 'windw' for method snapkv").
+    """
+    params = dict(cfg)
+    name = params.pop("name", None)
+    cls = registry.get(name)
+    valid = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown {field_kind} '{unknown[0]}' for {registry.kind} {name}. Valid {field_kind}s: {', '.join(valid)}."
+        )
+    return cls(**params)

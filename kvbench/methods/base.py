@@ -15,6 +15,12 @@ For each budget of the sweep, on a fresh copy of the prefilled cache:
      decode-time methods evict there so the cache stays within budget.
 Methods may write numbers worth keeping (e.g. level sizes over time) into `ctx.record`; they land in the
 row under `method_record`.
+
+Chunked prefill (`prefill_chunk=n`, see `kvbench.chunked`): methods that set `supports_chunked_prefill = True`
+in their own class body (not inherited: a subclass may change what `compress` needs) are compressed after
+every chunk that leaves the cache over budget, with a context whose `prompt_len` is the tokens seen so far and
+whose window queries are the latest ones; `chunked_prefill_observer()` watches every chunk, and `setup` runs
+once after the last chunk.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import torch
 from kvbench.cache import KVCache, KVLayer
 from kvbench.methods.decode_budget import attach_recent_queries, check_decode_budget, enforce_decode_budget
 from kvbench.methods.scoring import keep_with_window
-from kvbench.registry import Registry
+from kvbench.registry import Registry, build_registered
 
 
 @dataclass
@@ -61,6 +67,8 @@ class Method:
     name: ClassVar[str] = ""
     # Methods that never evict (full) do not take part in budget sweeps.
     compresses: ClassVar[bool] = True
+    # Whether `compress` may run after every prefill chunk (declared per class, see the module docstring).
+    supports_chunked_prefill: ClassVar[bool] = False
 
     def window_queries_needed(self) -> int:
         """How many trailing prompt queries per layer `compress` needs (recorded during the one prefill)."""
@@ -69,6 +77,11 @@ class Method:
     def prefill_observer(self) -> Any:
         """An attention observer to attach to the shared prefill (None: this method needs none)."""
         return None
+
+    def chunked_prefill_observer(self) -> Any:
+        """The observer for a chunked prefill, where slots are evicted between chunks. Default: the same as
+        `prefill_observer()`; methods whose observer indexes slots by prompt position override it."""
+        return self.prefill_observer()
 
     def setup(self, cache: KVCache, ctx: CompressionContext) -> None:
         """Prepare a fresh cache copy before compression. Default: nothing."""
@@ -156,16 +169,7 @@ def register_method(name: str):
 
 def build_method(cfg: Any) -> Method:
     """Create a method from its config (`name` + hyperparameters); unknown parameters fail in one line."""
-    params = dict(cfg)
-    name = params.pop("name", None)
-    cls = METHODS.get(name)
-    valid = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - valid)
-    if unknown:
-        raise ValueError(
-            f"unknown parameter '{unknown[0]}' for method {name}. Valid parameters: {', '.join(sorted(valid))}."
-        )
-    method = cls(**params)
+    method = build_registered(METHODS, cfg, "parameter")
     validate = getattr(method, "validate", None)
     if validate is not None:
         validate()

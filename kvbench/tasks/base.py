@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from kvbench.registry import Registry
+from kvbench.registry import Registry, build_registered
 from kvbench.sample import QUESTION_POSITIONS, QuestionPosition, Sample
 
 __all__ = [
@@ -61,14 +60,7 @@ def register_task(name: str):
 
 def build_task(cfg: Any) -> Task:
     """Create a task from its config (`name` + fields); unknown fields fail in one line."""
-    params = dict(cfg)
-    name = params.pop("name", None)
-    cls = TASKS.get(name)
-    valid = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - valid)
-    if unknown:
-        raise ValueError(f"unknown field '{unknown[0]}' for task {name}. Valid fields: {', '.join(sorted(valid))}.")
-    return cls(**params)
+    return build_registered(TASKS, cfg, "field")
 
 
 def as_list(value: Any) -> list:
