@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from kvbench import config as run_config
+from kvbench.chunked import check_chunked_methods
 from kvbench.kernels.dispatch import resolve_kernels
 from kvbench.methods import build_method
 from kvbench.methods.base import Method
@@ -46,11 +47,14 @@ def build_jobs(
 ) -> list[Job]:
     jobs = []
     for method in methods:
+        params = method.params()
+        if settings.prefill_chunk is not None:  # a chunked prefill is another row (one-shot keys unchanged)
+            params = {**params, "prefill_chunk": settings.prefill_chunk}
         for budget in budgets if method.compresses else (None,):
             key = row_key(
                 lm.identity,
                 method.name,
-                method.params(),
+                params,
                 budget,
                 settings.compress,
                 sample.fingerprint(),
@@ -91,6 +95,7 @@ def run(cfg: Any) -> dict[str, Any]:
         torch.set_num_threads(settings.threads)
     seed_everything(settings.seed)
     method = build_method(cfg.method)
+    check_chunked_methods(settings.prefill_chunk, [method])
     task = build_task(cfg.task)
     lm = load_model(cfg.model)
     kernels = resolve_kernels(settings.kernels, lm.device)
@@ -125,8 +130,9 @@ def run(cfg: Any) -> dict[str, Any]:
     cache_dir = default_cache_dir(lm)
     with tqdm(total=total, desc=f"{task.name} x {method.label()}", disable=not settings.progress, unit="row") as bar:
         for sample, jobs in work:
+            chunk = settings.prefill_chunk
             for job, row in run_sample(
-                lm, sample, jobs, settings.compress, settings.seed, settings.fail_fast, cache_dir, kernels
+                lm, sample, jobs, settings.compress, settings.seed, settings.fail_fast, cache_dir, kernels, chunk
             ):
                 store.append({**row_identity(job, sample, lm, task, settings), **row})
                 bar.update(1)

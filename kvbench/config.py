@@ -10,6 +10,7 @@ from typing import Any
 from hydra.utils import to_absolute_path
 
 from kvbench.budget import parse_budget
+from kvbench.chunked import parse_prefill_chunk
 from kvbench.kernels.dispatch import KERNEL_MODES
 from kvbench.registry import UnknownNameError, unknown_name_message
 from kvbench.runner import COMPRESS_MODES
@@ -35,6 +36,7 @@ class RunSettings:
     progress: bool
     kernels: str
     threads: int | None
+    prefill_chunk: int | None = None  # tokens per prefill chunk, compressing between chunks (None: one shot)
 
 
 def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
@@ -99,4 +101,5 @@ def validate(cfg: Any) -> RunSettings:
         progress=bool(cfg.get("progress", True)),
         kernels=kernels,
         threads=None if threads is None else int(threads),
+        prefill_chunk=parse_prefill_chunk(cfg.get("prefill_chunk")),
     )

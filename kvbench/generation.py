@@ -107,9 +107,13 @@ def greedy_decode(
     max_new_tokens: int,
     before_forward: Callable[[int], None],
     stopwatch: Stopwatch,
+    stop_at_eos: bool = True,
 ) -> Decoded:
-    """Greedy decoding from `first_logits`; stops at EOS or after `max_new_tokens` tokens."""
-    eos = set(lm.eos_token_ids)
+    """Greedy decoding from `first_logits`; stops at EOS or after `max_new_tokens` tokens.
+
+    `stop_at_eos=False` always generates `max_new_tokens` (latency benchmarks need a fixed number of steps).
+    """
+    eos = set(lm.eos_token_ids) if stop_at_eos else set()
     tokens: list[int] = []
     logits = first_logits
     max_len = max(layer.get_seq_length() for layer in cache.layers)

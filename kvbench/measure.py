@@ -1,14 +1,19 @@
 """Clocks and memory readings. On CUDA, phases synchronise before reading clocks and report
-`max_memory_allocated` reset per phase; on CPU, the process peak RSS is reported and labelled as such."""
+`max_memory_allocated` reset per phase. On CPU (Linux), each phase resets the kernel's RSS high-water mark
+(`/proc/self/clear_refs`) and reports the peak RSS reached during the phase (`cpu_peak_rss_per_phase`: the
+whole process, model weights included); where that reset is not allowed, the process-lifetime peak RSS
+(`cpu_process_peak_rss`). tracemalloc would not help: it sees Python's allocator, not torch's tensors."""
 
 from __future__ import annotations
 
+import re
 import resource
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -24,14 +29,37 @@ def process_peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark (Linux >= 4.0); False where not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_since_reset_bytes() -> int:
+    """VmHWM: the peak RSS since the process started or the last `reset_peak_rss()`."""
+    match = re.search(r"^VmHWM:\s+(\d+)\s+kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else process_peak_rss_bytes()
+
+
 class Stopwatch:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
+        self.rss_per_phase = not self.cuda and reset_peak_rss()
 
     @property
     def memory_kind(self) -> str:
-        return "cuda_max_allocated_per_phase" if self.cuda else "cpu_process_peak_rss"
+        if self.cuda:
+            return "cuda_max_allocated_per_phase"
+        return "cpu_peak_rss_per_phase" if self.rss_per_phase else "cpu_process_peak_rss"
+
+    def peak_mem_bytes(self) -> int:
+        if self.cuda:
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return peak_rss_since_reset_bytes() if self.rss_per_phase else process_peak_rss_bytes()
 
     def sync(self) -> None:
         if self.cuda:
@@ -43,10 +71,10 @@ class Stopwatch:
         self.sync()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.rss_per_phase:
+            reset_peak_rss()
         start = time.perf_counter()
         yield reading
         self.sync()
         reading.seconds = time.perf_counter() - start
-        reading.peak_mem_bytes = (
-            int(torch.cuda.max_memory_allocated(self.device)) if self.cuda else process_peak_rss_bytes()
-        )
+        reading.peak_mem_bytes = self.peak_mem_bytes()

@@ -20,6 +20,7 @@ from kvbench import attention
 from kvbench.registry import Registry
 
 MODEL_KINDS: Registry = Registry("model kind")
+REPO_ROOT = Path(__file__).resolve().parents[1]
 _LOADED: dict[str, LoadedModel] = {}
 _TOKENIZERS: dict[str, Any] = {}
 
@@ -98,6 +99,8 @@ def _load_hf(cfg: Any, device: torch.device, dtype: torch.dtype) -> tuple[Any, A
     name = cfg.get("name_or_path")
     if not name or name == "???":
         raise ValueError("model=hf needs model.name_or_path=<hub id, local directory or config.json>")
+    if not os.path.exists(name) and (REPO_ROOT / name).exists():  # shipped configs, from any working directory
+        name = str(REPO_ROOT / name)
     is_local = os.path.exists(name)
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     if offline and not is_local:
@@ -113,9 +116,12 @@ def _load_hf(cfg: Any, device: torch.device, dtype: torch.dtype) -> tuple[Any, A
                 else AutoConfig.from_pretrained(name, trust_remote_code=trust)
             )
             torch.manual_seed(int(cfg.get("seed", 0)))
-            model = AutoModelForCausalLM.from_config(
-                config, dtype=dtype, attn_implementation=attention.ATTN_IMPLEMENTATION
-            )
+            # Built and initialised on the target device in the target dtype: an 8B model never passes through
+            # host memory in fp32.
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(
+                    config, dtype=dtype, attn_implementation=attention.ATTN_IMPLEMENTATION
+                )
             tokenizer_name = cfg.get("tokenizer")
             tokenizer = (
                 AutoTokenizer.from_pretrained(tokenizer_name)

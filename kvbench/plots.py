@@ -31,6 +31,8 @@ def _ok(rows: Any) -> pd.DataFrame:
 def accuracy_vs_budget(rows: Any, out_dir: Path) -> list[Path]:
     """Accuracy vs budget, one line per method (and compress mode); full-cache rows as dashed lines."""
     frame = _ok(rows)
+    if not frame.empty:
+        frame = frame[frame["score"].notna()]  # unscored rows (efficiency runs) have no accuracy
     if frame.empty:
         return []
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -34,7 +34,7 @@ def summarize(rows: list[dict[str, Any]]) -> pd.DataFrame:
     frame["ok"] = frame["status"] == "ok"
     keys = ["task", "method_label", "compress", "budget_label", "budget_sort"]
     # Benchmarks with subtasks are reported per subtask (LongBench/RULER convention: the mean per subtask).
-    for column in ("question_position", "subtask"):
+    for column in ("question_position", "subtask", "prefill_mode"):
         if column in frame and frame[column].nunique() > 1:
             keys.insert(1, column)
     ok = frame[frame["ok"]]
@@ -55,7 +55,9 @@ def summarize(rows: list[dict[str, Any]]) -> pd.DataFrame:
     summary["errors"] = summary["errors"].astype(int)
     summary["n"] = summary["n"].astype(int)
     order = [
-        k for k in ("task", "subtask", "method_label", "compress", "question_position", "budget_sort") if k in keys
+        k
+        for k in ("task", "subtask", "method_label", "compress", "question_position", "prefill_mode", "budget_sort")
+        if k in keys
     ]
     summary = summary.sort_values(order).drop(columns="budget_sort")
     return summary.rename(columns={"budget_label": "budget", "method_label": "method"}).reset_index(drop=True)
@@ -72,6 +74,7 @@ def format_table(summary: pd.DataFrame) -> str:
             "method",
             "compress",
             "question_position",
+            "prefill_mode",
             "budget",
             "n",
             "accuracy",

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbench.budget import entries_for
+from kvbench.chunked import ChunkedPrefill, chunked_prefill, prefill_fields
 from kvbench.generation import Prefill, forward_tokens, greedy_decode, prefill
 from kvbench.measure import Stopwatch
 from kvbench.methods.base import CompressionContext, Method
@@ -50,7 +51,8 @@ def run_job(
     cache_dir: Path | None = None,
     kernels: str = "torch",
 ) -> dict[str, Any]:
-    cache = pre.cache.copy()
+    chunked = isinstance(pre, ChunkedPrefill)  # compressed between chunks already; this job's own cache
+    cache = pre.cache if chunked else pre.cache.copy()
     config = lm.config
     entries = entries_for(job.budget, split)
     applies = job.method.compresses and entries is not None
@@ -73,7 +75,7 @@ def run_job(
     with stopwatch.phase("compress") as compress_phase:
         if applies:
             job.method.setup(cache, ctx)
-        if compressed:
+        if compressed and not chunked:
             job.method.compress(cache, ctx)
     kept = cache.kept_per_layer()
     kept_entries = sum(sum(heads) for heads in kept)
@@ -90,8 +92,10 @@ def run_job(
             logits = forward_tokens(lm, cache, tail)
         else:
             logits = pre.last_logits
-    decoded = greedy_decode(lm, cache, logits, sample.max_new_tokens, before_forward, stopwatch)
+    stop_at_eos = not sample.meta.get("ignore_eos", False)
+    decoded = greedy_decode(lm, cache, logits, sample.max_new_tokens, before_forward, stopwatch, stop_at_eos)
     prediction = lm.tokenizer.decode(decoded.tokens, skip_special_tokens=True)
+    compress_s = compress_phase.seconds + (pre.compress_seconds if chunked else 0.0)  # chunked: between chunks too
     layers, heads = config.num_hidden_layers, config.num_key_value_heads
     return {
         "status": "ok",
@@ -102,13 +106,13 @@ def run_job(
         "kept_fraction": kept_entries / (split * layers * heads),
         "kv_bytes": kv_bytes,
         "kv_bytes_logical": kv_bytes_logical,
-        "kv_bytes_full": pre.cache.kv_bytes(),
+        "kv_bytes_full": pre.kv_bytes_full if chunked else pre.cache.kv_bytes(),
         "kv_bytes_final": cache.kv_bytes(),
         "max_layer_len_decode": decoded.max_layer_len,
         "prefill_s": pre.seconds,
-        "compress_s": compress_phase.seconds,
+        "compress_s": compress_s,
         "tail_s": tail_phase.seconds,
-        "ttft_s": pre.seconds + compress_phase.seconds + tail_phase.seconds,
+        "ttft_s": pre.seconds + compress_s + tail_phase.seconds,
         "decode_s": decoded.seconds,
         "tpot_s": decoded.seconds / decoded.steps if decoded.steps else None,
         "output_tokens": len(decoded.tokens),
@@ -119,6 +123,7 @@ def run_job(
         "peak_mem_decode_bytes": decoded.peak_mem_bytes,
         "peak_mem_kind": stopwatch.memory_kind,
         "method_record": ctx.record or None,
+        **prefill_fields(pre, split),
     }
 
 
@@ -131,10 +136,12 @@ def run_sample(
     fail_fast: bool = False,
     cache_dir: Path | None = None,
     kernels: str = "torch",
+    prefill_chunk: int | None = None,
 ) -> Iterator[tuple[Job, dict[str, Any]]]:
     """Yield (job, row) for every job; a failure becomes an error row (or raises with fail_fast).
 
-    The prompt is prefilled once; every job works on its own copy of that cache.
+    The prompt is prefilled once; every job works on its own copy of that cache. With `prefill_chunk`, every
+    job prefills on its own instead, compressing between chunks (`kvbench.chunked`).
     """
     stopwatch = Stopwatch(lm.device)
     base = {"prompt_tokens": None, "compressed_tokens": None, "truncated_tokens": None}
@@ -147,12 +154,13 @@ def run_sample(
             "truncated_tokens": prompt.truncated_tokens,
         }
         window = max((job.method.window_queries_needed() for job in jobs), default=0)
-        observers = {id(job): job.method.prefill_observer() for job in jobs}
+        observers = {id(job): job.method.prefill_observer() for job in jobs} if prefill_chunk is None else {}
         attached = [obs for obs in observers.values() if obs is not None]
         for observer in attached:  # observers that need the model (e.g. its RoPE) get it before the prefill
             if hasattr(observer, "bind_model"):
                 observer.bind_model(lm)
-        pre = prefill(lm, prompt.input_ids[:split], min(window, split), stopwatch, attached)
+        if prefill_chunk is None:
+            pre = prefill(lm, prompt.input_ids[:split], min(window, split), stopwatch, attached)
     except Exception as err:
         if fail_fast:
             raise
@@ -161,7 +169,14 @@ def run_sample(
         return
     for job in jobs:
         try:
-            row = run_job(lm, sample, prompt, split, pre, job, seed, stopwatch, observers[id(job)], cache_dir, kernels)
+            stats = observers.get(id(job))
+            if prefill_chunk is not None:
+                ids, method = prompt.input_ids[:split], job.method
+                pre = chunked_prefill(lm, ids, prefill_chunk, method, job.budget, stopwatch, seed, cache_dir, kernels)
+                stats = pre.prefill_stats
+            row = run_job(lm, sample, prompt, split, pre, job, seed, stopwatch, stats, cache_dir, kernels)
+            if prefill_chunk is not None:
+                pre = stats = None  # free this job's cache before the next job prefills
         except Exception as err:
             if fail_fast:
                 raise

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -53,6 +54,19 @@ class PromptAttentionSums:
         self.sums[layer_idx] = sums
 
 
+class SlotAttentionScores:
+    """Chunked-prefill observer: adds each chunk's attention to the per-slot score in `layer.extras`, which
+    follows the slots through the evictions between chunks (memory grows with the budget, not the prompt)."""
+
+    def __init__(self, gqa_agg: str) -> None:
+        self.gqa_agg = gqa_agg
+
+    def on_attention(self, layer_idx, query, layer, query_positions, scaling) -> None:
+        if H2O_SCORE not in layer.extras:  # first chunk: the layer was created by this forward
+            layer.extras[H2O_SCORE] = torch.zeros(layer.positions.shape, dtype=torch.float32, device=layer.device)
+        layer.extras[H2O_SCORE] += accumulated_attention(query[0], layer, query_positions, scaling, self.gqa_agg)
+
+
 def keep_heavy_and_recent(layer: KVLayer, budget: int, recent: int) -> None:
     """Keep the `recent` last slots and the top-(budget - recent) accumulated scores among the others."""
     length = layer.get_seq_length()
@@ -90,9 +104,16 @@ class H2O(Method):
     the layer holds budget + 1 slots only inside that one attention call. `decode_evict=false` is
     KVCache-Factory's prefill-only variant (generated tokens appended).
 
+    Chunked prefill (`prefill_chunk`): every chunk's queries add their attention, over the slots kept so far
+    plus the chunk, to the per-slot scores (`SlotAttentionScores`), and each layer is cut back to its recent +
+    heavy slots after every chunk. A slot's score then counts the queries that saw it (as at decode time),
+    not every prompt row as in the one-shot prefill.
+
     Hyperparameters: recent_ratio=0.5 (heavy = recent = budget / 2; the paper's default is 10% + 10% of the
     prompt), decode_evict=true, gqa_agg=mean.
     """
+
+    supports_chunked_prefill: ClassVar[bool] = True
 
     recent_ratio: float = 0.5
     decode_evict: bool = True
@@ -110,10 +131,14 @@ class H2O(Method):
     def prefill_observer(self) -> PromptAttentionSums:
         return PromptAttentionSums(self.gqa_agg)
 
+    def chunked_prefill_observer(self) -> SlotAttentionScores:
+        return SlotAttentionScores(self.gqa_agg)
+
     def setup(self, cache: KVCache, ctx: CompressionContext) -> None:
-        sums: PromptAttentionSums = ctx.prefill_stats
-        for layer_idx, layer in enumerate(cache.layers):
-            layer.extras[H2O_SCORE] = sums.sums[layer_idx].clone()
+        sums = ctx.prefill_stats
+        if isinstance(sums, PromptAttentionSums):  # after a chunked prefill the scores are already on the slots
+            for layer_idx, layer in enumerate(cache.layers):
+                layer.extras[H2O_SCORE] = sums.sums[layer_idx].clone()
         if self.decode_evict:
             cache.observers.append(DecodeAccumulator(ctx.budget, self.recent(ctx.budget), self.gqa_agg))
 

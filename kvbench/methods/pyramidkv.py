@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from kvbench.methods.base import CompressionContext, register_method
 from kvbench.methods.scoring import pyramid_layer_budgets
@@ -18,7 +19,14 @@ class PyramidKV(SnapKV):
     SnapKV when T < 2(budget - window).
 
     Hyperparameters: as SnapKV (window=32, kernel=7, pool=max, gqa_agg=mean) plus beta=20.
+
+    Chunked prefill (`prefill_chunk`): SnapKV's per-chunk selection with the per-layer budgets recomputed for
+    the tokens seen so far (uniform while they are fewer than 2(budget - window)); each layer stays within its
+    current budget + chunk and the layer average within budget + chunk. A layer cut early to a small budget
+    does not regain slots when later chunks raise its share.
     """
+
+    supports_chunked_prefill: ClassVar[bool] = True
 
     beta: float = 20.0
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from kvbench.cache import KVLayer
 from kvbench.kernels import window_scores
@@ -20,7 +21,14 @@ class SnapKV(ScoringMethod):
 
     Hyperparameters: window=32, kernel=7, pool=max (the paper's LongBench settings; kvpress uses 64/5/avg),
     gqa_agg=mean. When budget < window, only the last `budget` slots are kept.
+
+    Chunked prefill (`prefill_chunk`): after every chunk that leaves a layer over budget, the window is the
+    last `window` queries seen (the chunk's tail, reaching into the previous chunk when the chunk is shorter),
+    scoring the slots kept so far plus the chunk; evicted slots never come back, so the final selection is a
+    cascade of per-chunk selections rather than one judgement by the prompt's last queries.
     """
+
+    supports_chunked_prefill: ClassVar[bool] = True
 
     window: int = 32
     kernel: int = 7

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -38,7 +39,14 @@ class StreamingLLM(Method):
     Hyperparameters: n_sink=4; rerotate=false keeps every slot at its original position (kvbench default);
     rerotate=true is the paper's mode: kept keys are re-rotated to contiguous positions 0..len-1 and new
     tokens take their cache index as position.
+
+    Chunked prefill (`prefill_chunk`): the same rule after every chunk, so the prompt ends with the one-shot
+    slots (sinks + most recent positions); their keys/values above layer 0 differ, since later chunks attended
+    to the compressed cache. With rerotate=true the next chunk continues at the cache length, as generated
+    tokens do.
     """
+
+    supports_chunked_prefill: ClassVar[bool] = True
 
     n_sink: int = 4
     rerotate: bool = False

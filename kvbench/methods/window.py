@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -25,7 +26,10 @@ class Window(Method):
     """Window-only eviction: keep the last `budget` slots (one of KV-Direct's baselines).
 
     Breaks once position 0 (the attention sink) is gone, which is what it is there to show. No hyperparameters.
+    Chunked prefill: the same rule after every chunk (the one-shot slots; later chunks saw only the window).
     """
+
+    supports_chunked_prefill: ClassVar[bool] = True
 
     def compress(self, cache: KVCache, ctx: CompressionContext) -> None:
         keep_recent(cache, ctx.budget)
