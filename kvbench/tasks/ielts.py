@@ -463,9 +463,10 @@ def position_figure(rows: Any, out_dir: Path, stem: str = "ielts_position") -> l
             ax.plot(
                 range(len(positions)),
                 curve.values,
-                marker="o",
+                marker="s" if full else "o",
                 linestyle="--" if full else "-",
                 color="black" if full else colors[index % len(colors)],
+                zorder=4 if full else 2,  # the reference stays visible when a method matches it
                 label=name,
             )
         chance = CHANCE.get(title)
