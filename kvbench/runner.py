@@ -154,7 +154,11 @@ def run_sample(
             "truncated_tokens": prompt.truncated_tokens,
         }
         window = max((job.method.window_queries_needed() for job in jobs), default=0)
-        observers = {id(job): job.method.prefill_observer() for job in jobs} if prefill_chunk is None else {}
+        # One observer per method object: a budget sweep shares the method's prefill statistics (e.g. H2O's sums).
+        observers = {}
+        for job in jobs if prefill_chunk is None else []:
+            if id(job.method) not in observers:
+                observers[id(job.method)] = job.method.prefill_observer()
         attached = [obs for obs in observers.values() if obs is not None]
         for observer in attached:  # observers that need the model (e.g. its RoPE) get it before the prefill
             if hasattr(observer, "bind_model"):
@@ -169,7 +173,7 @@ def run_sample(
         return
     for job in jobs:
         try:
-            stats = observers.get(id(job))
+            stats = observers.get(id(job.method))
             if prefill_chunk is not None:
                 ids, method = prompt.input_ids[:split], job.method
                 pre = chunked_prefill(lm, ids, prefill_chunk, method, job.budget, stopwatch, seed, cache_dir, kernels)
