@@ -467,3 +467,46 @@ def test_plot_popularity_script_draws_level_sizes(tmp_path):
     paths = module.popularity_figures(module.read_jsonl(tmp_path / "samples.jsonl"), tmp_path)
     assert sorted(p.name for p in paths) == ["popularity_hierarchical_prompt.pdf", "popularity_hierarchical_prompt.png"]
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_razor_profile_scores_echo_and_induction_heads_on_hand_made_attention():
+    """Query head 0 looks at the previous occurrence of its token (echo), head 1 at the token after it
+    (induction); one-hot keys per slot make those attentions ~1."""
+    from kvbench.methods.razor import RepeatAttention
+
+    offset, period, dim = 1, 6, 16
+    length = offset + 2 * period
+    layer = KVLayer()
+    keys = torch.stack([one_hot(slot, dim) for slot in range(length)])[None, None]
+    layer.update(keys, torch.zeros_like(keys), positions=torch.arange(length))
+    echo_rows = [one_hot(max(r - period, 0), dim) for r in range(length)]
+    induction_rows = [one_hot(max(r - period + 1, 0), dim) for r in range(length)]
+    query = torch.stack([torch.stack(echo_rows), torch.stack(induction_rows)])[None]  # [1, 2 heads, n, d]
+    observer = RepeatAttention(offset, period)
+    observer.on_attention(0, query, layer, torch.arange(length), 1.0)
+    assert observer.echo[0][0] > 0.99 and observer.echo[0][1] < 0.01
+    assert observer.induction[0][1] > 0.99 and observer.induction[0][0] < 0.01
+
+
+@pytest.mark.parametrize("name", ["kvzip", "dapq"])
+def test_budget_sweeps_score_once_per_sample(tiny_lm, name, monkeypatch):
+    """The extra forwards of KVzip / DapQ do not depend on the budget: one per sample, same rows as alone."""
+    from kvbench.methods.dapq import DapQ
+    from kvbench.methods.kvzip import KVzip
+
+    cls, attr = (KVzip, "score") if name == "kvzip" else (DapQ, "forward_scores")
+    calls = []
+    original = getattr(cls, attr)
+
+    def counted(self, cache, ctx):
+        calls.append(ctx.budget)
+        return original(self, cache, ctx)
+
+    monkeypatch.setattr(cls, attr, counted)
+    method = build_method({"name": name})
+    jobs = [Job(method, budget, str(budget)) for budget in (24, 40)]
+    rows = {job.key: row for job, row in run_sample(tiny_lm, needle_sample(), jobs, "context", 0, fail_fast=True)}
+    assert calls == [24]
+    assert rows["40"]["method_record"][f"{name}_scores_shared"] is True
+    alone = run(tiny_lm, name, 40, "context")["m"]
+    assert rows["40"]["output_ids"] == alone["output_ids"] and rows["40"]["kept_per_layer"] == alone["kept_per_layer"]

@@ -7,7 +7,7 @@ import torch
 from kvbench.cache import KVCache, KVLayer
 from kvbench.generation import forward_tokens
 from kvbench.methods.base import CompressionContext, LayerScores, register_method
-from kvbench.methods.scoring import aggregate_gqa, pool_scores, window_attention
+from kvbench.methods.scoring import SweepShared, aggregate_gqa, pool_scores, shared_slot, window_attention
 from kvbench.methods.snapkv import SnapKV
 from kvbench.methods.streamingllm import rope_inv_freq, rotate_keys
 
@@ -49,7 +49,8 @@ class DapQ(SnapKV):
     through the model at positions T..T+n-1 on a COPY of the full cache (one extra forward of n tokens;
     their queries carry the prompt tail's content at the answer's positions). `pseudo=rotate`: no forward;
     the recorded post-RoPE queries of the last n prompt tokens are rotated by +n positions (same content,
-    exactly the query a token with that pre-RoPE query would have at the future position).
+    exactly the query a token with that pre-RoPE query would have at the future position). The scores do
+    not depend on the budget: a sweep computes them once per sample.
 
     Hyperparameters: pseudo_tokens=32, pseudo=forward, plus SnapKV's window=32, kernel=7, pool=max,
     gqa_agg=mean.
@@ -70,12 +71,23 @@ class DapQ(SnapKV):
     def window_queries_needed(self) -> int:
         return self.pseudo_tokens if self.pseudo == "rotate" else 0
 
+    def prefill_observer(self) -> SweepShared:
+        return SweepShared()  # the pseudo-query scores do not depend on the budget: computed once per sample
+
     def setup(self, cache: KVCache, ctx: CompressionContext) -> None:
         """Score the prompt slots with the pseudo queries (only when compression will happen)."""
         super().setup(cache, ctx)
         if ctx.budget >= ctx.prompt_len:
             return
-        scores = self.forward_scores(cache, ctx) if self.pseudo == "forward" else self.rotated_scores(cache, ctx)
+        shared = shared_slot(ctx.prefill_stats)
+        key = (ctx.prompt_len, tuple(ctx.input_ids))
+        scores = shared.get(key) if shared else None
+        if scores is None:
+            scores = self.forward_scores(cache, ctx) if self.pseudo == "forward" else self.rotated_scores(cache, ctx)
+            if shared:
+                shared.put(key, scores)
+        else:
+            ctx.record["dapq_scores_shared"] = True  # computed by an earlier budget of this sweep
         for layer, layer_scores in zip(cache.layers, scores, strict=True):
             layer.extras[PSEUDO_EXTRA] = layer_scores
 

@@ -9,7 +9,7 @@ import torch
 from kvbench.cache import KVCache, KVLayer
 from kvbench.generation import forward_tokens
 from kvbench.methods.base import CompressionContext, Method, register_method
-from kvbench.methods.scoring import mask_to_indices
+from kvbench.methods.scoring import SweepShared, mask_to_indices, shared_slot
 
 FIRST_REPEAT_PROMPT = "\n\nRepeat the previous context exactly."
 NEXT_REPEAT_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with "
@@ -97,7 +97,9 @@ class KVzip(Method):
     Sinks: the chat template's prefix before the user message (system prompt and user header: the official
     code keeps the system prompt) when the prompt starts with it, and at least `n_sink` tokens.
     Cost: one extra forward of about the segment's length (x 2-3 prefill with the scoring), recorded in
-    `method_record` (kvzip_forward_tokens, kvzip_seconds).
+    `method_record` (kvzip_forward_tokens, kvzip_seconds). The scores do not depend on the budget: a sweep
+    computes them once per sample (the first budget's row carries the cost in compress_s; later rows say
+    kvzip_scores_shared=true).
 
     Hyperparameters: chunk_size=2048 (the official self_task uses 2000), prev_tokens=8, n_sink=4.
     """
@@ -158,10 +160,22 @@ class KVzip(Method):
         ctx.record["kvzip_sinks"] = sinks
         return scores
 
+    def prefill_observer(self) -> SweepShared:
+        return SweepShared()  # the scores do not depend on the budget: one scoring pass per sample
+
     def compress(self, cache: KVCache, ctx: CompressionContext) -> None:
         if any(layer.get_seq_length() != ctx.prompt_len or layer.evicted for layer in cache.layers):
             raise ValueError("kvzip compresses a full prefilled cache (one slot per prompt token in every layer)")
-        scores = self.score(cache, ctx)
+        shared = shared_slot(ctx.prefill_stats)
+        key = (ctx.prompt_len, tuple(ctx.input_ids))
+        cached = shared.get(key) if shared else None
+        if cached is None:
+            scores = self.score(cache, ctx)
+            if shared:
+                shared.put(key, (scores, dict(ctx.record)))
+        else:
+            scores, record = cached
+            ctx.record.update(record, kvzip_scores_shared=True)  # computed by an earlier budget of this sweep
         keep = global_topk_mask(scores, ctx.budget * scores.shape[0] * scores.shape[1])
         for layer, mask in zip(cache.layers, keep, strict=True):
             layer.keep(*mask_to_indices(mask))

@@ -3,6 +3,8 @@ pooling, top-k keep and per-layer budget allocation. All softmax statistics are 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -114,3 +116,27 @@ def mask_to_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     indices = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[:, :width]
     valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
     return indices.masked_fill(~valid, 0), valid
+
+
+class SweepShared:
+    """A prefill "observer" that watches nothing: the runner creates one per method object and sample and hands
+    it to every budget of the sweep as `ctx.prefill_stats`, so budget-independent scores that need extra
+    forwards (KVzip's reconstruction scores, DapQ's pseudo-query attention) are computed once per sample."""
+
+    def __init__(self) -> None:
+        self.value: Any = None
+        self.key: Any = None
+
+    def on_attention(self, layer_idx, query, layer, query_positions, scaling) -> None:
+        return None
+
+    def get(self, key: Any) -> Any:
+        return self.value if self.key == key else None
+
+    def put(self, key: Any, value: Any) -> None:
+        self.key, self.value = key, value
+
+
+def shared_slot(ctx_prefill_stats: Any) -> SweepShared | None:
+    """The sweep-shared holder in `ctx.prefill_stats`, or None (direct calls, chunked prefill)."""
+    return ctx_prefill_stats if isinstance(ctx_prefill_stats, SweepShared) else None
