@@ -494,7 +494,7 @@ def test_budget_sweeps_score_once_per_sample(tiny_lm, name, monkeypatch):
     from kvbench.methods.dapq import DapQ
     from kvbench.methods.kvzip import KVzip
 
-    cls, attr = (KVzip, "score") if name == "kvzip" else (DapQ, "forward_scores")
+    cls, attr = (KVzip, "score") if name == "kvzip" else (DapQ, "rotated_scores")
     calls = []
     original = getattr(cls, attr)
 
