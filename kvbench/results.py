@@ -25,6 +25,9 @@ from typing import Any
 import torch
 
 import kvbench
+from kvbench.jsonl import MalformedRowError, read_jsonl
+
+__all__ = ["MalformedRowError", "ResultsStore", "read_jsonl", "row_key", "manifest"]
 
 log = logging.getLogger(__name__)
 SAMPLES_FILE = "samples.jsonl"
@@ -71,33 +74,6 @@ def row_key(
             "seed": seed,
         }
     )
-
-
-class MalformedRowError(ValueError):
-    pass
-
-
-def read_jsonl(path: Path, allow_truncated_tail: bool = False) -> list[dict]:
-    """Rows of a JSONL file. A malformed line fails naming the file and line number; with
-    `allow_truncated_tail`, an unterminated last line (a write cut by a kill) is skipped with a warning."""
-    rows: list[dict] = []
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        is_unterminated_tail = number == len(lines) and not data.endswith(b"\n")
-        try:
-            row = json.loads(raw)
-            if not isinstance(row, dict):
-                raise ValueError("a row must be a JSON object")
-        except ValueError as err:
-            if allow_truncated_tail and is_unterminated_tail:
-                log.warning("%s:%d: ignoring an unterminated last row (interrupted write)", path, number)
-                continue
-            raise MalformedRowError(f"{path}:{number}: malformed JSONL row ({err})") from None
-        rows.append(row)
-    return rows
 
 
 class ResultsStore:

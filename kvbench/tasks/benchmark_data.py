@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from kvbench.jsonl import iter_jsonl
 
 CONTEXT_FIELD = "{context}"
 _TRUE = ("1", "true", "yes", "on")
@@ -44,15 +45,7 @@ class Row:
 def parse_jsonl(lines: Iterable[str], source: str, required: Sequence[str] = ()) -> list[Row]:
     """Rows of JSONL text (blank lines skipped); a bad line or a missing field fails with `source:line`."""
     rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{source}:{number}: malformed JSONL ({err.msg} at column {err.colno})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{source}:{number}: malformed JSONL (expected an object, got {type(data).__name__})")
+    for number, data in iter_jsonl(lines, source):
         missing = [name for name in required if name not in data]
         if missing:
             raise ValueError(f"{source}:{number}: missing field '{missing[0]}' (needs {', '.join(required)})")

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kvbench.jsonl import read_jsonl
 from kvbench.tasks.ruler_generators import QAData, QAItem
 
 T = TypeVar("T")
@@ -70,17 +71,7 @@ def read_rows(dataset: str, source: str) -> list[dict[str, Any]]:
 
 def read_file(dataset: str, path: Path) -> Iterator[dict[str, Any]]:
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{number}: malformed JSONL row ({err.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{number}: a JSONL row must be an object")
-                yield row
+        yield from read_jsonl(path)
         return
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
