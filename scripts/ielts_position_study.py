@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -105,6 +106,8 @@ def kept_share(kept_positions: list[list[list[int]]], span: set[int]) -> float:
 
 def retention(cfg: DictConfig) -> pd.DataFrame:
     """Evidence/question retention of SnapKV per budget and question position (see the module docstring)."""
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
     lm = load_model(cfg.model)
     task = build_task({**cfg.task, "question_position": ["before", "after"]})
     method = KeptPositionsSnapKV(**{k: v for k, v in cfg.method.items() if k != "name"})
