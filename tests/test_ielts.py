@@ -120,7 +120,7 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
     with pytest.raises(IeltsDataError) as err:
         load_passages(path)
     message = str(err.value)
-    assert message.startswith(f"{path}:2: invalid JSON") and "\n" not in message
+    assert message.startswith(f"{path}:2: malformed JSONL row") and "\n" not in message
 
 
 @pytest.mark.parametrize(

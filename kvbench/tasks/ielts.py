@@ -19,7 +19,6 @@ seeded random subset in file order), seed, max_new_tokens, use_chat_template.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Iterator, Sequence
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvbench.jsonl import MalformedRowError, iter_jsonl
 from kvbench.tasks.base import QUESTION_POSITIONS, Sample, Task, as_list, register_task
 from kvbench.tasks.haystack import TASKS_DIR
 from kvbench.tasks.metrics import METRICS
@@ -195,22 +195,20 @@ def load_passages(path: str | Path) -> list[Passage]:
         raise FileNotFoundError(f"IELTS passages file not found: {path}")
     passages: list[Passage] = []
     ids: set[str] = set()
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise IeltsDataError(f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})") from None
-            try:
-                passage = parse_passage(row)
-            except ValueError as err:
-                raise IeltsDataError(f"{path}:{number}: {err}") from None
-            if passage.passage_id in ids:
-                raise IeltsDataError(f"{path}:{number}: duplicate passage_id '{passage.passage_id}'")
-            ids.add(passage.passage_id)
-            passages.append(passage)
+    with path.open("rb") as handle:
+        try:
+            rows = list(iter_jsonl(handle, str(path)))
+        except MalformedRowError as err:
+            raise IeltsDataError(str(err)) from None
+    for number, row in rows:
+        try:
+            passage = parse_passage(row)
+        except ValueError as err:
+            raise IeltsDataError(f"{path}:{number}: {err}") from None
+        if passage.passage_id in ids:
+            raise IeltsDataError(f"{path}:{number}: duplicate passage_id '{passage.passage_id}'")
+        ids.add(passage.passage_id)
+        passages.append(passage)
     if not passages:
         raise IeltsDataError(f"{path}: no passages")
     return passages
