@@ -424,6 +424,7 @@ def position_figure(rows: Any, out_dir: Path, stem: str = "ielts_position") -> l
     import matplotlib.pyplot as plt
     import pandas as pd
 
+    from kvbench.plots import save
     from kvbench.report import budget_label, rows_frame
 
     frame = rows if isinstance(rows, pd.DataFrame) else rows_frame(rows)
@@ -483,10 +484,4 @@ def position_figure(rows: Any, out_dir: Path, stem: str = "ielts_position") -> l
     fig.suptitle("IELTS-style reading: accuracy by question position (dotted: chance)", fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 0.96))
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]
-    for path in paths:
-        fig.savefig(path, bbox_inches="tight", dpi=150)
-    plt.close(fig)
-    return paths
+    return save(fig, Path(out_dir), stem)
