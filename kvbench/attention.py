@@ -8,6 +8,10 @@ mask interface, transformers builds no mask; this function builds it from the or
 Runs pass their cache as the keyword argument `kvbench_cache=` of the model's forward; transformers
 forwards it here. Without it (e.g. `model.generate`), the function is plain causal attention.
 Registered once at import; no model class is modified.
+
+Single-token decode steps use the split-K Triton kernel (`kvbench.kernels.decode_attention`) instead of SDPA
+when the model's config says `kvbench_kernels = "triton"` (the runner sets it from the resolved `kernels`
+setting); its mask is the same (visible slots as `valid`, a logit bias as `bias`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from kvbench.cache import KVCache, KVLayer
 
 CACHE_KWARG = "kvbench_cache"
 ATTN_IMPLEMENTATION = "kvbench"
+KERNELS_ATTR = "kvbench_kernels"  # model.config attribute: "triton" routes decode steps to the Triton kernel
 
 
 class AttentionObserver(Protocol):
@@ -79,6 +84,24 @@ def attend(
     )
 
 
+def decode_step_triton(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """One query token `[1, H, 1, d]` over `key/value [1, Hkv, L, d]` with the Triton decode kernel.
+
+    `mask` is what `KVLayer.attention_mask` returns for one query (`[1, Hkv or 1, 1, L]`, boolean or additive
+    float with -inf for hidden slots) or None. Returns `[1, H, 1, d]`.
+    """
+    from kvbench.kernels.decode_attention import decode_attention_triton
+
+    valid = bias = None
+    if mask is not None:
+        rows = mask[0, :, 0].expand(key.shape[1], -1)
+        valid, bias = (rows, None) if mask.dtype == torch.bool else (None, rows)
+    out = decode_attention_triton(query[0, :, 0], key[0], value[0], scaling, valid=valid, bias=bias)
+    return out[None, :, None]
+
+
 def kvbench_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -103,7 +126,10 @@ def kvbench_attention(
 
     layer = cache.layers[module.layer_idx]
     mask, is_causal = layer.attention_mask(cache.step_positions)
-    out = attend(query, key, value, mask, is_causal, scaling, backend)
+    if query.shape[2] == 1 and getattr(module.config, KERNELS_ATTR, "torch") == "triton":
+        out = decode_step_triton(query, key, value, mask, scaling)
+    else:
+        out = attend(query, key, value, mask, is_causal, scaling, backend)
     for observer in cache.observers:
         observer.on_attention(module.layer_idx, query, layer, cache.step_positions, scaling)
     return out.transpose(1, 2).contiguous(), None

@@ -88,28 +88,49 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def _plot_lines(ax: Any, frame: pd.DataFrame, column: str, scale: float) -> None:
+    """One line per setting: a colour per model / method / budget, solid for one-shot and dashed for chunked."""
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours: dict[str, str] = {}
     for setting, group in frame.groupby("setting", sort=True):
+        base = setting.rsplit(", ", 1)[0]
+        colour = colours.setdefault(base, palette[len(colours) % len(palette)])
         curve = group.groupby("context")[column].mean().sort_index() * scale
-        linestyle = "-" if group["prefill_mode"].iloc[0] == "oneshot" else "--"
-        ax.plot(curve.index, curve.values, marker="o", linestyle=linestyle, label=setting)
+        oneshot = group["prefill_mode"].iloc[0] == "oneshot"
+        ax.plot(
+            curve.index,
+            curve.values,
+            color=colour,
+            marker="o" if oneshot else "s",
+            linestyle="-" if oneshot else "--",
+            label=setting,
+        )
+    contexts = sorted(frame["context"].unique())
     ax.set_xscale("log", base=2)
+    ax.set_xticks(contexts, [f"{c / 1024:g}K" if c >= 1024 else str(c) for c in contexts])
+    ax.minorticks_off()
     ax.set_xlabel("context length (tokens)")
     ax.grid(alpha=0.3)
+
+
+def _memory_unit(frame: pd.DataFrame, columns: list[str]) -> tuple[str, float]:
+    largest = max(float(frame[c].max()) for c in columns)
+    return ("GiB", 1 / 2**30) if largest >= 2**31 else ("MiB", 1 / MIB)
 
 
 def memory_vs_context(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
     """Prefill peak, decode peak and KV cache bytes vs context length."""
     kind = str(frame["peak_mem_kind"].iloc[0])
     panels = (
-        ("peak_mem_prefill_bytes", f"prefill peak (GiB, {kind})"),
-        ("peak_mem_decode_bytes", f"decode peak (GiB, {kind})"),
-        ("kv_bytes", "KV cache after compression (GiB)"),
+        ("peak_mem_prefill_bytes", "prefill peak ({unit}, " + kind + ")"),
+        ("peak_mem_decode_bytes", "decode peak ({unit}, " + kind + ")"),
+        ("kv_bytes", "KV cache after compression ({unit})"),
     )
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4))
     for ax, (column, title) in zip(axes, panels, strict=True):
-        _plot_lines(ax, frame, column, 1 / 2**30)
-        ax.set_title(title, fontsize=9)
-        ax.set_ylabel("GiB")
+        unit, scale = _memory_unit(frame, [column])
+        _plot_lines(ax, frame, column, scale)
+        ax.set_title(title.format(unit=unit), fontsize=9)
+        ax.set_ylabel(unit)
     axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.suptitle(f"memory vs context: {', '.join(sorted(frame['model'].unique()))}", fontsize=10)
     return save(fig, out_dir, "memory_vs_context")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvbench.attention import KERNELS_ATTR
 from kvbench.budget import entries_for
 from kvbench.chunked import ChunkedPrefill, chunked_prefill, prefill_fields
 from kvbench.generation import Prefill, forward_tokens, greedy_decode, prefill
@@ -144,6 +145,7 @@ def run_sample(
     job prefills on its own instead, compressing between chunks (`kvbench.chunked`).
     """
     stopwatch = Stopwatch(lm.device)
+    setattr(lm.config, KERNELS_ATTR, kernels)  # decode steps use the Triton kernel when kernels == "triton"
     base = {"prompt_tokens": None, "compressed_tokens": None, "truncated_tokens": None}
     try:
         prompt = build_prompt(lm.tokenizer, sample, lm.max_context - sample.max_new_tokens)
