@@ -19,7 +19,8 @@ from kvbench.runner import Job, run_sample
 from kvbench.tasks import build_task
 from kvbench.tasks.benchmark_data import DataUnavailableError
 from kvbench.tasks.infinitebench import PROTOCOL, SUBTASKS, record_builder
-from kvbench.tasks.infinitebench_synthetic import NOISE, largest_fitting, number_string_key
+from kvbench.tasks.infinitebench_synthetic import NOISE, number_string_key
+from kvbench.tasks.sizing import largest_fitting
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tasks" / "fixtures" / "infinitebench"

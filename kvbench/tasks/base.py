@@ -63,6 +63,16 @@ def build_task(cfg: Any) -> Task:
     return build_registered(TASKS, cfg, "field")
 
 
+def check_lengths(lengths: Any, max_context: int) -> None:
+    """One-line error when a requested length exceeds the model's maximum context."""
+    too_long = [length for length in lengths if int(length) > max_context]
+    if too_long:
+        raise ValueError(
+            f"task.lengths contains {too_long[0]} > the model's maximum context {max_context}; "
+            f"use lengths <= {max_context}"
+        )
+
+
 def as_list(value: Any) -> list:
     """Config values that may be a scalar or a list (e.g. question_position) as a list."""
     if value is None:

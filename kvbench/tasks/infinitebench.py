@@ -58,11 +58,11 @@ from kvbench.tasks.infinitebench_synthetic import (
     KVPairs,
     Record,
     kv_record,
-    largest_fitting,
     noise_record,
     number_string_key,
     passkey_key,
 )
+from kvbench.tasks.sizing import largest_fitting
 
 PROTOCOL = load_protocol(TASKS_DIR / "infinitebench" / "protocol.yaml")
 SUBTASKS: tuple[str, ...] = tuple(PROTOCOL)

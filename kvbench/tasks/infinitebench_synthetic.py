@@ -8,14 +8,14 @@
 * kv_retrieval: `JSON data:\\n{"<uuid4>": "<uuid4>", ...}` and the question for the key of one pair
   (lost-in-the-middle's KV records, which InfiniteBench uses).
 
-The number of noise lines / pairs is the unit the task sizes with the model's tokenizer (`largest_fitting`).
+The number of noise lines / pairs is the unit the task sizes with the model's tokenizer
+(`kvbench.tasks.sizing.largest_fitting`).
 """
 
 from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
@@ -79,34 +79,3 @@ def kv_record(pairs: KVPairs, count: int, depth: float) -> Record:
     body = ", ".join(f'"{key}": "{value}"' for key, value in items)
     key, value = items[target]
     return Record("JSON data:\n{" + body + "}", KV_QUESTION.format(key=key), value, 100 * target / count, count)
-
-
-def largest_fitting(fits: Callable[[int], bool], guess: int) -> int:
-    """The largest n >= 1 with fits(n), for a `fits` that holds up to some n and fails after it.
-
-    Starts at `guess` (e.g. a linear extrapolation), gallops to a bracket, then bisects: a good guess costs
-    two or three calls.
-    """
-    if not fits(1):
-        raise ValueError("even a single unit does not fit")
-    guess = max(1, guess)
-    if fits(guess):
-        low, step = guess, 1
-        while fits(low + step):
-            low += step
-            step *= 2
-        high = low + step
-    else:
-        high, step = guess, 1
-        low = max(1, high - step)
-        while low > 1 and not fits(low):
-            high = low
-            step *= 2
-            low = max(1, high - step)
-    while high - low > 1:
-        middle = (low + high) // 2
-        if fits(middle):
-            low = middle
-        else:
-            high = middle
-    return low

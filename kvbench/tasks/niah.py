@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbench.prompt import build_prompt
-from kvbench.tasks.base import QUESTION_POSITIONS, Sample, Task, as_list, register_task
+from kvbench.tasks.base import QUESTION_POSITIONS, Sample, Task, as_list, check_lengths, register_task
 from kvbench.tasks.haystack import HAYSTACKS, haystack_text, insert_at_depth, random_key, random_number
 
 NEEDLE = "One of the special magic numbers for {key} is: {value}."
@@ -64,12 +64,7 @@ class NIAH(Task):
                 raise ValueError(f"niah depth {depth} is outside [0, 100]")
 
     def samples(self, tokenizer: Any, max_context: int) -> Iterator[Sample]:
-        too_long = [length for length in self.lengths if int(length) > max_context]
-        if too_long:
-            raise ValueError(
-                f"task.lengths contains {too_long[0]} > the model's maximum context {max_context}; "
-                f"use lengths <= {max_context}"
-            )
+        check_lengths(self.lengths, max_context)
         for length in self.lengths:
             for depth in self.depths:
                 for index in range(self.samples_per_cell):

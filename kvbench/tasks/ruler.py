@@ -36,6 +36,7 @@ from kvbench.tasks.ruler_generators import (
     separator_for,
 )
 from kvbench.tasks.ruler_qa import QADataUnavailable, load_qa
+from kvbench.tasks.sizing import largest_fitting
 
 log = logging.getLogger(__name__)
 
@@ -62,27 +63,7 @@ def fit_size(total: Callable[[int], int], limit: int, minimum: int, hint: int | 
         base, grown = total(minimum), total(probe)
         rate = (grown - base) / (probe - minimum)
         hint = minimum + int((limit - base) / rate) if rate > 0 else probe
-    hint = max(minimum, hint)
-    step = 1
-    if fits(hint):
-        low = hint
-        while fits(low + step):
-            low += step
-            step *= 2
-        high = low + step
-    else:
-        high = hint
-        while not fits(max(minimum, high - step)):
-            high = max(minimum, high - step)
-            step *= 2
-        low = max(minimum, high - step)
-    while high - low > 1:
-        middle = (low + high) // 2
-        if fits(middle):
-            low = middle
-        else:
-            high = middle
-    return low
+    return largest_fitting(fits, hint, minimum)
 
 
 @register_task("ruler")

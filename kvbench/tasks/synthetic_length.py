@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbench.prompt import build_prompt
-from kvbench.tasks.base import Sample, Task, register_task
+from kvbench.tasks.base import Sample, Task, check_lengths, register_task
 from kvbench.tasks.haystack import haystack_text
 from kvbench.tasks.metrics import METRICS
 
@@ -84,12 +84,7 @@ class SyntheticLength(Task):
                 raise ValueError(f"synthetic_length length {length} must exceed max_new_tokens={self.max_new_tokens}")
 
     def samples(self, tokenizer: Any, max_context: int) -> Iterator[Sample]:
-        too_long = [length for length in self.lengths if int(length) > max_context]
-        if too_long:
-            raise ValueError(
-                f"task.lengths contains {too_long[0]} > the model's maximum context {max_context}; "
-                f"use lengths <= {max_context}"
-            )
+        check_lengths(self.lengths, max_context)
         for length in self.lengths:
             for index in range(self.samples_per_length):
                 yield self._sample(tokenizer, int(length), index)
