@@ -68,14 +68,16 @@ def niah_heatmap(rows: Any, out_dir: Path) -> list[Path]:
     nrows = -(-len(panels) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.0 * nrows), squeeze=False)
     image = None
-    for ax, ((label, compress, budget), group) in zip(axes.flat, panels, strict=False):
+    for index, (ax, ((label, compress, budget), group)) in enumerate(zip(axes.flat, panels, strict=False)):
         grid = group.pivot_table(index="meta.depth", columns="meta.length", values="score", aggfunc="mean")
         image = ax.imshow(grid.values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto", origin="upper")
         ax.set_xticks(range(len(grid.columns)), [f"{int(c)}" for c in grid.columns], fontsize=7)
         ax.set_yticks(range(len(grid.index)), [f"{d:g}%" for d in grid.index], fontsize=7)
         ax.set_title(f"{label} ({compress}) @ {budget}", fontsize=8)
-        ax.set_xlabel("context length (tokens)", fontsize=7)
-        ax.set_ylabel("needle depth", fontsize=7)
+        if index // cols == nrows - 1 or index + cols >= len(panels):  # bottom panel of its column
+            ax.set_xlabel("context length (tokens)", fontsize=7)
+        if index % cols == 0:
+            ax.set_ylabel("needle depth", fontsize=7)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     if image is not None:
