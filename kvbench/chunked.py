@@ -105,13 +105,11 @@ def chunked_prefill(
         raise ValueError(f"method {method.name} does not support chunked prefill")
     total = len(token_ids)
     entries = entries_for(budget, total)
-    base_ctx = CompressionContext(
-        budget=total if entries is None else entries,
-        prompt_len=total,
-        num_heads=lm.config.num_attention_heads,
-        num_kv_heads=lm.config.num_key_value_heads,
+    base_ctx = CompressionContext.for_prompt(
+        lm,
+        total if entries is None else entries,
+        total,
         seed=seed,
-        lm=lm,
         cache_dir=cache_dir,
         kernels=kernels,
     )

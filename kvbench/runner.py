@@ -58,16 +58,12 @@ def run_job(
     entries = entries_for(job.budget, split)
     applies = job.method.compresses and entries is not None
     compressed = applies and entries < split
-    ctx = CompressionContext(
-        budget=entries if entries is not None else split,
-        prompt_len=split,
-        num_heads=config.num_attention_heads,
-        num_kv_heads=config.num_key_value_heads,
-        window_queries=pre.window_queries,
-        window_positions=pre.window_positions,
-        scaling=pre.scaling,
+    ctx = CompressionContext.for_prompt(
+        lm,
+        entries if entries is not None else split,
+        split,
+        pre,
         seed=seed,
-        lm=lm,
         input_ids=prompt.input_ids[:split],
         prefill_stats=prefill_stats,
         cache_dir=cache_dir,

@@ -45,15 +45,7 @@ def compressed_cache(lm, name: str, budget: int, biased: bool):
     pre = prefill(lm, token_ids, 32, Stopwatch(lm.device))
     cache = pre.cache.copy()
     if name != "full":
-        ctx = CompressionContext(
-            budget=budget,
-            prompt_len=len(token_ids),
-            num_heads=lm.config.num_attention_heads,
-            num_kv_heads=lm.config.num_key_value_heads,
-            window_queries=pre.window_queries,
-            window_positions=pre.window_positions,
-            scaling=pre.scaling,
-        )
+        ctx = CompressionContext.for_prompt(lm, budget, len(token_ids), pre)
         build_method({"name": name}).compress(cache, ctx)
     if biased:  # a per-slot logit bias (RazorAttention's compensation token uses it): additive mask
         for layer in cache.layers:

@@ -202,16 +202,7 @@ def test_scorers_keep_the_same_slots_with_triton_kernels(tiny_lm, name):
     kept: dict[str, KVCache] = {}
     for kernels in ("torch", "triton"):
         cache = pre.cache.copy()
-        ctx = CompressionContext(
-            budget=budget,
-            prompt_len=len(token_ids),
-            num_heads=tiny_lm.config.num_attention_heads,
-            num_kv_heads=tiny_lm.config.num_key_value_heads,
-            window_queries=pre.window_queries,
-            window_positions=pre.window_positions,
-            scaling=pre.scaling,
-            kernels=kernels,
-        )
+        ctx = CompressionContext.for_prompt(tiny_lm, budget, len(token_ids), pre, kernels=kernels)
         build_method({"name": name, "window": window}).compress(cache, ctx)
         kept[kernels] = cache
     for torch_layer, triton_layer in zip(kept["torch"].layers, kept["triton"].layers, strict=True):

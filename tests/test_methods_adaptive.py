@@ -23,7 +23,7 @@ from kvbench.methods.razor import compress_layer
 from kvbench.methods.scoring import aggregate_gqa, window_attention
 from kvbench.methods.streamingllm import rope_inv_freq, rotate_keys
 from kvbench.runner import Job, run_sample
-from kvbench.sample import Sample
+from tests.helpers import needle_sample
 
 NEW_METHODS = ["adakv", "kvzip", "razor", "dapq", "hierarchical"]
 
@@ -37,24 +37,10 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-def needle_sample(max_new_tokens: int = 8) -> Sample:
-    return Sample(
-        sample_id="needle",
-        context=" ".join(["The grass is green. The sky is blue."] * 20)
-        + " The magic number is 4821937. "
-        + " ".join(["The sun is yellow."] * 20),
-        question="What is the magic number?",
-        answer_prefix="The magic number is",
-        answers=["4821937"],
-        metric="string_match_all",
-        max_new_tokens=max_new_tokens,
-    )
-
-
 def run(lm, name_or_cfg, budget, compress="prompt", cache_dir=None, sample=None):
     cfg = {"name": name_or_cfg} if isinstance(name_or_cfg, str) else name_or_cfg
     jobs = [Job(build_method({"name": "full"}), None, "full"), Job(build_method(cfg), budget, "m")]
-    rows = run_sample(lm, sample or needle_sample(), jobs, compress, 0, fail_fast=True, cache_dir=cache_dir)
+    rows = run_sample(lm, sample or needle_sample(8), jobs, compress, 0, fail_fast=True, cache_dir=cache_dir)
     return {job.key: row for job, row in rows}
 
 
@@ -62,18 +48,7 @@ def prefilled(lm, budget: int, window: int, cache_dir=None) -> tuple[KVCache, Co
     text = " ".join(f"Item {i} is {i * 7 % 13}." for i in range(40))
     ids = lm.tokenizer(text)["input_ids"]
     pre = prefill(lm, ids, window, Stopwatch(lm.device))
-    ctx = CompressionContext(
-        budget=budget,
-        prompt_len=len(ids),
-        num_heads=lm.config.num_attention_heads,
-        num_kv_heads=lm.config.num_key_value_heads,
-        window_queries=pre.window_queries,
-        window_positions=pre.window_positions,
-        scaling=pre.scaling,
-        lm=lm,
-        input_ids=ids,
-        cache_dir=cache_dir,
-    )
+    ctx = CompressionContext.for_prompt(lm, budget, len(ids), pre, input_ids=ids, cache_dir=cache_dir)
     return pre.cache, ctx
 
 
@@ -505,7 +480,7 @@ def test_budget_sweeps_score_once_per_sample(tiny_lm, name, monkeypatch):
     monkeypatch.setattr(cls, attr, counted)
     method = build_method({"name": name})
     jobs = [Job(method, budget, str(budget)) for budget in (24, 40)]
-    rows = {job.key: row for job, row in run_sample(tiny_lm, needle_sample(), jobs, "context", 0, fail_fast=True)}
+    rows = {job.key: row for job, row in run_sample(tiny_lm, needle_sample(8), jobs, "context", 0, fail_fast=True)}
     assert calls == [24]
     assert rows["40"]["method_record"][f"{name}_scores_shared"] is True
     alone = run(tiny_lm, name, 40, "context")["m"]

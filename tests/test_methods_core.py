@@ -15,23 +15,9 @@ from kvbench.methods.base import CompressionContext
 from kvbench.methods.scoring import pyramid_layer_budgets
 from kvbench.methods.streamingllm import rope_inv_freq, rotate_keys
 from kvbench.runner import Job, run_sample
-from kvbench.sample import Sample
+from tests.helpers import needle_sample
 
 CORE_METHODS = ["full", "random", "window", "streamingllm", "snapkv", "pyramidkv"]
-
-
-def needle_sample(max_new_tokens: int = 10) -> Sample:
-    return Sample(
-        sample_id="needle",
-        context=" ".join(["The grass is green. The sky is blue."] * 20)
-        + " The magic number is 4821937. "
-        + " ".join(["The sun is yellow."] * 20),
-        question="What is the magic number?",
-        answer_prefix="The magic number is",
-        answers=["4821937"],
-        metric="string_match_all",
-        max_new_tokens=max_new_tokens,
-    )
 
 
 @pytest.mark.parametrize("name", CORE_METHODS)

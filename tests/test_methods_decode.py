@@ -66,18 +66,7 @@ def context_for(lm, method, ids: list[int], budget: int):
     window = min(method.window_queries_needed(), len(ids))
     pre = prefill(lm, ids, window, Stopwatch(lm.device), [observer] if observer is not None else [])
     cache = pre.cache.copy()
-    ctx = CompressionContext(
-        budget=budget,
-        prompt_len=len(ids),
-        num_heads=lm.config.num_attention_heads,
-        num_kv_heads=lm.config.num_key_value_heads,
-        window_queries=pre.window_queries,
-        window_positions=pre.window_positions,
-        scaling=pre.scaling,
-        lm=lm,
-        input_ids=ids,
-        prefill_stats=observer,
-    )
+    ctx = CompressionContext.for_prompt(lm, budget, len(ids), pre, input_ids=ids, prefill_stats=observer)
     method.setup(cache, ctx)
     if budget < len(ids):
         method.compress(cache, ctx)

@@ -61,6 +61,21 @@ class CompressionContext:
     def model(self) -> Any:
         return None if self.lm is None else self.lm.model
 
+    @classmethod
+    def for_prompt(cls, lm: Any, budget: int, prompt_len: int, pre: Any = None, **fields: Any) -> CompressionContext:
+        """The context for compressing `prompt_len` prefilled tokens of `lm`; `pre` (a `generation.Prefill`)
+        supplies the recorded window queries. Other fields (seed, input_ids, kernels, ...) pass through."""
+        if pre is not None:
+            fields.update(window_queries=pre.window_queries, window_positions=pre.window_positions, scaling=pre.scaling)
+        return cls(
+            budget=budget,
+            prompt_len=prompt_len,
+            num_heads=lm.config.num_attention_heads,
+            num_kv_heads=lm.config.num_key_value_heads,
+            lm=lm,
+            **fields,
+        )
+
 
 @dataclass
 class Method:
