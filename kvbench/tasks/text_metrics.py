@@ -280,6 +280,16 @@ def rouge_lsum(prediction: str, reference: str) -> float:
     return _rouge_scorer("rougeLsum", False).score(reference, prediction)["rougeLsum"].fmeasure
 
 
+def _text_after_first_prefix(pred: str, prefixes: Sequence[str]) -> str | None:
+    """InfiniteBench's answer extraction: the text after the first listed prefix found in `pred` (skipping the
+    character that follows it); "" if nothing follows it; None if no prefix occurs."""
+    for prefix in prefixes:
+        idx = pred.find(prefix)
+        if idx != -1:
+            return pred[idx + len(prefix) + 1 :]
+    return None
+
+
 @METRICS.register("infbench_choice")
 def infbench_choice(prediction: str, references: Sequence[str]) -> float:
     """InfiniteBench longbook_choice_eng. References: the correct option's text and its letter (any order).
@@ -298,13 +308,8 @@ def infbench_choice(prediction: str, references: Sequence[str]) -> float:
     if pred in labels:
         return 1.0
     pred = _single_spaced(_blank_out(pred, "\n\"'.,?!{}"))
-    for prefix in ("answer is:", "answer:", "answer is", "option is"):
-        idx = pred.find(prefix)
-        if idx == -1:
-            continue
-        if len(pred) < idx + len(prefix) + 1:
-            return 0.0
-        after = pred[idx + len(prefix) + 1 :]
+    after = _text_after_first_prefix(pred, ("answer is:", "answer:", "answer is", "option is"))
+    if after is not None:
         return float(any(after.startswith(label) for label in labels))
     for word in pred.split():
         if word in "ABCD":
@@ -326,13 +331,8 @@ def infbench_code_debug(prediction: str, references: Sequence[str]) -> float:
     if pred[:2] in (f"{letter}.", f"{letter}:"):
         return 1.0
     pred = _single_spaced(_blank_out(pred, ("\n", "`", "'", '"', "-", "*", "Option", "option")))
-    for prefix in ("answer is:", "is:", "answer:", "correct option is:"):
-        idx = pred.find(prefix)
-        if idx == -1:
-            continue
-        if len(pred) < idx + len(prefix) + 1:
-            return 0.0
-        after = pred[idx + len(prefix) + 1 :]
+    after = _text_after_first_prefix(pred, ("answer is:", "is:", "answer:", "correct option is:"))
+    if after is not None:
         return float(after.startswith(letter) or after.startswith(name))
     return 0.0
 
