@@ -8,7 +8,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 
 from kvbench.methods.full import Full
 from kvbench.prompt import build_prompt
@@ -21,16 +20,6 @@ from kvbench.tasks.longbench import E_SUBTASKS, PROTOCOL, SUBTASKS, length_bucke
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tasks" / "fixtures" / "longbench"
 RAW_TASKS = {"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"}
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny-model forwards are dominated by thread contention on a shared 2-core machine: one thread is ~20x
-    faster there."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def task(**fields):
@@ -197,7 +186,7 @@ def test_middle_truncation_keeps_instructions_and_question(tiny_lm) -> None:
     assert sample.question.strip() in text
 
 
-def test_every_subtask_runs_end_to_end(tiny_lm, one_thread) -> None:
+def test_every_subtask_runs_end_to_end(tiny_lm) -> None:
     # Two samples per subtask through prefill -> full cache -> decode -> metric; generation is cut to 2 tokens
     # to keep the test fast (the protocol lengths are checked above).
     samples = list(task().samples(tiny_lm.tokenizer, tiny_lm.max_context))

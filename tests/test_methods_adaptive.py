@@ -28,15 +28,6 @@ from tests.helpers import needle_sample
 NEW_METHODS = ["adakv", "kvzip", "razor", "dapq", "hierarchical"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """The tiny model's ops are far too small for intra-op threads; on a shared CPU they only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run(lm, name_or_cfg, budget, compress="prompt", cache_dir=None, sample=None):
     cfg = {"name": name_or_cfg} if isinstance(name_or_cfg, str) else name_or_cfg
     jobs = [Job(build_method({"name": "full"}), None, "full"), Job(build_method(cfg), budget, "m")]

@@ -26,16 +26,6 @@ from kvbench.sample import Sample
 NEW_METHODS = ["h2o", "tova", "knorm", "expected_attention"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small to gain from threads; on a loaded 2-core machine, OpenMP's spinning
-    threads make each decode step ~30x slower (0.19 s instead of 6 ms), and this file runs 1000+ steps."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def random_ids(n: int, seed: int = 0, vocab: int = 49152) -> list[int]:
     return torch.randint(100, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
