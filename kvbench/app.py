@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,78 +12,24 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from kvbench import api
 from kvbench import config as run_config
 from kvbench.chunked import check_chunked_methods
 from kvbench.kernels.dispatch import resolve_kernels
 from kvbench.methods import build_method
-from kvbench.methods.base import Method
-from kvbench.methods.full import Full
-from kvbench.models import LoadedModel, load_model
+from kvbench.models import load_model
 from kvbench.plots import accuracy_vs_budget
 from kvbench.report import format_table, rows_frame, summarize
-from kvbench.results import ResultsStore, manifest, row_key
-from kvbench.runner import Job, run_sample
-from kvbench.tasks import Sample, build_task
+from kvbench.results import ResultsStore, manifest
+from kvbench.tasks import build_task
 
 log = logging.getLogger("kvbench")
-
-
-def default_cache_dir(lm: LoadedModel) -> Path:
-    """Per-model artefacts (e.g. head profiles) live outside the repo."""
-    root = Path(os.environ.get("KVBENCH_CACHE", Path.home() / ".cache" / "kvbench"))
-    return root / lm.name
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def build_jobs(
-    methods: list[Method], budgets: tuple, lm: LoadedModel, sample: Sample, settings: run_config.RunSettings
-) -> list[Job]:
-    jobs = []
-    for method in methods:
-        params = method.params()
-        if settings.prefill_chunk is not None:  # a chunked prefill is another row (one-shot keys unchanged)
-            params = {**params, "prefill_chunk": settings.prefill_chunk}
-        for budget in budgets if method.compresses else (None,):
-            key = row_key(
-                lm.identity,
-                method.name,
-                params,
-                budget,
-                settings.compress,
-                sample.fingerprint(),
-                settings.seed,
-            )
-            jobs.append(Job(method=method, budget=budget, key=key))
-    return jobs
-
-
-def row_identity(job: Job, sample: Sample, lm: LoadedModel, task: Any, settings: run_config.RunSettings) -> dict:
-    return {
-        "key": job.key,
-        "run": settings.run_dir.name,
-        "task": task.name,
-        "subtask": sample.meta.get("subtask", task.name),
-        "sample_id": sample.sample_id,
-        "method": job.method.name,
-        "method_label": job.method.label(),
-        "method_params": job.method.params(),
-        "budget": job.budget,
-        "compress": settings.compress,
-        "question_position": sample.question_position,
-        "seed": settings.seed,
-        "model": lm.name,
-        "device": str(lm.device),
-        "dtype": str(lm.dtype).removeprefix("torch."),
-        "metric": sample.metric,
-        "answers": sample.answers,
-        "max_new_tokens": sample.max_new_tokens,
-        "meta": sample.meta,
-    }
 
 
 def run(cfg: Any) -> dict[str, Any]:
@@ -99,9 +43,17 @@ def run(cfg: Any) -> dict[str, Any]:
     task = build_task(cfg.task)
     lm = load_model(cfg.model)
     kernels = resolve_kernels(settings.kernels, lm.device)
-    methods = [method]
-    if settings.include_full and method.compresses:
-        methods.append(Full())
+    methods = api.with_full([method], settings.include_full)
+    options = api.RunOptions(
+        budgets=settings.budgets,
+        compress=settings.compress,
+        seed=settings.seed,
+        fail_fast=settings.fail_fast,
+        kernels=settings.kernels,
+        prefill_chunk=settings.prefill_chunk,
+        run_name=settings.run_dir.name,
+        task_name=task.name,
+    )
 
     store = ResultsStore(settings.run_dir)
     store.write_text("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -120,26 +72,17 @@ def run(cfg: Any) -> dict[str, Any]:
     if settings.max_samples is not None:
         samples = samples[: settings.max_samples]
     done = store.done_keys()
-    planned = [(sample, build_jobs(methods, settings.budgets, lm, sample, settings)) for sample in samples]
+    planned = [(sample, api.plan(lm, sample, methods, options)) for sample in samples]
     work = [(sample, [j for j in jobs if j.key not in done]) for sample, jobs in planned]
     work = [(sample, jobs) for sample, jobs in work if jobs]
     total = sum(len(jobs) for _, jobs in work)
     skipped = sum(len(jobs) for _, jobs in planned) - total
     if skipped:
         log.info("resuming: %d rows already in %s, %d to run", skipped, store.samples_path, total)
-    cache_dir = default_cache_dir(lm)
     with tqdm(total=total, desc=f"{task.name} x {method.label()}", disable=not settings.progress, unit="row") as bar:
-        for sample, jobs in work:
-            chunk = settings.prefill_chunk
-            for job, row in run_sample(
-                lm, sample, jobs, settings.compress, settings.seed, settings.fail_fast, cache_dir, kernels, chunk
-            ):
-                store.append({**row_identity(job, sample, lm, task, settings), **row})
-                bar.update(1)
-                if row["status"] != "ok":
-                    log.warning(
-                        "%s %s budget=%s failed: %s", sample.sample_id, job.method.label(), job.budget, row["error"]
-                    )
+        for row in api.iter_rows(lm, work, options):
+            store.append(row)
+            bar.update(1)
 
     rows = store.latest_rows()
     summary = summarize(rows)

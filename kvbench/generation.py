@@ -52,18 +52,19 @@ class Prefill:
 
 
 @torch.inference_mode()
-def forward_tokens(lm: LoadedModel, cache: KVCache, token_ids: list[int]) -> torch.Tensor:
-    """Append `token_ids` at their original positions; returns the logits of the last one, `[vocab]`."""
+def forward_tokens(lm: LoadedModel, cache: KVCache, token_ids: list[int], logits_to_keep: int = 1) -> torch.Tensor:
+    """Append `token_ids` at their original positions; returns the logits of the last one, `[vocab]`, or of
+    the last `logits_to_keep` ones, `[logits_to_keep, vocab]`, when that is above 1 (scoring continuations)."""
     positions = cache.next_positions(len(token_ids), lm.device)
     output = lm.model(
         input_ids=torch.tensor([token_ids], device=lm.device),
         position_ids=positions[None],
         past_key_values=cache,
         use_cache=True,
-        logits_to_keep=1,
+        logits_to_keep=logits_to_keep,
         **{CACHE_KWARG: cache},
     )
-    return output.logits[0, -1]
+    return output.logits[0, -1] if logits_to_keep == 1 else output.logits[0]
 
 
 def prefill(
@@ -108,8 +109,10 @@ def greedy_decode(
     before_forward: Callable[[int], None],
     stopwatch: Stopwatch,
     stop_at_eos: bool = True,
+    stop: Callable[[list[int]], bool] | None = None,
 ) -> Decoded:
-    """Greedy decoding from `first_logits`; stops at EOS or after `max_new_tokens` tokens.
+    """Greedy decoding from `first_logits`; stops at EOS, when `stop(tokens)` says so (e.g. a stop string was
+    generated) or after `max_new_tokens` tokens.
 
     `stop_at_eos=False` always generates `max_new_tokens` (latency benchmarks need a fixed number of steps).
     """
@@ -122,7 +125,7 @@ def greedy_decode(
         while True:
             token = int(torch.argmax(logits))
             tokens.append(token)
-            if token in eos or len(tokens) >= max_new_tokens:
+            if token in eos or len(tokens) >= max_new_tokens or (stop is not None and stop(tokens)):
                 break
             before_forward(1)
             logits = forward_tokens(lm, cache, [token])

@@ -39,6 +39,81 @@ def split_point(prompt: Prompt, compress: str) -> int:
     return len(prompt) if compress == "prompt" else prompt.context_end
 
 
+@dataclass
+class JobCache:
+    """One job's cache after compression, with what later forwards need."""
+
+    cache: Any
+    ctx: CompressionContext
+    method: Method
+    entries: int | None  # the budget in KV entries per KV head per layer for this prompt (None: keep all)
+    applies: bool  # the method acts on this cache (it compresses and a budget is set)
+    compressed: bool  # entries < prompt length: eviction ran
+    phase: Any  # the stopwatch phase of setup + compression
+
+    def before_forward(self, num_new: int) -> None:
+        """Call before every forward after compression (decode-time methods evict here)."""
+        if self.applies:
+            self.method.before_forward(self.cache, self.ctx, num_new)
+
+
+def compress_copy(
+    lm: LoadedModel,
+    pre: Prefill,
+    job: Job,
+    input_ids: list[int],
+    seed: int,
+    stopwatch: Stopwatch,
+    prefill_stats: Any = None,
+    cache_dir: Path | None = None,
+    kernels: str = "torch",
+    copy: bool = True,
+) -> JobCache:
+    """A copy of the prefilled cache of `input_ids` (the compressed segment), set up and compressed by the
+    job's method at the job's budget. `copy=False`: the prefill's own cache (a chunked prefill is per job)."""
+    cache = pre.cache.copy() if copy else pre.cache
+    split = len(input_ids)
+    entries = entries_for(job.budget, split)
+    applies = job.method.compresses and entries is not None
+    compressed = applies and entries < split
+    ctx = CompressionContext.for_prompt(
+        lm,
+        entries if entries is not None else split,
+        split,
+        pre,
+        seed=seed,
+        input_ids=input_ids,
+        prefill_stats=prefill_stats,
+        cache_dir=cache_dir,
+        kernels=kernels,
+    )
+    with stopwatch.phase("compress") as phase:
+        if applies:
+            job.method.setup(cache, ctx)
+        if compressed and copy:
+            job.method.compress(cache, ctx)
+    return JobCache(cache, ctx, job.method, entries, applies, compressed, phase)
+
+
+def stop_on_strings(tokenizer: Any, strings: list[str]) -> Any:
+    """A `greedy_decode` stop test: True once the decoded tokens contain one of `strings`."""
+    longest = max(len(s) for s in strings)
+
+    def stop(tokens: list[int]) -> bool:
+        # Only the recent tokens can complete a new stop string; decoding a few more than its length is enough.
+        text = tokenizer.decode(tokens[-(longest + 8) :], skip_special_tokens=True)
+        return any(s in text for s in strings)
+
+    return stop
+
+
+def cut_at_stop(text: str, strings: list[str]) -> str:
+    """The text before the first stop string (lm-eval's `until` convention)."""
+    for s in strings:
+        text = text.split(s, 1)[0]
+    return text
+
+
 def run_job(
     lm: LoadedModel,
     sample: Sample,
@@ -53,34 +128,15 @@ def run_job(
     kernels: str = "torch",
 ) -> dict[str, Any]:
     chunked = isinstance(pre, ChunkedPrefill)  # compressed between chunks already; this job's own cache
-    cache = pre.cache if chunked else pre.cache.copy()
-    config = lm.config
-    entries = entries_for(job.budget, split)
-    applies = job.method.compresses and entries is not None
-    compressed = applies and entries < split
-    ctx = CompressionContext.for_prompt(
-        lm,
-        entries if entries is not None else split,
-        split,
-        pre,
-        seed=seed,
-        input_ids=prompt.input_ids[:split],
-        prefill_stats=prefill_stats,
-        cache_dir=cache_dir,
-        kernels=kernels,
+    job_cache = compress_copy(
+        lm, pre, job, prompt.input_ids[:split], seed, stopwatch, prefill_stats, cache_dir, kernels, copy=not chunked
     )
-    with stopwatch.phase("compress") as compress_phase:
-        if applies:
-            job.method.setup(cache, ctx)
-        if compressed and not chunked:
-            job.method.compress(cache, ctx)
+    cache, ctx, compressed, entries = job_cache.cache, job_cache.ctx, job_cache.compressed, job_cache.entries
+    compress_phase, before_forward = job_cache.phase, job_cache.before_forward
+    config = lm.config
     kept = cache.kept_per_layer()
     kept_entries = sum(sum(heads) for heads in kept)
     kv_bytes, kv_bytes_logical = cache.kv_bytes(), cache.logical_kv_bytes()
-
-    def before_forward(num_new: int) -> None:
-        if applies:
-            job.method.before_forward(cache, ctx, num_new)
 
     tail = prompt.input_ids[split:]
     with stopwatch.phase("tail") as tail_phase:
@@ -90,8 +146,10 @@ def run_job(
         else:
             logits = pre.last_logits
     stop_at_eos = not sample.meta.get("ignore_eos", False)
-    decoded = greedy_decode(lm, cache, logits, sample.max_new_tokens, before_forward, stopwatch, stop_at_eos)
-    prediction = lm.tokenizer.decode(decoded.tokens, skip_special_tokens=True)
+    stop_strings = sample.meta.get("stop") or []  # lm-eval's `until`: greedy decoding ends at a stop string
+    stop = stop_on_strings(lm.tokenizer, stop_strings) if stop_strings else None
+    decoded = greedy_decode(lm, cache, logits, sample.max_new_tokens, before_forward, stopwatch, stop_at_eos, stop)
+    prediction = cut_at_stop(lm.tokenizer.decode(decoded.tokens, skip_special_tokens=True), stop_strings)
     compress_s = compress_phase.seconds + (pre.compress_seconds if chunked else 0.0)  # chunked: between chunks too
     layers, heads = config.num_hidden_layers, config.num_key_value_heads
     return {

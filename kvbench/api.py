@@ -1,0 +1,253 @@
+"""kvbench's public Python API, the same path `python -m kvbench` takes.
+
+    import kvbench.api as kv
+
+    lm = kv.load_model("tiny_random", device="cpu")          # a config name (conf/model/) or a plain dict
+    methods = [kv.build_method("snapkv"), kv.build_method("window")]
+    samples = kv.load_task("niah", lengths=[256], depths=[50]).samples(lm.tokenizer, lm.max_context)
+    rows = kv.evaluate(lm, samples, methods, budgets=[32, 64], include_full=True)
+    kv.to_frame(rows)                                          # a pandas DataFrame, one row per sample x job
+
+Each sample is prefilled once and every (method, budget) job runs on its own copy of that cache
+(`kvbench.runner.run_sample`). `iter_rows` yields rows one at a time (the CLI appends each to its results
+store as it comes); `evaluate` collects them into a list of dicts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from kvbench.budget import parse_budget
+from kvbench.chunked import check_chunked_methods
+from kvbench.kernels.dispatch import resolve_kernels
+from kvbench.methods import build_method as _build_method
+from kvbench.methods.base import Method
+from kvbench.methods.full import Full
+from kvbench.models import LoadedModel
+from kvbench.models import load_model as _load_model
+from kvbench.registry import UnknownNameError, unknown_name_message
+from kvbench.report import rows_frame
+from kvbench.results import row_key
+from kvbench.runner import COMPRESS_MODES, Job, run_sample
+from kvbench.sample import Sample
+from kvbench.tasks import Task, build_task
+
+__all__ = [
+    "LoadedModel",
+    "Method",
+    "Sample",
+    "RunOptions",
+    "load_model",
+    "build_method",
+    "load_task",
+    "plan",
+    "iter_rows",
+    "evaluate",
+    "to_frame",
+]
+
+log = logging.getLogger("kvbench")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# Short names accepted wherever a model config name is (the lm-eval adapter's `model=smollm2`).
+MODEL_ALIASES = {"smollm2": "smollm2_135m"}
+
+
+def _group_config(group: str, name: str) -> DictConfig:
+    path = CONF_DIR / group / f"{name}.yaml"
+    if not path.exists():
+        valid = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        raise UnknownNameError(unknown_name_message(group, name, valid))
+    return OmegaConf.load(path)
+
+
+def model_config(model: str | Mapping[str, Any], **overrides: Any) -> DictConfig:
+    """The `model` config group entry for a config name, an alias, a local path / hub id (kind hf) or a dict.
+
+    A dict is laid over the config its `kind` names when one exists (so `{"kind": "tiny_random",
+    "num_layers": 2}` inherits the other fields), otherwise used as is.
+    """
+    if isinstance(model, str):
+        name = MODEL_ALIASES.get(model, model)
+        if (CONF_DIR / "model" / f"{name}.yaml").exists():
+            cfg = _group_config("model", name)
+        elif os.path.exists(model) or "/" in model:  # a local directory / config.json or a hub id
+            cfg = OmegaConf.merge(_group_config("model", "hf"), {"name_or_path": model, "name": model})
+        else:
+            _group_config("model", name)  # raises the one-line unknown-model error
+    else:
+        given = OmegaConf.create(dict(model))
+        kind = given.get("kind")
+        base = CONF_DIR / "model" / f"{kind}.yaml"
+        cfg = OmegaConf.merge(OmegaConf.load(base), given) if kind and base.exists() else given
+    cfg = OmegaConf.merge(cfg, overrides)
+    return _resolved(cfg, "model")
+
+
+def _resolved(cfg: DictConfig, group: str) -> DictConfig:
+    """Resolve `${oc.select:model.x,...}`-style interpolations that expect the config under its group key."""
+    wrapped = OmegaConf.create({group: cfg})
+    OmegaConf.resolve(wrapped)
+    return wrapped[group]
+
+
+def load_model(model: str | Mapping[str, Any] | LoadedModel, **overrides: Any) -> LoadedModel:
+    """Load (or reuse, per process) a model: see `model_config` for what `model` may be."""
+    if isinstance(model, LoadedModel):
+        return model
+    return _load_model(model if isinstance(model, DictConfig) else model_config(model, **overrides))
+
+
+def build_method(method: str | Mapping[str, Any] | Method, **params: Any) -> Method:
+    """A method from its name (defaults from conf/method/<name>.yaml) or a dict with `name`, plus overrides."""
+    if isinstance(method, Method):
+        return method
+    if isinstance(method, str):
+        cfg = _group_config("method", method)
+    else:
+        given = OmegaConf.create(dict(method))
+        path = CONF_DIR / "method" / f"{given.get('name')}.yaml"
+        cfg = OmegaConf.merge(OmegaConf.load(path), given) if path.exists() else given
+    return _build_method(OmegaConf.merge(cfg, params))
+
+
+def load_task(task: str | Mapping[str, Any] | Task, **fields: Any) -> Task:
+    """A task from its config name (conf/task/<name>.yaml) or a dict with `name`, plus field overrides."""
+    if isinstance(task, Task):
+        return task
+    if isinstance(task, str):
+        cfg = _group_config("task", task)
+    else:
+        given = OmegaConf.create(dict(task))
+        path = CONF_DIR / "task" / f"{given.get('name')}.yaml"
+        cfg = OmegaConf.merge(OmegaConf.load(path), given) if path.exists() else given
+    return build_task(OmegaConf.merge(cfg, fields))
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How samples are run; the CLI fills this from the validated Hydra config (`kvbench.config`)."""
+
+    budgets: tuple[int | float | None, ...] = (None,)
+    compress: str = "prompt"
+    seed: int = 0
+    fail_fast: bool = False
+    kernels: str = "auto"
+    prefill_chunk: int | None = None
+    cache_dir: Path | None = None  # per-model artefacts (razor head profiles); None: $KVBENCH_CACHE/<model>
+    run_name: str = "api"
+    task_name: str = "custom"
+
+
+def plan(lm: LoadedModel, sample: Sample, methods: list[Method], options: RunOptions) -> list[Job]:
+    """The (method, budget) jobs of one sample, each with the key of its results row."""
+    jobs = []
+    for method in methods:
+        params = method.params()
+        if options.prefill_chunk is not None:  # a chunked prefill is another row (one-shot keys unchanged)
+            params = {**params, "prefill_chunk": options.prefill_chunk}
+        for budget in options.budgets if method.compresses else (None,):
+            fingerprint = sample.fingerprint()
+            key = row_key(lm.identity, method.name, params, budget, options.compress, fingerprint, options.seed)
+            jobs.append(Job(method=method, budget=budget, key=key))
+    return jobs
+
+
+def row_identity(job: Job, sample: Sample, lm: LoadedModel, options: RunOptions) -> dict[str, Any]:
+    """The fields that say what a row is (the runner adds what was measured)."""
+    return {
+        "key": job.key,
+        "run": options.run_name,
+        "task": options.task_name,
+        "subtask": sample.meta.get("subtask", options.task_name),
+        "sample_id": sample.sample_id,
+        "method": job.method.name,
+        "method_label": job.method.label(),
+        "method_params": job.method.params(),
+        "budget": job.budget,
+        "compress": options.compress,
+        "question_position": sample.question_position,
+        "seed": options.seed,
+        "model": lm.name,
+        "device": str(lm.device),
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        "metric": sample.metric,
+        "answers": sample.answers,
+        "max_new_tokens": sample.max_new_tokens,
+        "meta": sample.meta,
+    }
+
+
+def with_full(methods: list[Method], include_full: bool) -> list[Method]:
+    """The methods, plus a full-cache reference (sharing each sample's prefill) unless one is there already."""
+    if include_full and any(m.compresses for m in methods) and not any(isinstance(m, Full) for m in methods):
+        return [*methods, Full()]
+    return list(methods)
+
+
+def iter_rows(
+    lm: LoadedModel,
+    work: Iterable[tuple[Sample, list[Job]]],
+    options: RunOptions,
+) -> Iterator[dict[str, Any]]:
+    """Run planned (sample, jobs) pairs lazily; yields one complete row (identity + measurements) per job."""
+    kernels = resolve_kernels(options.kernels, lm.device)
+    for sample, jobs in work:
+        for job, row in run_sample(
+            lm,
+            sample,
+            jobs,
+            options.compress,
+            options.seed,
+            options.fail_fast,
+            options.cache_dir,
+            kernels,
+            options.prefill_chunk,
+        ):
+            if row["status"] != "ok":
+                label = job.method.label()
+                log.warning("%s %s budget=%s failed: %s", sample.sample_id, label, job.budget, row["error"])
+            yield {**row_identity(job, sample, lm, options), **row}
+
+
+def evaluate(
+    model: str | Mapping[str, Any] | LoadedModel,
+    samples: Iterable[Sample],
+    methods: Iterable[Method | str] | Method | str,
+    budgets: Iterable[int | float | None] | int | float | None = None,
+    *,
+    include_full: bool = False,
+    compress: str = "prompt",
+    seed: int = 0,
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """Run every sample through one prefill and every method x budget; returns the rows as dicts.
+
+    `budgets`: KV entries per KV head per layer (int), a kept fraction (float in (0, 1)) or None (no
+    compression); several values sweep on copies of the same prefill. Other keyword arguments are
+    `RunOptions` fields (kernels, prefill_chunk, fail_fast, run_name, task_name, cache_dir).
+    """
+    lm = load_model(model)
+    if isinstance(methods, (str, Method)):
+        methods = [methods]
+    built = with_full([build_method(m) for m in methods], include_full)
+    if compress not in COMPRESS_MODES:
+        raise ValueError(f"unknown compress '{compress}'. Valid compress modes: {', '.join(COMPRESS_MODES)}.")
+    values = list(budgets) if isinstance(budgets, (list, tuple)) else [budgets]
+    parsed = tuple(dict.fromkeys(parse_budget(b) for b in values))
+    run_options = RunOptions(budgets=parsed, compress=compress, seed=seed, **options)
+    check_chunked_methods(run_options.prefill_chunk, built)
+    work = ((sample, plan(lm, sample, built, run_options)) for sample in samples)
+    return list(iter_rows(lm, work, run_options))
+
+
+def to_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """Rows as a DataFrame (one row per sample x method x budget, the sample's meta as `meta.<key>`)."""
+    return rows_frame(list(rows))
