@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -9,17 +10,20 @@ from pathlib import Path
 from typing import Any
 
 from kvbench.attention import KERNELS_ATTR
+from kvbench import fidelity
 from kvbench.budget import entries_for
 from kvbench.chunked import ChunkedPrefill, chunked_prefill, prefill_fields
 from kvbench.generation import Prefill, forward_tokens, greedy_decode, prefill
 from kvbench.measure import Stopwatch
 from kvbench.methods.base import CompressionContext, Method
+from kvbench.methods.full import Full
 from kvbench.models import LoadedModel
 from kvbench.prompt import Prompt, build_prompt
 from kvbench.sample import Sample
 from kvbench.tasks.metrics import score
 
 COMPRESS_MODES = ("prompt", "context")
+log = logging.getLogger("kvbench")
 
 
 @dataclass
@@ -126,6 +130,7 @@ def run_job(
     prefill_stats: Any = None,
     cache_dir: Path | None = None,
     kernels: str = "torch",
+    reference: fidelity.Reference | None = None,
 ) -> dict[str, Any]:
     chunked = isinstance(pre, ChunkedPrefill)  # compressed between chunks already; this job's own cache
     job_cache = compress_copy(
@@ -145,6 +150,7 @@ def run_job(
             logits = forward_tokens(lm, cache, tail)
         else:
             logits = pre.last_logits
+    kl_full = fidelity.kl_to_reference(lm, cache, logits, reference)  # on a copy, before decoding (not timed)
     stop_at_eos = not sample.meta.get("ignore_eos", False)
     stop_strings = sample.meta.get("stop") or []  # lm-eval's `until`: greedy decoding ends at a stop string
     stop = stop_on_strings(lm.tokenizer, stop_strings) if stop_strings else None
@@ -179,6 +185,7 @@ def run_job(
         "peak_mem_kind": stopwatch.memory_kind,
         "method_record": ctx.record or None,
         **prefill_fields(pre, split),
+        **fidelity.row_fields(reference, decoded.tokens, kl_full),
     }
 
 
@@ -201,6 +208,7 @@ def run_sample(
     stopwatch = Stopwatch(lm.device)
     setattr(lm.config, KERNELS_ATTR, kernels)  # decode steps use the Triton kernel when kernels == "triton"
     base = {"prompt_tokens": None, "compressed_tokens": None, "truncated_tokens": None}
+    pre: Prefill | None = None
     try:
         prompt = build_prompt(lm.tokenizer, sample, lm.max_context - sample.max_new_tokens)
         split = split_point(prompt, compress)
@@ -227,14 +235,28 @@ def run_sample(
         for job in jobs:
             yield job, {**base, **error_fields(err)}
         return
-    for job in jobs:
+    # Fidelity metrics compare every row with the full cache's continuation: the full job runs first and its
+    # output becomes the reference; without one in the sweep the reference is decoded once, before the first job.
+    reference_job = next((job for job in jobs if not job.method.compresses), None)
+    ordered = ([reference_job] if reference_job else []) + [job for job in jobs if job is not reference_job]
+    reference: fidelity.Reference | None = None
+    reference_tried = False
+    for job in ordered:
         try:
+            if not reference_tried and reference_job is None:
+                reference_tried = True
+                reference = reference_or_none(fail_fast, lm, sample, prompt, split, pre, stopwatch, None, prefill_chunk)
             stats = observers.get(id(job.method))
             if prefill_chunk is not None:
                 ids, method = prompt.input_ids[:split], job.method
                 pre = chunked_prefill(lm, ids, prefill_chunk, method, job.budget, stopwatch, seed, cache_dir, kernels)
                 stats = pre.prefill_stats
-            row = run_job(lm, sample, prompt, split, pre, job, seed, stopwatch, stats, cache_dir, kernels)
+            row = run_job(lm, sample, prompt, split, pre, job, seed, stopwatch, stats, cache_dir, kernels, reference)
+            if job is reference_job:
+                reference_tried = True
+                reference = reference_or_none(fail_fast, lm, sample, prompt, split, pre, stopwatch, row["output_ids"])
+                if reference is not None:
+                    row.update(fidelity.reference_row_fields(reference))
             if prefill_chunk is not None:
                 pre = stats = None  # free this job's cache before the next job prefills
         except Exception as err:
@@ -242,6 +264,45 @@ def run_sample(
                 raise
             row = error_fields(err)
         yield job, {**base, **row}
+
+
+def build_reference(
+    lm: LoadedModel,
+    sample: Sample,
+    prompt: Prompt,
+    split: int,
+    pre: Prefill | None,
+    stopwatch: Stopwatch,
+    tokens: list[int] | None = None,
+    prefill_chunk: int | None = None,
+) -> fidelity.Reference:
+    """This sample's full-cache reference (`kvbench.fidelity`). With `tokens`, the full job's output, from that
+    job's prefill `pre` (chunked: its own cache, which it no longer needs). Without, decoded once: from a copy of
+    the shared prefill, or in chunked mode from a chunked prefill of its own (a full cache, as the full job's)."""
+    tail = prompt.input_ids[split:]
+    if tokens is not None:
+        cache = pre.cache if isinstance(pre, ChunkedPrefill) else pre.cache.copy()
+        return fidelity.build_reference(lm, cache, split, tail, pre.last_logits, tokens, "full_row")
+    if prefill_chunk is not None:
+        pre = chunked_prefill(lm, prompt.input_ids[:split], prefill_chunk, Full(), None, stopwatch)
+        cache = pre.cache
+    else:
+        cache = pre.cache.copy()
+    stop_at_eos = not sample.meta.get("ignore_eos", False)
+    max_new = sample.max_new_tokens
+    return fidelity.decode_reference(lm, cache, split, tail, pre.last_logits, max_new, stop_at_eos, stopwatch)
+
+
+def reference_or_none(fail_fast: bool, *args: Any) -> fidelity.Reference | None:
+    """`build_reference(*args)`; one that cannot be built leaves the rows' fidelity fields null instead of failing
+    them (or raises with fail_fast)."""
+    try:
+        return build_reference(*args)
+    except Exception as err:
+        if fail_fast:
+            raise
+        log.warning("full-cache reference for the fidelity metrics failed (%s: %s)", type(err).__name__, err)
+        return None
 
 
 def error_fields(err: BaseException) -> dict[str, Any]:
