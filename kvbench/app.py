@@ -85,10 +85,10 @@ def run(cfg: Any) -> dict[str, Any]:
             bar.update(1)
 
     rows = store.latest_rows()
-    summary = summarize(rows)
+    summary = summarize(rows, settings.x_axis)
     store.write_text("summary.csv", summary.to_csv(index=False))
     frame = rows_frame(rows)
-    figures = accuracy_vs_budget(frame, settings.run_dir) + task.figures(frame, settings.run_dir)
+    figures = accuracy_vs_budget(frame, settings.run_dir, settings.x_axis) + task.figures(frame, settings.run_dir)
     table = format_table(summary)
     print(f"\nkvbench results: {settings.run_dir}\n{table}\n")
     return {"run_dir": settings.run_dir, "summary": summary, "figures": figures, "rows_run": total}

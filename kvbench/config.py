@@ -13,6 +13,7 @@ from kvbench.budget import parse_budget
 from kvbench.chunked import parse_prefill_chunk
 from kvbench.kernels.dispatch import KERNEL_MODES
 from kvbench.registry import UnknownNameError, unknown_name_message
+from kvbench.report import check_x_axis
 from kvbench.runner import COMPRESS_MODES
 from kvbench.tasks.base import as_list  # noqa: I001
 
@@ -37,6 +38,7 @@ class RunSettings:
     kernels: str
     threads: int | None
     prefill_chunk: int | None = None  # tokens per prefill chunk, compressing between chunks (None: one shot)
+    x_axis: str = "budget"  # summary order / accuracy figure x axis (kvbench.report.X_AXES)
 
 
 def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
@@ -90,6 +92,10 @@ def validate(cfg: Any) -> RunSettings:
     if max_samples is not None and (isinstance(max_samples, bool) or int(max_samples) < 1):
         raise ConfigError(f"max_samples must be a positive int or null, got {max_samples!r}")
     threads = cfg.get("threads")
+    try:
+        x_axis = check_x_axis(str(cfg.get("x_axis", "budget")))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return RunSettings(
         budgets=parse_budgets(cfg),
         compress=compress,
@@ -102,4 +108,5 @@ def validate(cfg: Any) -> RunSettings:
         kernels=kernels,
         threads=None if threads is None else int(threads),
         prefill_chunk=parse_prefill_chunk(cfg.get("prefill_chunk")),
+        x_axis=x_axis,
     )

@@ -11,7 +11,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 import pandas as pd  # noqa: E402
 
-from kvbench.report import rows_frame  # noqa: E402
+from kvbench.report import MB, check_x_axis, rows_frame  # noqa: E402
+
+BYTE_AXES = {"kv_mib": "KV cache (MiB, what the cache holds)", "bits_per_element": "bits per cached K/V element"}
 
 
 def save(fig: Any, out_dir: Path, stem: str) -> list[Path]:
@@ -28,13 +30,20 @@ def _ok(rows: Any) -> pd.DataFrame:
     return frame[frame["status"] == "ok"] if not frame.empty else frame
 
 
-def accuracy_vs_budget(rows: Any, out_dir: Path) -> list[Path]:
-    """Accuracy vs budget, one line per method (and compress mode); full-cache rows as dashed lines."""
+def accuracy_vs_budget(rows: Any, out_dir: Path, x_axis: str = "budget") -> list[Path]:
+    """Accuracy vs budget, one line per method (and compress mode); full-cache rows as dashed lines.
+
+    `x_axis="kv_mib"` or `"bits_per_element"` plots accuracy against the bytes the cache really holds instead
+    (`accuracy_vs_<x_axis>.png`), full-cache rows as points, so eviction and quantisation compare at equal bytes.
+    """
+    check_x_axis(x_axis)
     frame = _ok(rows)
     if not frame.empty:
         frame = frame[frame["score"].notna()]  # unscored rows (efficiency runs) have no accuracy
     if frame.empty:
         return []
+    if x_axis != "budget":
+        return accuracy_vs_bytes(frame, out_dir, x_axis)
     fig, ax = plt.subplots(figsize=(6, 4))
     compressed = frame[frame["budget"].notna()]
     series = list(compressed.groupby(["method_label", "compress"])) if not compressed.empty else []
@@ -55,6 +64,29 @@ def accuracy_vs_budget(rows: Any, out_dir: Path) -> list[Path]:
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title(", ".join(sorted(frame["task"].unique())))
     return save(fig, out_dir, "accuracy_vs_budget")
+
+
+def accuracy_vs_bytes(frame: pd.DataFrame, out_dir: Path, x_axis: str) -> list[Path]:
+    """One point per (method, compress, budget) at its mean bytes and accuracy, a line per method."""
+    frame = frame.copy()
+    frame["x"] = frame["kv_bytes"] / MB if x_axis == "kv_mib" else frame.get("bits_per_element", float("nan"))
+    frame = frame[frame["x"].notna()]  # rows written before bits_per_element existed
+    if frame.empty:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (label, compress), group in frame.groupby(["method_label", "compress"]):
+        points = group.groupby("budget_label").agg(x=("x", "mean"), y=("score", "mean")).sort_values("x")
+        full = group["budget"].isna().all()
+        style = {"marker": "s", "linestyle": "none"} if full else {"marker": "o"}
+        ax.plot(points["x"], points["y"], label=f"{label} ({compress})", **style)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(BYTE_AXES[x_axis])
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(", ".join(sorted(frame["task"].unique())))
+    return save(fig, out_dir, f"accuracy_vs_{x_axis}")
 
 
 def niah_heatmap(rows: Any, out_dir: Path) -> list[Path]:

@@ -1,4 +1,4 @@
-"""Rows -> summary table (method x budget -> accuracy, kept fraction, KV MB, latency)."""
+"""Rows -> summary table (method x budget -> accuracy, fidelity vs full, kept fraction, KV MB, latency)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,16 @@ from typing import Any
 import pandas as pd
 
 MB = 2**20
+# What the summary is ordered by within a method, and the accuracy figure's x axis: the nominal budget, or the
+# bytes the cache really holds (KV MiB or bits per cached element), so eviction and quantisation compare at
+# equal bytes.
+X_AXES = {"budget": "budget_sort", "kv_mib": "kv_mb", "bits_per_element": "bits_per_element"}
+
+
+def check_x_axis(x_axis: str) -> str:
+    if x_axis not in X_AXES:
+        raise ValueError(f"unknown x_axis '{x_axis}'. Valid x axes: {', '.join(X_AXES)}.")
+    return x_axis
 
 
 def rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -27,7 +37,9 @@ def budget_label(budget: Any) -> str:
     return str(budget)
 
 
-def summarize(rows: list[dict[str, Any]]) -> pd.DataFrame:
+def summarize(rows: list[dict[str, Any]], x_axis: str = "budget") -> pd.DataFrame:
+    """Mean metrics per (task, method, compress, budget); within a method ordered by `x_axis` (`X_AXES`)."""
+    check_x_axis(x_axis)
     frame = rows_frame(rows)
     if frame.empty:
         return frame
@@ -38,9 +50,16 @@ def summarize(rows: list[dict[str, Any]]) -> pd.DataFrame:
         if column in frame and frame[column].nunique() > 1:
             keys.insert(1, column)
     ok = frame[frame["ok"]]
+    # Rows from before a column existed (older runs) lack it; the summary then leaves it out.
+    optional = {
+        "token_match": ("token_match", "mean"),
+        "kl_full": ("kl_full", "mean"),
+        "bits_per_element": ("bits_per_element", "mean"),
+    }
     summary = ok.groupby(keys, dropna=False).agg(
         n=("score", "size"),
         accuracy=("score", "mean"),
+        **{name: spec for name, spec in optional.items() if spec[0] in ok},
         compressed=("compressed", "mean"),
         kept_fraction=("kept_fraction", "mean"),
         kv_mb=("kv_bytes", lambda s: s.mean() / MB),
@@ -54,11 +73,9 @@ def summarize(rows: list[dict[str, Any]]) -> pd.DataFrame:
     summary = summary.join(errors, how="outer").fillna({"errors": 0, "n": 0}).reset_index()
     summary["errors"] = summary["errors"].astype(int)
     summary["n"] = summary["n"].astype(int)
-    order = [
-        k
-        for k in ("task", "subtask", "method_label", "compress", "question_position", "prefill_mode", "budget_sort")
-        if k in keys
-    ]
+    groups = ("task", "subtask", "method_label", "compress", "question_position", "prefill_mode")
+    sort_by = X_AXES[x_axis] if X_AXES[x_axis] in summary else "budget_sort"
+    order = [k for k in groups if k in keys] + [sort_by]
     summary = summary.sort_values(order).drop(columns="budget_sort")
     return summary.rename(columns={"budget_label": "budget", "method_label": "method"}).reset_index(drop=True)
 
@@ -78,8 +95,11 @@ def format_table(summary: pd.DataFrame) -> str:
             "budget",
             "n",
             "accuracy",
+            "token_match",
+            "kl_full",
             "kept_fraction",
             "kv_mb",
+            "bits_per_element",
             "kv_mb_full",
             "ttft_s",
             "tpot_ms",

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvbench.attention import KERNELS_ATTR
 from kvbench import fidelity
+from kvbench.attention import KERNELS_ATTR
 from kvbench.budget import entries_for
 from kvbench.chunked import ChunkedPrefill, chunked_prefill, prefill_fields
 from kvbench.generation import Prefill, forward_tokens, greedy_decode, prefill

@@ -102,3 +102,34 @@ def test_a_reference_that_cannot_be_built_leaves_null_fields_not_error_rows(tiny
         assert all(row[field] is None for field in fidelity.FIELDS)
     with pytest.raises(RuntimeError, match="no reference"):
         rows_by_key(tiny_lm, sweep_jobs(), fail_fast=True)
+
+
+def composed(tmp_path, *overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from kvbench.config import CONF_DIR
+
+    base = ["model=tiny_random", "model.device=cpu", "progress=false", "task.lengths=[256]", "task.depths=[50]"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[*base, "task.max_new_tokens=4", f"results_dir={tmp_path}", *overrides])
+
+
+def test_summary_and_figure_on_a_bytes_axis(tmp_path):
+    from kvbench.app import run
+
+    result = run(composed(tmp_path, "budget=[64,16,32]", "x_axis=kv_mib"))
+    summary = result["summary"]
+    assert {"token_match", "kl_full"} <= set(summary.columns)
+    full = summary[summary["budget"] == "full"].iloc[0]
+    assert (full["token_match"], full["kl_full"]) == (1.0, 0.0)
+    snapkv = summary[summary["budget"] != "full"]
+    assert list(snapkv["kv_mb"]) == sorted(snapkv["kv_mb"])  # ordered by bytes within the method
+    assert list(snapkv["budget"]) == ["16", "32", "64"]
+    assert (result["run_dir"] / "accuracy_vs_kv_mib.png").exists()
+
+
+def test_bad_x_axis_is_one_line_before_model_work(tmp_path):
+    from kvbench.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="unknown x_axis 'bytes'. Valid x axes: budget, kv_mib, bits_per_element"):
+        validate(composed(tmp_path, "x_axis=bytes"))
