@@ -21,6 +21,7 @@ Every row then records
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,10 +146,11 @@ def decode_reference(
     prefix_logits: torch.Tensor,
     max_new_tokens: int,
     stop_at_eos: bool,
+    stop: Callable[[list[int]], bool] | None,
     stopwatch: Stopwatch,
 ) -> Reference:
     """Decode the full cache's greedy continuation (no `full` job in the sweep), then build its reference.
     `cache` is a full cache of the `prefix_len` prefilled tokens that this function may modify."""
     first = forward_tokens(lm, cache, tail) if tail else prefix_logits
-    decoded = greedy_decode(lm, cache, first, max_new_tokens, lambda num_new: None, stopwatch, stop_at_eos)
+    decoded = greedy_decode(lm, cache, first, max_new_tokens, lambda num_new: None, stopwatch, stop_at_eos, stop)
     return build_reference(lm, cache, prefix_len, tail, prefix_logits, decoded.tokens, "decoded")

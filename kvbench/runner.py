@@ -111,6 +111,13 @@ def stop_on_strings(tokenizer: Any, strings: list[str]) -> Any:
     return stop
 
 
+def stop_rule(lm: LoadedModel, sample: Sample) -> tuple[bool, Any, list[str]]:
+    """How greedy decoding of `sample` ends: (stop at EOS, stop test or None, stop strings)."""
+    stop_at_eos = not sample.meta.get("ignore_eos", False)
+    stop_strings = sample.meta.get("stop") or []  # lm-eval's `until`: greedy decoding ends at a stop string
+    return stop_at_eos, (stop_on_strings(lm.tokenizer, stop_strings) if stop_strings else None), stop_strings
+
+
 def cut_at_stop(text: str, strings: list[str]) -> str:
     """The text before the first stop string (lm-eval's `until` convention)."""
     for s in strings:
@@ -151,9 +158,7 @@ def run_job(
         else:
             logits = pre.last_logits
     kl_full = fidelity.kl_to_reference(lm, cache, logits, reference)  # on a copy, before decoding (not timed)
-    stop_at_eos = not sample.meta.get("ignore_eos", False)
-    stop_strings = sample.meta.get("stop") or []  # lm-eval's `until`: greedy decoding ends at a stop string
-    stop = stop_on_strings(lm.tokenizer, stop_strings) if stop_strings else None
+    stop_at_eos, stop, stop_strings = stop_rule(lm, sample)
     decoded = greedy_decode(lm, cache, logits, sample.max_new_tokens, before_forward, stopwatch, stop_at_eos, stop)
     prediction = cut_at_stop(lm.tokenizer.decode(decoded.tokens, skip_special_tokens=True), stop_strings)
     compress_s = compress_phase.seconds + (pre.compress_seconds if chunked else 0.0)  # chunked: between chunks too
@@ -288,9 +293,9 @@ def build_reference(
         cache = pre.cache
     else:
         cache = pre.cache.copy()
-    stop_at_eos = not sample.meta.get("ignore_eos", False)
+    stop_at_eos, stop, _ = stop_rule(lm, sample)
     max_new = sample.max_new_tokens
-    return fidelity.decode_reference(lm, cache, split, tail, pre.last_logits, max_new, stop_at_eos, stopwatch)
+    return fidelity.decode_reference(lm, cache, split, tail, pre.last_logits, max_new, stop_at_eos, stop, stopwatch)
 
 
 def reference_or_none(fail_fast: bool, *args: Any) -> fidelity.Reference | None:
