@@ -21,7 +21,7 @@ from kvbench.methods.hierarchical import COUNT, LEVEL, PopularityTracker, level_
 from kvbench.methods.kvzip import FIRST_REPEAT_PROMPT, NEXT_REPEAT_PROMPT, chat_template_parts, global_topk_mask
 from kvbench.methods.razor import compress_layer
 from kvbench.methods.scoring import aggregate_gqa, window_attention
-from kvbench.methods.streamingllm import rope_inv_freq, rotate_keys
+from kvbench.rope import rope_inv_freq, rotate_keys
 from kvbench.runner import Job, run_sample
 from tests.helpers import needle_sample
 

@@ -13,7 +13,7 @@ from kvbench.cache import KVCache, KVLayer
 from kvbench.methods import METHODS, build_method
 from kvbench.methods.base import CompressionContext
 from kvbench.methods.scoring import pyramid_layer_budgets
-from kvbench.methods.streamingllm import rope_inv_freq, rotate_keys
+from kvbench.rope import rope_inv_freq, rotate_keys
 from kvbench.runner import Job, run_sample
 from tests.helpers import needle_sample
 

@@ -17,9 +17,10 @@ from kvbench.measure import Stopwatch
 from kvbench.methods import build_method
 from kvbench.methods.base import CompressionContext
 from kvbench.methods.decode_budget import RecentQueries
-from kvbench.methods.expected_attention import QueryStatistics, rotary_embedding, unrotate
+from kvbench.methods.expected_attention import QueryStatistics
 from kvbench.methods.h2o import H2O_SCORE, DecodeAccumulator, accumulated_attention
 from kvbench.methods.tova import LastQueryEvictor
+from kvbench.rope import rotary_embedding, unrotate
 from kvbench.runner import Job, run_sample
 from kvbench.sample import Sample
 

@@ -9,7 +9,7 @@ from kvbench.generation import forward_tokens
 from kvbench.methods.base import CompressionContext, LayerScores, register_method
 from kvbench.methods.scoring import SweepShared, aggregate_gqa, pool_scores, shared_slot, window_attention
 from kvbench.methods.snapkv import SnapKV
-from kvbench.methods.streamingllm import rope_inv_freq, rotate_keys
+from kvbench.rope import rope_inv_freq, rotate_keys
 
 PSEUDO_MODES = ("forward", "rotate")
 PSEUDO_EXTRA = "dapq_pseudo_attention"

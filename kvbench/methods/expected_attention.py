@@ -7,31 +7,7 @@ import torch
 
 from kvbench.cache import PAD_POSITION, KVLayer
 from kvbench.methods.base import CompressionContext, LayerScores, ScoringMethod, register_method
-
-
-def rotary_embedding(model: torch.nn.Module) -> torch.nn.Module:
-    """The model's rotary embedding module (`forward(x, position_ids) -> (cos, sin)`, HF rotate-half layout)."""
-    for module in model.modules():
-        if isinstance(getattr(module, "inv_freq", None), torch.Tensor):
-            return module
-    raise ValueError("expected_attention needs a RoPE model (no rotary embedding module with inv_freq found)")
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
-def unrotate(query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Invert RoPE on `query [..., q, d]` given the cos/sin `[q, r]` it was rotated with (r <= d rotary dims).
-
-    Each rotated pair is (c, -s; s, c) times the rotation, possibly scaled (attention_scaling), so its inverse is
-    the transpose divided by c^2 + s^2.
-    """
-    rotary_dims = cos.shape[-1]
-    rotated, passed = query[..., :rotary_dims], query[..., rotary_dims:]
-    original = (rotated * cos - rotate_half(rotated) * sin) / (cos * cos + sin * sin)
-    return torch.cat([original, passed], dim=-1)
+from kvbench.rope import rope_cos_sin, rotary_embedding, unrotate
 
 
 def average_rotation(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -66,9 +42,7 @@ class QueryStatistics:
 
     def rope(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin `[n, r]` (fp32) of the model's RoPE at `positions`."""
-        probe = torch.zeros(1, dtype=torch.float32, device=device)
-        cos, sin = self.rotary(probe, positions.to(device)[None])
-        return cos[0].float(), sin[0].float()
+        return rope_cos_sin(self.rotary, positions.to(device))
 
     def on_attention(self, layer_idx, query, layer, query_positions, scaling) -> None:
         if self.rotary is None:

@@ -8,24 +8,7 @@ import torch
 from kvbench.cache import KVCache
 from kvbench.methods.base import CompressionContext, Method, register_method
 from kvbench.methods.window import keep_recent
-
-
-def rope_inv_freq(model: torch.nn.Module) -> torch.Tensor:
-    for module in model.modules():
-        inv_freq = getattr(module, "inv_freq", None)
-        if isinstance(inv_freq, torch.Tensor):
-            return inv_freq
-    raise ValueError("streamingllm rerotate=true needs a RoPE model (no module with inv_freq found)")
-
-
-def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Move post-RoPE keys `[1, Hkv, L, d]` by `delta` positions `[Hkv, L]` (HF rotate-half layout)."""
-    angles = delta.to(torch.float32)[..., None] * inv_freq.to(keys.device, torch.float32)
-    angles = torch.cat([angles, angles], dim=-1)[None]
-    k = keys.float()
-    half = k.shape[-1] // 2
-    rotated_half = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
-    return (k * angles.cos() + rotated_half * angles.sin()).to(keys.dtype)
+from kvbench.rope import rope_inv_freq, rotate_keys
 
 
 @register_method("streamingllm")
