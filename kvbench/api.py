@@ -153,7 +153,7 @@ def plan(lm: LoadedModel, sample: Sample, methods: list[Method], options: RunOpt
         params = method.params()
         if options.prefill_chunk is not None:  # a chunked prefill is another row (one-shot keys unchanged)
             params = {**params, "prefill_chunk": options.prefill_chunk}
-        for budget in options.budgets if method.compresses else (None,):
+        for budget in options.budgets if method.compresses and method.takes_budget else (None,):
             fingerprint = sample.fingerprint()
             key = row_key(lm.identity, method.name, params, budget, options.compress, fingerprint, options.seed)
             jobs.append(Job(method=method, budget=budget, key=key))
@@ -183,6 +183,13 @@ def row_identity(job: Job, sample: Sample, lm: LoadedModel, options: RunOptions)
         "max_new_tokens": sample.max_new_tokens,
         "meta": sample.meta,
     }
+
+
+def check_model(lm: LoadedModel, methods: Iterable[Method]) -> None:
+    """Model-dependent parameter checks (e.g. quantisation groups must divide the head dim), before any forward."""
+    for method in methods:
+        if hasattr(method, "check_model"):
+            method.check_model(lm.config)
 
 
 def with_full(methods: list[Method], include_full: bool) -> list[Method]:
@@ -238,6 +245,7 @@ def evaluate(
     if isinstance(methods, (str, Method)):
         methods = [methods]
     built = with_full([build_method(m) for m in methods], include_full)
+    check_model(lm, built)
     if compress not in COMPRESS_MODES:
         raise ValueError(f"unknown compress '{compress}'. Valid compress modes: {', '.join(COMPRESS_MODES)}.")
     values = list(budgets) if isinstance(budgets, (list, tuple)) else [budgets]

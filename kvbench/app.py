@@ -42,6 +42,7 @@ def run(cfg: Any) -> dict[str, Any]:
     check_chunked_methods(settings.prefill_chunk, [method])
     task = build_task(cfg.task)
     lm = load_model(cfg.model)
+    api.check_model(lm, [method])
     kernels = resolve_kernels(settings.kernels, lm.device)
     methods = api.with_full([method], settings.include_full)
     options = api.RunOptions(

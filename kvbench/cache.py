@@ -54,14 +54,17 @@ class KVLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        num_heads = key_states.shape[1]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
+        self.append_slot_state(positions, key_states.shape[-2])
+        return self.keys, self.values
+
+    def append_slot_state(self, positions: torch.Tensor, num_new: int) -> None:
+        """Positions (and zeroed extras) of `num_new` appended slots; storage subclasses share it."""
+        num_heads = self.positions.shape[0]
         self.positions = torch.cat([self.positions, positions.to(self.device).expand(num_heads, -1)], dim=1)
         for name, state in self.extras.items():
-            fresh = state.new_zeros((state.shape[0], key_states.shape[-2]))
-            self.extras[name] = torch.cat([state, fresh], dim=1)
-        return self.keys, self.values
+            self.extras[name] = torch.cat([state, state.new_zeros((state.shape[0], num_new))], dim=1)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0

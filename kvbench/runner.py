@@ -51,7 +51,7 @@ class JobCache:
     ctx: CompressionContext
     method: Method
     entries: int | None  # the budget in KV entries per KV head per layer for this prompt (None: keep all)
-    applies: bool  # the method acts on this cache (it compresses and a budget is set)
+    applies: bool  # the method acts on this cache (it compresses and a budget is set, or it takes no budget)
     compressed: bool  # entries < prompt length: eviction ran
     phase: Any  # the stopwatch phase of setup + compression
 
@@ -78,8 +78,9 @@ def compress_copy(
     cache = pre.cache.copy() if copy else pre.cache
     split = len(input_ids)
     entries = entries_for(job.budget, split)
-    applies = job.method.compresses and entries is not None
-    compressed = applies and entries < split
+    # A method that takes no budget (a quantiser alone) applies to every prompt with budget null.
+    applies = job.method.compresses and (entries is not None or not job.method.takes_budget)
+    compressed = applies and entries is not None and entries < split
     ctx = CompressionContext.for_prompt(
         lm,
         entries if entries is not None else split,
@@ -96,6 +97,8 @@ def compress_copy(
             job.method.setup(cache, ctx)
         if compressed and copy:
             job.method.compress(cache, ctx)
+        if applies:
+            job.method.after_compress(cache, ctx)
     return JobCache(cache, ctx, job.method, entries, applies, compressed, phase)
 
 
@@ -163,6 +166,7 @@ def run_job(
     prediction = cut_at_stop(lm.tokenizer.decode(decoded.tokens, skip_special_tokens=True), stop_strings)
     compress_s = compress_phase.seconds + (pre.compress_seconds if chunked else 0.0)  # chunked: between chunks too
     layers, heads = config.num_hidden_layers, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return {
         "status": "ok",
         "compressed": compressed,
@@ -172,6 +176,9 @@ def run_job(
         "kept_fraction": kept_entries / (split * layers * heads),
         "kv_bytes": kv_bytes,
         "kv_bytes_logical": kv_bytes_logical,
+        # Bits held per element of the uncompressed prompt cache (2 L Hkv T d elements): eviction and quantisation
+        # compare at equal bytes (16 for a full fp16/bf16 cache, 32 for fp32).
+        "bits_per_element": 8 * kv_bytes / (2 * layers * heads * split * head_dim),
         "kv_bytes_full": pre.kv_bytes_full if chunked else pre.cache.kv_bytes(),
         "kv_bytes_final": cache.kv_bytes(),
         "max_layer_len_decode": decoded.max_layer_len,

@@ -10,7 +10,8 @@ Life cycle for one sample:
      gets the LoadedModel before the prefill (e.g. to read the model's RoPE).
 For each budget of the sweep, on a fresh copy of the prefilled cache:
   1. `setup(cache, ctx)`: attach decode-time observers or per-slot state (`layer.extras`);
-  2. `compress(cache, ctx)` once (skipped when the prompt fits the budget);
+  2. `compress(cache, ctx)` once (skipped when the prompt fits the budget), then `after_compress(cache, ctx)`
+     (always; quantised storage packs the kept slots there);
   3. `before_forward(cache, ctx, num_new)` before every later forward (question tail, each decode step):
      decode-time methods evict there so the cache stays within budget.
 Methods may write numbers worth keeping (e.g. level sizes over time) into `ctx.record`; they land in the
@@ -84,6 +85,8 @@ class Method:
     compresses: ClassVar[bool] = True
     # Whether `compress` may run after every prefill chunk (declared per class, see the module docstring).
     supports_chunked_prefill: ClassVar[bool] = False
+    # Whether the method takes part in budget sweeps (quantisers without an eviction base keep every token).
+    takes_budget: ClassVar[bool] = True
 
     def window_queries_needed(self) -> int:
         """How many trailing prompt queries per layer `compress` needs (recorded during the one prefill)."""
@@ -103,6 +106,10 @@ class Method:
 
     def compress(self, cache: KVCache, ctx: CompressionContext) -> None:
         """Evict at the end of prefill so each layer holds its budget. Default: nothing to do."""
+
+    def after_compress(self, cache: KVCache, ctx: CompressionContext) -> None:
+        """Called after `compress` (also when the prompt fit the budget), e.g. to store the kept slots quantised
+        (`kvbench.quant`). Default: nothing."""
 
     def before_forward(self, cache: KVCache, ctx: CompressionContext, num_new: int) -> None:
         """Called before each forward after compression. Default: the cache only grows."""

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvbench.methods.base import register_method
+from kvbench.quant.codecs import TensorCodec, UniformCodec
+from kvbench.quant.method import QuantizedMethod
+
+
+@register_method("rtn")
+@dataclass
+class RTN(QuantizedMethod):
+    """Plain per-token round-to-nearest KV quantisation: the baseline every quantiser is compared with (KIVI's
+    "per-token keys" ablation, the fake-quant setting of many harnesses, here with packed storage).
+
+    Keys and values alike: asymmetric uniform codes per slot in groups of `group_size` consecutive channels, one
+    fp16 scale and minimum per group; the newest `residual_length` slots stay fp (0: every slot is quantised as
+    soon as it is cached, including the prompt's last tokens).
+
+    Hyperparameters: k_bits=4, v_bits=4, group_size=32, residual_length=0. Bits in {2, 3, 4, 8, 16} (16: that
+    tensor unquantised); group_size must divide the head dim. `base` / `base_params`: an eviction method whose
+    kept slots are stored this way (`kvbench.quant.method`).
+    """
+
+    k_bits: int = 4
+    v_bits: int = 4
+    group_size: int = 32
+    residual_length: int = 0
+
+    def codec(self) -> UniformCodec:
+        return UniformCodec(
+            keys=TensorCodec(self.k_bits, self.group_size, "channel", "sliding", self.residual_length),
+            values=TensorCodec(self.v_bits, self.group_size, "channel", "sliding", self.residual_length),
+        )
