@@ -94,12 +94,25 @@ def decode_step_triton(
     """
     from kvbench.kernels.decode_attention import decode_attention_triton
 
-    valid = bias = None
-    if mask is not None:
-        rows = mask[0, :, 0].expand(key.shape[1], -1)
-        valid, bias = (rows, None) if mask.dtype == torch.bool else (None, rows)
+    valid, bias = decode_mask_rows(mask, key.shape[1])
     out = decode_attention_triton(query[0, :, 0], key[0], value[0], scaling, valid=valid, bias=bias)
     return out[None, :, None]
+
+
+def decode_mask_rows(mask: torch.Tensor | None, num_kv_heads: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A one-query mask (`[1, Hkv or 1, 1, L]`) as the decode kernels' `valid` (boolean) or `bias` (additive)."""
+    if mask is None:
+        return None, None
+    rows = mask[0, :, 0].expand(num_kv_heads, -1)
+    return (rows, None) if mask.dtype == torch.bool else (None, rows)
+
+
+def decode_step_packed(query: torch.Tensor, layer: KVLayer, operands: tuple, mask: torch.Tensor | None, scaling: float):
+    """One query token over a quantised layer's packed codes (`kvbench.kernels.packed_decode`), `[1, H, 1, d]`."""
+    from kvbench.kernels.packed_decode import packed_decode_attention_triton
+
+    valid, bias = decode_mask_rows(mask, layer.num_heads)
+    return packed_decode_attention_triton(query[0, :, 0], operands, scaling, valid=valid, bias=bias)[None, :, None]
 
 
 def kvbench_attention(
@@ -126,7 +139,14 @@ def kvbench_attention(
 
     layer = cache.layers[module.layer_idx]
     mask, is_causal = layer.attention_mask(cache.step_positions)
-    if query.shape[2] == 1 and getattr(module.config, KERNELS_ATTR, "torch") == "triton":
+    triton_step = query.shape[2] == 1 and getattr(module.config, KERNELS_ATTR, "torch") == "triton"
+    # Quantised layers (kvbench.quant) with one packed segment + fp tail per tensor: the kernel reads the codes.
+    packed = layer.packed_operands() if triton_step and hasattr(layer, "packed_operands") else None
+    if packed is None and key.shape[-2] != layer.get_seq_length():
+        key, value = layer.keys, layer.values  # a packed-decode layer returned no K/V: read them dequantised
+    if packed is not None:
+        out = decode_step_packed(query, layer, packed, mask, scaling)
+    elif triton_step:
         out = decode_step_triton(query, key, value, mask, scaling)
     else:
         out = attend(query, key, value, mask, is_causal, scaling, backend)

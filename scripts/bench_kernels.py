@@ -1,6 +1,7 @@
 """Time kvbench's kernels against their torch references and print one table.
 
-    python scripts/bench_kernels.py            # CUDA: window scores at T = 4K/32K/128K, decode at 4K/32K/128K
+    python scripts/bench_kernels.py            # CUDA: window scores at T = 4K/32K/128K, decode at 4K/32K/128K,
+                                               # decode over KIVI-2/4 packed codes at 4K/32K/128K
     python scripts/bench_kernels.py --smoke    # CPU (Triton interpreted): small sizes, checks that all runs
     python scripts/bench_kernels.py --sweep    # CUDA: also try block sizes / warps / splits for the kernels
 
@@ -48,7 +49,9 @@ if DEVICE.type == "cpu":
 
 from kvbench.kernels import triton_available  # noqa: E402
 from kvbench.kernels.decode_attention import decode_attention_torch, decode_attention_triton  # noqa: E402
+from kvbench.kernels.packed_decode import packed_decode_attention_torch, packed_decode_attention_triton  # noqa: E402
 from kvbench.kernels.window_scores import window_scores_torch, window_scores_triton  # noqa: E402
+from kvbench.quant.segments import UniformSegment  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KIB = 1024
@@ -315,6 +318,53 @@ def bench_decode(table: Table, dtype: torch.dtype, kept: list[int], full: list[i
                         )
 
 
+def packed_sets(slots: int, bits: int, dtype: torch.dtype):
+    """KIVI-style operands: keys per channel / values per token in groups of 32, fp tails of 64 keys, 128 values."""
+    heads, kv_heads, dim = ARGS.heads, ARGS.kv_heads, ARGS.head_dim
+    k_tail, v_tail = 64, 128
+    sets = []
+    for _ in range(copies_needed(2 * kv_heads * slots * dim * bits // 8)):
+        keys = torch.randn(kv_heads, slots, dim, device=DEVICE, dtype=dtype)
+        values = torch.randn(kv_heads, slots, dim, device=DEVICE, dtype=dtype)
+        kq = UniformSegment.encode(keys[:, : slots - k_tail], bits, 32, "token")
+        vq = UniformSegment.encode(values[:, : slots - v_tail], bits, 32, "channel")
+        operands = (kq, keys[:, slots - k_tail :].clone(), vq, values[:, slots - v_tail :].clone())
+        sets.append((torch.randn(heads, dim, device=DEVICE, dtype=dtype), operands, dim**-0.5))
+    return sets
+
+
+def packed_bytes(operands, query: torch.Tensor) -> int:
+    """Codes + scales + zeros + fp tails read, query read and output written once."""
+    kq, kf, vq, vf = operands
+    held = kq.nbytes() + vq.nbytes() + kf.numel() * kf.element_size() + vf.numel() * vf.element_size()
+    return held + 2 * query.numel() * query.element_size()
+
+
+def bench_packed_decode(table: Table, dtype: torch.dtype, lengths: list[int]) -> None:
+    """Decode over KIVI-packed codes: the Triton kernel dequantises in registers (bytes moved = the packed cache);
+    the torch reference dequantises to fp32 first. `speedup` is relative to the fp decode kernel (triton, or the
+    torch reference without Triton) over the same slots stored in `dtype`."""
+    heads, kv_heads, dim = ARGS.heads, ARGS.kv_heads, ARGS.head_dim
+    for slots in lengths:
+        dense = decode_sets(slots, None, dtype)
+        fp_impl = decode_attention_triton if triton_available() else decode_attention_torch
+        fp_ms = median_ms(rotating(fp_impl, dense), ARGS.warmup, ARGS.repeats)
+        for bits in (2, 4):
+            sets = packed_sets(slots, bits, dtype)
+            shape = f"H{heads}/{kv_heads} L{tokens(slots)} d{dim} kivi-{bits}"
+            nbytes = packed_bytes(sets[0][1], sets[0][0])
+            ref_step = rotating(packed_decode_attention_torch, sets)
+            ref = ref_step(0)
+            ref_ms = median_ms(ref_step, ARGS.warmup, ARGS.repeats)
+            table.add("packed_decode", shape, "torch", ref_ms, fp_ms, nbytes, extra_memory_mb(ref_step))
+            if not triton_available():
+                continue
+            step = rotating(packed_decode_attention_triton, sets)
+            err = relative_error(step(0), ref)
+            ms = median_ms(step, ARGS.warmup, ARGS.repeats)
+            table.add("packed_decode", shape, "triton", ms, fp_ms, nbytes, extra_memory_mb(step), err)
+
+
 def main() -> None:
     dtype = DTYPES[ARGS.dtype] if ARGS.dtype else (torch.bfloat16 if DEVICE.type == "cuda" else torch.float32)
     if ARGS.smoke:
@@ -337,6 +387,7 @@ def main() -> None:
     bench_window_scores(table, dtype, window_lengths)
     summary: list[str] = []
     bench_decode(table, dtype, kept, full, summary)
+    bench_packed_decode(table, dtype, kept)
     table.print()
     print("\n" + "\n".join(summary))
     if ARGS.csv:
