@@ -44,7 +44,12 @@ def cli(tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.CompletedP
 
 
 # The tiny model's head dim is 16: quantisers' default groups of 32 channels are rejected there (test_quant).
-TINY_METHOD_OVERRIDES = {"kivi": ["method.group_size=16", "method.residual_length=32"], "rtn": ["method.group_size=16"]}
+TINY_METHOD_OVERRIDES = {
+    "kivi": ["method.group_size=16", "method.residual_length=32"],
+    "rtn": ["method.group_size=16"],
+    "gear": ["method.group_size=16", "method.streaming_gap=32"],
+    "rotatekv": ["method.group_size=16", "method.calibration_tokens=256"],
+}
 
 
 @pytest.mark.parametrize("method", group_options("method"))
