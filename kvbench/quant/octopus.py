@@ -29,7 +29,7 @@ from kvbench.quant.transforms import check_power_of_two, hadamard, octahedral_de
 
 OCTOPUS_BITS = (2, 3, 4)
 STREAM_BITS = (2, 3, 4)  # packable widths a split may use
-SAMPLES = 20000
+SAMPLES = 8192
 LLOYD_ITERATIONS = 40
 
 
@@ -84,13 +84,6 @@ class Codebooks:
     rest_bits: int
 
 
-def fit(samples: torch.Tensor, split: tuple[int, int, int], bits: int) -> Codebooks:
-    ab, r, rest = split_parts(samples)
-    rest_book = lloyd_max(rest, bits) if rest.numel() else torch.zeros(2**bits, dtype=torch.float64)
-    return Codebooks(split, lloyd_max(ab[..., 0], split[0]), lloyd_max(ab[..., 1], split[1]),
-                     lloyd_max(r, split[2]), rest_book, bits)  # fmt: skip
-
-
 def reconstruct(u: torch.Tensor, books: Codebooks) -> torch.Tensor:
     ab, r, rest = split_parts(u)
     q = (
@@ -106,13 +99,19 @@ def reconstruct(u: torch.Tensor, books: Codebooks) -> torch.Tensor:
 def codebooks(head_dim: int, bits: int) -> Codebooks:
     """Codebooks and bit split for unit vectors of `head_dim` at `bits` per element (deterministic; cached)."""
     samples = rotated_unit_samples(head_dim)
-    splits = [s for s in itertools.product(STREAM_BITS, repeat=3) if sum(s) == 3 * bits]
+    ab, r, rest = split_parts(samples)
+    splits = [split for split in itertools.product(STREAM_BITS, repeat=3) if sum(split) == 3 * bits]
+    books = {  # one Lloyd-Max fit per stream and width, shared by the candidate splits
+        name: {width: lloyd_max(values, width) for width in {split[i] for split in splits}}
+        for i, (name, values) in enumerate((("a", ab[..., 0]), ("b", ab[..., 1]), ("r", r)))
+    }
+    rest_book = lloyd_max(rest, bits) if rest.numel() else torch.zeros(2**bits, dtype=torch.float64)
     best, best_mse = None, float("inf")
     for split in splits:
-        books = fit(samples, split, bits)
-        mse = float((reconstruct(samples, books) - samples).pow(2).sum(dim=-1).mean())
+        candidate = Codebooks(split, books["a"][split[0]], books["b"][split[1]], books["r"][split[2]], rest_book, bits)
+        mse = float((reconstruct(samples, candidate) - samples).pow(2).sum(dim=-1).mean())
         if mse < best_mse:
-            best, best_mse = books, mse
+            best, best_mse = candidate, mse
     return best
 
 
