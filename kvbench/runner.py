@@ -72,10 +72,13 @@ def compress_copy(
     cache_dir: Path | None = None,
     kernels: str = "torch",
     copy: bool = True,
+    reserve: int = 0,
 ) -> JobCache:
     """A copy of the prefilled cache of `input_ids` (the compressed segment), set up and compressed by the
-    job's method at the job's budget. `copy=False`: the prefill's own cache (a chunked prefill is per job)."""
+    job's method at the job's budget. `copy=False`: the prefill's own cache (a chunked prefill is per job).
+    `reserve`: tokens the caller will append afterwards (tail + decode), reserved once (`KVCache.reserve`)."""
     cache = pre.cache.copy() if copy else pre.cache
+    cache.reserve(reserve)
     split = len(input_ids)
     entries = entries_for(job.budget, split)
     # A method that takes no budget (a quantiser alone) applies to every prompt with budget null.
@@ -143,8 +146,21 @@ def run_job(
     reference: fidelity.Reference | None = None,
 ) -> dict[str, Any]:
     chunked = isinstance(pre, ChunkedPrefill)  # compressed between chunks already; this job's own cache
+    tail = prompt.input_ids[split:]
+    # The tail and every decode forward append to the cache: room for them is made once (by the compression's
+    # compaction, or by the first append of an uncompressed copy), so a decode step writes one slot.
     job_cache = compress_copy(
-        lm, pre, job, prompt.input_ids[:split], seed, stopwatch, prefill_stats, cache_dir, kernels, copy=not chunked
+        lm,
+        pre,
+        job,
+        prompt.input_ids[:split],
+        seed,
+        stopwatch,
+        prefill_stats,
+        cache_dir,
+        kernels,
+        copy=not chunked,
+        reserve=len(tail) + max(sample.max_new_tokens - 1, 0),
     )
     cache, ctx, compressed, entries = job_cache.cache, job_cache.ctx, job_cache.compressed, job_cache.entries
     compress_phase, before_forward = job_cache.phase, job_cache.before_forward
@@ -153,7 +169,6 @@ def run_job(
     kept_entries = sum(sum(heads) for heads in kept)
     kv_bytes, kv_bytes_logical = cache.kv_bytes(), cache.logical_kv_bytes()
 
-    tail = prompt.input_ids[split:]
     with stopwatch.phase("tail") as tail_phase:
         if tail:
             before_forward(len(tail))
@@ -181,6 +196,7 @@ def run_job(
         "bits_per_element": 8 * kv_bytes / (2 * layers * heads * split * head_dim),
         "kv_bytes_full": pre.kv_bytes_full if chunked else pre.cache.kv_bytes(),
         "kv_bytes_final": cache.kv_bytes(),
+        "kv_bytes_reserved": cache.reserved_kv_bytes(),  # held + capacity reserved for appends, at the end
         "max_layer_len_decode": decoded.max_layer_len,
         "prefill_s": pre.seconds,
         "compress_s": compress_s,

@@ -34,7 +34,9 @@ class QuantKVLayer(KVLayer):
     def from_layer(cls, layer: KVLayer, codec: UniformCodec, packed_decode: bool = False) -> QuantKVLayer:
         """Take over a plain layer's slots (positions, extras, flags) and encode its K/V with `codec`."""
         new = cls(codec)
-        new.__dict__.update({name: value for name, value in vars(layer).items() if name not in ("keys", "values")})
+        # Everything but the plain layer's fp K/V buffers (the stores replace them; keeping them would hold memory).
+        skip = ("keys", "values", "_key_buf", "_value_buf")
+        new.__dict__.update({name: value for name, value in vars(layer).items() if name not in skip})
         new.kstore, new.vstore = SegmentStore.of(layer.keys[0]), SegmentStore.of(layer.values[0])
         new.packed_decode = packed_decode
         codec.apply(new.kstore, new.vstore)
@@ -73,6 +75,12 @@ class QuantKVLayer(KVLayer):
         super().keep(indices, valid)  # gathers the dequantised K/V into fp stores
         self.codec.apply(self.kstore, self.vstore)
 
+    def _set_storage(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """After `keep`: the held slots of the gathered K/V become fp stores (re-encoded by `keep`)."""
+        length = self._length
+        self.kstore, self.vstore = SegmentStore.of(keys[0, :, :length]), SegmentStore.of(values[0, :, :length])
+        self._position_buf, self._shared = positions, False
+
     def get_seq_length(self) -> int:
         return 0 if self.positions is None else self.positions.shape[1]
 
@@ -82,6 +90,9 @@ class QuantKVLayer(KVLayer):
 
     def nbytes(self) -> int:
         return self.kstore.nbytes() + self.vstore.nbytes()
+
+    def reserved_nbytes(self) -> int:
+        return self.nbytes()  # the stores hold no capacity ahead of their length
 
     def logical_nbytes(self) -> int:
         """The kept (non-padding) slots' share of `nbytes`."""

@@ -230,7 +230,8 @@ class RotatedKVLayer(QuantKVLayer):
     @classmethod
     def from_layer(cls, layer: KVLayer, codec: RotatedCodec, rotary: torch.nn.Module) -> RotatedKVLayer:
         new = cls(codec, rotary)
-        new.__dict__.update({name: value for name, value in vars(layer).items() if name not in ("keys", "values")})
+        skip = ("keys", "values", "_key_buf", "_value_buf")  # the stores replace the plain layer's fp K/V buffers
+        new.__dict__.update({name: value for name, value in vars(layer).items() if name not in skip})
         new.packed_decode = False
         new.codec, new.rotary = codec, rotary
         new._store(layer.keys[0], layer.values[0])
@@ -288,7 +289,7 @@ class RotatedKVLayer(QuantKVLayer):
         plain.__dict__.update({name: value for name, value in vars(self).items() if name not in own})
         plain.keys, plain.values = self.materialized_keys()[None], self.vstore.materialize(self.dtype)[None]
         plain.keep(indices, valid)
-        for name in ("positions", "extras", "evicted", "per_head", "padded"):
+        for name in ("_length", "positions", "extras", "evicted", "per_head", "padded"):  # the length first
             setattr(self, name, getattr(plain, name))
         self._store(plain.keys[0], plain.values[0])
 
