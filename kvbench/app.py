@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -21,7 +23,8 @@ from kvbench.models import load_model
 from kvbench.plots import accuracy_vs_budget
 from kvbench.report import format_table, rows_frame, summarize
 from kvbench.results import ResultsStore, manifest
-from kvbench.tasks import build_task
+from kvbench.runner import Job
+from kvbench.tasks import Sample, build_task
 
 log = logging.getLogger("kvbench")
 
@@ -69,21 +72,33 @@ def run(cfg: Any) -> dict[str, Any]:
             indent=2,
         ),
     )
-    samples = list(task.samples(lm.tokenizer, lm.max_context))
+    # Samples stream: each is built when its turn comes and dropped after its rows (RULER 128K x 500 x 13 never
+    # holds its prompts at once), so the number of rows to run is only known at the end.
+    samples = task.samples(lm.tokenizer, lm.max_context)
     if settings.max_samples is not None:
-        samples = samples[: settings.max_samples]
+        samples = itertools.islice(samples, settings.max_samples)
     done = store.done_keys()
-    planned = [(sample, api.plan(lm, sample, methods, options)) for sample in samples]
-    work = [(sample, [j for j in jobs if j.key not in done]) for sample, jobs in planned]
-    work = [(sample, jobs) for sample, jobs in work if jobs]
-    total = sum(len(jobs) for _, jobs in work)
-    skipped = sum(len(jobs) for _, jobs in planned) - total
-    if skipped:
-        log.info("resuming: %d rows already in %s, %d to run", skipped, store.samples_path, total)
-    with tqdm(total=total, desc=f"{task.name} x {method.label()}", disable=not settings.progress, unit="row") as bar:
-        for row in api.iter_rows(lm, work, options):
+    if done:
+        log.info("resuming: %d rows already in %s; their jobs are skipped", len(done), store.samples_path)
+    skipped = 0
+
+    def work() -> Iterator[tuple[Sample, list[Job]]]:
+        nonlocal skipped
+        for sample in samples:
+            planned = api.plan(lm, sample, methods, options)
+            jobs = [job for job in planned if job.key not in done]
+            skipped += len(planned) - len(jobs)
+            if jobs:
+                yield sample, jobs
+
+    total = 0
+    with tqdm(desc=f"{task.name} x {method.label()}", disable=not settings.progress, unit="row") as bar:
+        for row in api.iter_rows(lm, work(), options):
             store.append(row)
+            total += 1
             bar.update(1)
+    if skipped:
+        log.info("resumed: %d rows were already done, %d ran", skipped, total)
 
     rows = store.latest_rows()
     summary = summarize(rows, settings.x_axis)
