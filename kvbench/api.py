@@ -148,13 +148,17 @@ class RunOptions:
 
 def plan(lm: LoadedModel, sample: Sample, methods: list[Method], options: RunOptions) -> list[Job]:
     """The (method, budget) jobs of one sample, each with the key of its results row."""
+    return plan_fingerprint(lm, sample.fingerprint(), methods, options)
+
+
+def plan_fingerprint(lm: LoadedModel, fingerprint: str, methods: list[Method], options: RunOptions) -> list[Job]:
+    """`plan` for the sample with this `Sample.fingerprint()` (a resumed run plans samples it has not built)."""
     jobs = []
     for method in methods:
         params = method.params()
         if options.prefill_chunk is not None:  # a chunked prefill is another row (one-shot keys unchanged)
             params = {**params, "prefill_chunk": options.prefill_chunk}
         for budget in options.budgets if method.compresses and method.takes_budget else (None,):
-            fingerprint = sample.fingerprint()
             key = row_key(lm.identity, method.name, params, budget, options.compress, fingerprint, options.seed)
             jobs.append(Job(method=method, budget=budget, key=key))
     return jobs
@@ -164,6 +168,7 @@ def row_identity(job: Job, sample: Sample, lm: LoadedModel, options: RunOptions)
     """The fields that say what a row is (the runner adds what was measured)."""
     return {
         "key": job.key,
+        "sample_fingerprint": sample.fingerprint(),  # with the CLI's sample_recipe: resume without building
         "run": options.run_name,
         "task": options.task_name,
         "subtask": sample.meta.get("subtask", options.task_name),

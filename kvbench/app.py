@@ -25,6 +25,7 @@ from kvbench.report import format_table, rows_frame, summarize
 from kvbench.results import ResultsStore, manifest
 from kvbench.runner import Job
 from kvbench.tasks import Sample, build_task
+from kvbench.tasks.base import PlannedSample
 
 log = logging.getLogger("kvbench")
 
@@ -33,6 +34,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def built_fingerprints(rows: list[dict]) -> dict[str, set[str]]:
+    """recipe -> the fingerprints its samples were built into, from rows written by earlier runs."""
+    built: dict[str, set[str]] = {}
+    for row in rows:
+        if row.get("sample_recipe") and row.get("sample_fingerprint"):
+            built.setdefault(row["sample_recipe"], set()).add(row["sample_fingerprint"])
+    return built
 
 
 def run(cfg: Any) -> dict[str, Any]:
@@ -74,27 +84,38 @@ def run(cfg: Any) -> dict[str, Any]:
     )
     # Samples stream: each is built when its turn comes and dropped after its rows (RULER 128K x 500 x 13 never
     # holds its prompts at once), so the number of rows to run is only known at the end.
-    samples = task.samples(lm.tokenizer, lm.max_context)
+    samples = task.planned_samples(lm.tokenizer, lm.max_context)
     if settings.max_samples is not None:
         samples = itertools.islice(samples, settings.max_samples)
     done = store.done_keys()
+    built = built_fingerprints(store.rows()) if done else {}
     if done:
         log.info("resuming: %d rows already in %s; their jobs are skipped", len(done), store.samples_path)
     skipped = 0
+    recipe = None  # the recipe of the sample being run, recorded in its rows
 
     def work() -> Iterator[tuple[Sample, list[Job]]]:
-        nonlocal skipped
-        for sample in samples:
+        nonlocal skipped, recipe
+        for item in samples:
+            planned_recipe = item.recipe if isinstance(item, PlannedSample) else None
+            # A generated sample whose recipe was built before into a fingerprint whose rows are all done is
+            # skipped without generating its prompt.
+            known = [api.plan_fingerprint(lm, fp, methods, options) for fp in built.get(planned_recipe, ())]
+            if any(all(job.key in done for job in jobs) for jobs in known):
+                skipped += len(known[0])
+                continue
+            sample = item.build() if isinstance(item, PlannedSample) else item
             planned = api.plan(lm, sample, methods, options)
             jobs = [job for job in planned if job.key not in done]
             skipped += len(planned) - len(jobs)
             if jobs:
+                recipe = planned_recipe
                 yield sample, jobs
 
     total = 0
     with tqdm(desc=f"{task.name} x {method.label()}", disable=not settings.progress, unit="row") as bar:
         for row in api.iter_rows(lm, work(), options):
-            store.append(row)
+            store.append({**row, "sample_recipe": recipe})
             total += 1
             bar.update(1)
     if skipped:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -13,6 +15,7 @@ from kvbench.sample import QUESTION_POSITIONS, QuestionPosition, Sample
 __all__ = [
     "QUESTION_POSITIONS",
     "QuestionPosition",
+    "PlannedSample",
     "Sample",
     "Task",
     "TASKS",
@@ -20,6 +23,17 @@ __all__ = [
     "build_task",
     "as_list",
 ]
+
+
+@dataclass(frozen=True)
+class PlannedSample:
+    """A generated sample announced before it is built: `recipe` names everything its content depends on except
+    the tokenizer (task fields and the sample's coordinates), so a resumed run can recognise it from its rows and
+    skip it without generating its prompt. `build()` generates it."""
+
+    sample_id: str
+    recipe: str
+    build: Callable[[], Sample]
 
 
 class Task(ABC):
@@ -34,6 +48,17 @@ class Task(ABC):
 
     @abstractmethod
     def samples(self, tokenizer: Any, max_context: int) -> Iterator[Sample]: ...
+
+    def planned_samples(self, tokenizer: Any, max_context: int) -> Iterator[Sample | PlannedSample]:
+        """The samples in the same order, lazily: generated tasks yield `PlannedSample`s (built on demand, so a
+        resumed run skips done ones unbuilt); the default yields the built samples of `samples()`."""
+        return self.samples(tokenizer, max_context)
+
+    def recipe(self, **coordinates: Any) -> str:
+        """A `PlannedSample.recipe`: this task's name and fields plus the sample's coordinates, as stable JSON."""
+        fields = asdict(self) if hasattr(self, "__dataclass_fields__") else {}
+        payload = {"task": self.name, "fields": fields, "sample": coordinates}
+        return json.dumps(payload, sort_keys=True, default=str)
 
     def figures(self, rows: Any, out_dir: Path) -> list[Path]:
         """Draw task-specific figures (PNG + PDF) from the run's rows; returns the files written.

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from kvbench.prompt import build_prompt
-from kvbench.tasks.base import QUESTION_POSITIONS, Sample, Task, as_list, check_lengths, register_task
+from kvbench.tasks.base import (
+    QUESTION_POSITIONS,
+    PlannedSample,
+    Sample,
+    Task,
+    as_list,
+    check_lengths,
+    register_task,
+)
 from kvbench.tasks.haystack import HAYSTACKS, haystack_text, insert_at_depth, random_key, random_number
 
 NEEDLE = "One of the special magic numbers for {key} is: {value}."
@@ -64,6 +72,9 @@ class NIAH(Task):
                 raise ValueError(f"niah depth {depth} is outside [0, 100]")
 
     def samples(self, tokenizer: Any, max_context: int) -> Iterator[Sample]:
+        return (planned.build() for planned in self.planned_samples(tokenizer, max_context))
+
+    def planned_samples(self, tokenizer: Any, max_context: int) -> Iterator[PlannedSample]:
         check_lengths(self.lengths, max_context)
         for length in self.lengths:
             for depth in self.depths:
@@ -71,13 +82,21 @@ class NIAH(Task):
                     rng = random.Random(f"niah-{self.seed}-{length}-{depth}-{index}")
                     key, value = random_key(rng), random_number(rng)
                     for position in as_list(self.question_position):
-                        yield self._sample(tokenizer, int(length), float(depth), index, key, value, position)
+                        coords = (int(length), float(depth), index, key, value, str(position))
+                        yield PlannedSample(
+                            sample_id=self.sample_id(int(length), float(depth), index, str(position)),
+                            recipe=self.recipe(length=coords[0], depth=coords[1], index=index, position=coords[5]),
+                            build=functools.partial(self._sample, tokenizer, *coords),
+                        )
+
+    def sample_id(self, length: int, depth: float, index: int, position: str) -> str:
+        return f"niah-{self.haystack}-L{length}-d{depth:g}-i{index}-q{position}"
 
     def _sample(
         self, tokenizer: Any, length: int, depth: float, index: int, key: str, value: str, position: str
     ) -> Sample:
         sample = Sample(
-            sample_id=f"niah-{self.haystack}-L{length}-d{depth:g}-i{index}-q{position}",
+            sample_id=self.sample_id(length, depth, index, position),
             context="",
             question=QUESTION.format(key=key),
             answer_prefix=ANSWER_PREFIX.format(key=key),

@@ -9,6 +9,7 @@ every row decodes the same number of steps). Content: `noise` (the repeated NIAH
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbench.prompt import build_prompt
-from kvbench.tasks.base import Sample, Task, check_lengths, register_task
+from kvbench.tasks.base import PlannedSample, Sample, Task, check_lengths, register_task
 from kvbench.tasks.haystack import haystack_text
 from kvbench.tasks.metrics import METRICS
 
@@ -84,10 +85,17 @@ class SyntheticLength(Task):
                 raise ValueError(f"synthetic_length length {length} must exceed max_new_tokens={self.max_new_tokens}")
 
     def samples(self, tokenizer: Any, max_context: int) -> Iterator[Sample]:
+        return (planned.build() for planned in self.planned_samples(tokenizer, max_context))
+
+    def planned_samples(self, tokenizer: Any, max_context: int) -> Iterator[PlannedSample]:
         check_lengths(self.lengths, max_context)
         for length in self.lengths:
             for index in range(self.samples_per_length):
-                yield self._sample(tokenizer, int(length), index)
+                yield PlannedSample(
+                    sample_id=f"synthetic-{self.content}-L{int(length)}-i{index}",
+                    recipe=self.recipe(length=int(length), index=index),
+                    build=functools.partial(self._sample, tokenizer, int(length), index),
+                )
 
     def _sample(self, tokenizer: Any, length: int, index: int) -> Sample:
         target = length - self.max_new_tokens
