@@ -27,6 +27,8 @@ CONF = ROOT / "conf"
 def model_config(name: str, **overrides):
     cfg = OmegaConf.load(CONF / "model" / f"{name}.yaml")
     cfg.device = "cpu"
+    if os.environ.get("KVBENCH_TOKENIZER") and "tokenizer" in cfg:  # a bare GPU image: exported tokenizer, no GGUF
+        cfg.tokenizer = os.environ["KVBENCH_TOKENIZER"]
     for key, value in overrides.items():
         cfg[key] = value
     return cfg
@@ -35,6 +37,15 @@ def model_config(name: str, **overrides):
 @pytest.fixture(scope="session")
 def tiny_lm() -> LoadedModel:
     return load_model(model_config("tiny_random"))
+
+
+@pytest.fixture(scope="session")
+def kernel_lm(tiny_lm) -> LoadedModel:
+    """The tiny model where the Triton kernels run for real: on CUDA (fp32, like the CPU reference) when there is
+    a GPU, else the CPU model (kernels in Triton's interpreter)."""
+    if not torch.cuda.is_available():
+        return tiny_lm
+    return load_model(model_config("tiny_random", device="cuda", dtype="float32"))
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """Decode steps through the Triton split-K kernel (`kernels=triton`) give the torch path's logits and tokens:
-plain, evicted, ragged (padded heads) and logit-biased caches. Without a GPU the kernel runs in Triton's
-interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
+plain, evicted, ragged (padded heads) and logit-biased caches. With a GPU the tiny model runs on CUDA (`kernel_lm`)
+and the kernel is compiled; without one it runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from kvbench.sample import Sample  # noqa: E402
 
 
 @pytest.fixture
-def kernels_reset(tiny_lm):
+def kernels_reset(kernel_lm):
     yield
-    setattr(tiny_lm.config, KERNELS_ATTR, "torch")
+    setattr(kernel_lm.config, KERNELS_ATTR, "torch")
 
 
 def sample() -> Sample:
@@ -55,30 +55,40 @@ def compressed_cache(lm, name: str, budget: int, biased: bool):
 
 
 @pytest.mark.parametrize(("name", "biased"), [("full", False), ("snapkv", False), ("adakv", False), ("snapkv", True)])
-def test_decode_step_logits_match_the_torch_path(tiny_lm, kernels_reset, monkeypatch, name, biased):
+def test_decode_step_logits_match_the_torch_path(kernel_lm, kernels_reset, monkeypatch, name, biased):
     decode_module = importlib.import_module("kvbench.kernels.decode_attention")  # the package re-exports a function
     calls = []
     kernel = decode_module.decode_attention_triton
     monkeypatch.setattr(decode_module, "decode_attention_triton", lambda *a, **k: calls.append(1) or kernel(*a, **k))
-    cache = compressed_cache(tiny_lm, name, 40, biased)
+    cache = compressed_cache(kernel_lm, name, 40, biased)
     if name == "adakv":
         assert any(layer.padded for layer in cache.layers)  # ragged heads: padding slots must stay hidden
     logits, launches = {}, {}
     for kernels in ("torch", "triton"):
-        setattr(tiny_lm.config, KERNELS_ATTR, kernels)
+        setattr(kernel_lm.config, KERNELS_ATTR, kernels)
         step, before = cache.copy(), len(calls)
-        logits[kernels] = torch.stack([forward_tokens(tiny_lm, step, [token]) for token in (7, 8, 9)])
+        logits[kernels] = torch.stack([forward_tokens(kernel_lm, step, [token]) for token in (7, 8, 9)])
         launches[kernels] = len(calls) - before
-    assert launches == {"torch": 0, "triton": 3 * tiny_lm.config.num_hidden_layers}
+    assert launches == {"torch": 0, "triton": 3 * kernel_lm.config.num_hidden_layers}
     torch.testing.assert_close(logits["triton"], logits["torch"], rtol=1e-5, atol=1e-5)
 
 
+def test_decode_kernels_run_on_cuda_when_available(kernel_lm):
+    from kvbench.kernels.dispatch import resolve_kernels
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert kernel_lm.device.type == expected
+    assert resolve_kernels("triton", kernel_lm.device) == "triton"
+    if torch.cuda.is_available():
+        assert resolve_kernels("auto", kernel_lm.device) == "triton"  # a GPU run decodes with the kernel by default
+
+
 @pytest.mark.parametrize("name", ["full", "streamingllm", "h2o"])
-def test_generated_tokens_match_with_triton_decode(tiny_lm, kernels_reset, name):
+def test_generated_tokens_match_with_triton_decode(kernel_lm, kernels_reset, name):
     method = build_method({"name": name})
     jobs = [Job(method, None if name == "full" else 48, name)]
     rows = {
-        kernels: next(iter(run_sample(tiny_lm, sample(), jobs, "prompt", 0, fail_fast=True, kernels=kernels)))[1]
+        kernels: next(iter(run_sample(kernel_lm, sample(), jobs, "prompt", 0, fail_fast=True, kernels=kernels)))[1]
         for kernels in ("torch", "triton")
     }
     assert rows["triton"]["output_ids"] == rows["torch"]["output_ids"]
