@@ -85,6 +85,10 @@ def run(cfg: Any) -> dict[str, Any]:
     # Samples stream: each is built when its turn comes and dropped after its rows (RULER 128K x 500 x 13 never
     # holds its prompts at once), so the number of rows to run is only known at the end.
     samples = task.planned_samples(lm.tokenizer, lm.max_context)
+    # Produce the first item now: a task that checks its input (task=jsonl) fails here, in one line, before any
+    # progress output.
+    samples = iter(samples)
+    samples = itertools.chain(list(itertools.islice(samples, 1)), samples)
     if settings.max_samples is not None:
         samples = itertools.islice(samples, settings.max_samples)
     done = store.done_keys()
