@@ -10,7 +10,8 @@ Rounds are interleaved (A B, then B A, ...) and the table shows medians: TTFT (p
 and TPOT (mean time of the decode forwards after the first token), plus the ratios kvbench / transformers.
 `--impls` picks the sides: `kvbench`, `transformers`, and `kvbench_concat`, the cache's pre-capacity behaviour
 (no reservation, every append reallocates the layer to the exact new length, which is what `torch.cat` did),
-to show what the append change saves.
+to show what the append change saves; it decodes the kvbench prefill a second time (same TTFT).
+`--lengths` may give per-length rounds as LENGTH:ROUNDS (e.g. 2048,8160:1).
 On CUDA the table also gives the memory floor of one decode step: (weight bytes + KV bytes) / measured copy
 bandwidth, and the KV-only part of it.
 """
@@ -18,6 +19,7 @@ bandwidth, and the KV-only part of it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import statistics
 import sys
@@ -57,18 +59,24 @@ def concatenating_growth():
         KVLayer.MIN_SLACK, KVLayer.GROWTH_FRACTION, KVCache.reserve = saved
 
 
-def run_kvbench(lm: LoadedModel, ids: list[int], new_tokens: int) -> tuple[float, float, int]:
-    """The runner's path for a full-cache job: prefill, reserve the decode slots, greedy decode."""
+def run_kvbench(lm: LoadedModel, ids: list[int], new_tokens: int, concat: bool = False) -> dict[str, float]:
+    """The runner's path for a full-cache job: prefill, reserve the decode slots, greedy decode. With `concat`,
+    the same prefill is decoded a second time with the old growth (`tpot_concat_s`); the prefill cache is shared
+    copy-on-write, so neither decode sees the other's appends."""
     stopwatch = Stopwatch(lm.device)
     start = time.perf_counter()
     pre = prefill(lm, ids, 0, stopwatch)
     first = int(torch.argmax(pre.last_logits))  # the first token is out (argmax syncs)
-    ttft = time.perf_counter() - start
-    cache = pre.cache
-    cache.reserve(new_tokens - 1)
-    decoded = greedy_decode(lm, cache, pre.last_logits, new_tokens, lambda n: None, stopwatch, stop_at_eos=False)
-    assert decoded.tokens[0] == first and decoded.steps == new_tokens - 1
-    return ttft, decoded.seconds / decoded.steps, cache.kv_bytes()
+    result = {"ttft_s": time.perf_counter() - start, "kv_bytes": pre.cache.kv_bytes()}
+    runs = [("tpot_s", False)] + ([("tpot_concat_s", True)] if concat else [])
+    for field, old_growth in runs:
+        cache = pre.cache.copy()
+        with concatenating_growth() if old_growth else contextlib.nullcontext():
+            cache.reserve(new_tokens - 1)
+            decoded = greedy_decode(lm, cache, pre.last_logits, new_tokens, lambda n: None, stopwatch, False)
+        assert decoded.tokens[0] == first and decoded.steps == new_tokens - 1
+        result[field] = decoded.seconds / decoded.steps
+    return result
 
 
 class StepClock(LogitsProcessor):
@@ -152,7 +160,8 @@ def main(argv: list[str]) -> None:
     setattr(lm.config, KERNELS_ATTR, resolve_kernels(args.kernels, lm.device))
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     bandwidth = copy_bandwidth(lm.device)
-    lengths = [int(x) for x in args.lengths.split(",")]
+    rounds = {int(x.split(":")[0]): int(x.split(":")[1]) if ":" in x else args.rounds for x in args.lengths.split(",")}
+    lengths = list(rounds)
     too_long = [n for n in lengths if n + args.new_tokens > lm.max_context]
     if too_long:
         sys.exit(f"--lengths {too_long[0]} + {args.new_tokens} new tokens > the model's maximum {lm.max_context}")
@@ -166,23 +175,25 @@ def main(argv: list[str]) -> None:
         run_kvbench(lm, ids[:64], 4)  # warm-up (first calls compile / allocate)
         if "transformers" in impls:
             run_transformers(lm, ids[:64], 4)
-        for round_ in range(args.rounds):
-            order = list(impls) if round_ % 2 == 0 else list(reversed(impls))
-            for impl in order:
-                kv_bytes = None
+        for round_ in range(rounds[length]):
+            sides = [impl for impl in impls if impl != "kvbench_concat"]
+            for impl in sides if round_ % 2 == 0 else reversed(sides):
                 if impl == "transformers":
                     ttft, tpot = run_transformers(lm, ids, args.new_tokens)
-                elif impl == "kvbench_concat":
-                    with concatenating_growth():
-                        ttft, tpot, kv_bytes = run_kvbench(lm, ids, args.new_tokens)
+                    measured = {"transformers": (ttft, tpot, None)}
                 else:
-                    ttft, tpot, kv_bytes = run_kvbench(lm, ids, args.new_tokens)
-                records.append(dict(model=cfg.model.name, device=str(lm.device), prompt_tokens=length,
-                                    new_tokens=args.new_tokens, impl=impl, round=round_, ttft_s=ttft, tpot_s=tpot,
-                                    kv_bytes=kv_bytes))  # fmt: skip
-                print(
-                    f"  L={length} round {round_} {impl:<15} ttft {ttft:8.3f} s  tpot {tpot * 1e3:8.2f} ms", flush=True
-                )
+                    out = run_kvbench(lm, ids, args.new_tokens, concat="kvbench_concat" in impls)
+                    measured = {"kvbench": (out["ttft_s"], out["tpot_s"], out["kv_bytes"])}
+                    if "tpot_concat_s" in out:
+                        measured["kvbench_concat"] = (out["ttft_s"], out["tpot_concat_s"], out["kv_bytes"])
+                for name, (ttft, tpot, kv_bytes) in measured.items():
+                    records.append(dict(model=cfg.model.name, device=str(lm.device), prompt_tokens=length,
+                                        new_tokens=args.new_tokens, impl=name, round=round_, ttft_s=ttft,
+                                        tpot_s=tpot, kv_bytes=kv_bytes))  # fmt: skip
+                    print(
+                        f"  L={length} round {round_} {name:<15} ttft {ttft:8.3f} s  tpot {tpot * 1e3:8.2f} ms",
+                        flush=True,
+                    )
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         with args.csv.open("w", newline="") as handle:
