@@ -150,7 +150,7 @@ else
     step kernel_tests 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_decode_kernel.py -k "cuda or full" \
         --junitxml="$OUT/kernel_tests.xml"
     step niah 400 niah_kernels cpu "[256]" "[50]"
-    step bench_kernels 120 "$PY" scripts/bench_kernels.py --smoke --csv "$OUT/bench_kernels.csv"
+    step bench_kernels 400 "$PY" scripts/bench_kernels.py --smoke --csv "$OUT/bench_kernels.csv"
     step bench_overhead 120 "$PY" scripts/bench_overhead.py --model tiny_random --set "model.tokenizer=$TOK" \
         --set model.device=cpu --lengths 256,512 --new-tokens 4 --rounds 1 --impls kvbench,transformers,kvbench_concat \
         --csv "$OUT/bench_overhead.csv"
