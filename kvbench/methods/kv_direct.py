@@ -242,13 +242,59 @@ class PrefillResiduals:
             self.capture.remove()
 
 
+class PrefixReplay:
+    """ids variant: the token ids seen so far (append-only) and the model, shared by every layer of a cache and by
+    its copies (a copy's K/V prefix is the same prefix). `prefix_kv(evicted, segments)` re-runs the model over the
+    first `evicted` tokens into a scratch causal cache, once per forward (memo keyed by the prefix length).
+
+    replay=exact repeats the original forwards (the prompt in one forward, each generated token alone), so every
+    product has its original shape; replay=batched runs the prefix as one forward (not bit-identical)."""
+
+    def __init__(self, model: torch.nn.Module, recomputer: Recomputer, ids: torch.Tensor, replay: str) -> None:
+        self.model, self.recomputer, self.ids, self.replay = model, recomputer, ids, replay
+        # (prefix length, {layer: its K/V}): each layer takes its entry once per forward, so nothing outlives it.
+        self.memo: tuple[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] | None = None
+
+    def append(self, ids: torch.Tensor) -> None:
+        self.ids = torch.cat([self.ids, ids.to(self.ids.device, torch.int32)])
+
+    def prefix_kv(self, layer_idx: int, evicted: int, segments: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer_idx`'s K/V of the first `evicted` tokens (one re-run of the model per forward)."""
+        if self.memo is None or self.memo[0] != evicted or layer_idx not in self.memo[1]:
+            self.memo = (evicted, self._rerun(evicted, segments))
+        kv = self.memo[1].pop(layer_idx)
+        if not self.memo[1]:
+            self.memo = None
+        return kv
+
+    def _rerun(self, evicted: int, segments: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        start = time.perf_counter()
+        num_layers = len(self.model.model.layers)
+        scratch = KVCache(num_layers)
+        chunks = segments if self.replay == "exact" else [evicted]
+        done = 0
+        with torch.inference_mode():
+            for length in chunks:
+                if done >= evicted:
+                    break
+                positions = scratch.next_positions(length, self.ids.device)
+                ids = self.ids[done : done + length].to(torch.long)[None]
+                self.model.model(
+                    input_ids=ids, position_ids=positions[None], past_key_values=scratch, **{CACHE_KWARG: scratch}
+                )
+                done += length
+        if self.ids.is_cuda:
+            torch.cuda.synchronize(self.ids.device)
+        self.recomputer.seconds += time.perf_counter() - start
+        return {i: (layer.keys[:, :, :evicted], layer.values[:, :, :evicted]) for i, layer in enumerate(scratch.layers)}
+
+
 class CheckpointLayer(KVLayer):
     """A layer whose K/V tensors hold only the recent window; older tokens come back through `update`.
 
     `positions` stay those of the window (what is held as K/V); attention sees [recomputed prefix; window] and
     `attention_mask` covers both. `residuals` (per_layer) holds h_l of every token seen, in position order;
-    `ids` (ids variant, layer 0 only, so counted once) the token ids; `pending` the transient prefix K/V that
-    the ids variant rebuilt for the coming forward.
+    `replay` (ids variant) the shared token ids and the prefix re-run; its bytes are counted in layer 0 only.
     """
 
     def __init__(self, layer_idx: int, recomputer: Recomputer, checkpoint: str) -> None:
@@ -257,8 +303,7 @@ class CheckpointLayer(KVLayer):
         self.recomputer = recomputer
         self.checkpoint = checkpoint
         self.residuals: torch.Tensor | None = None
-        self.ids: torch.Tensor | None = None
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.replay: PrefixReplay | None = None
         self.full_positions: torch.Tensor | None = None
         self.on_update = None  # the last layer's callback: the row's record after every forward
         self.tokens = 0  # tokens seen: positions 0..tokens-1, the newest of them in the window
@@ -297,7 +342,7 @@ class CheckpointLayer(KVLayer):
             if self.checkpoint == "per_layer":
                 old_keys, old_values = self.recomputer.kv(self.layer_idx, self.residuals, self.segments, evicted)
             else:
-                (old_keys, old_values), self.pending = self.pending, None
+                old_keys, old_values = self.replay.prefix_kv(self.layer_idx, evicted, self.segments)
             self.full_positions = torch.cat([torch.arange(evicted, device=self.device), self.positions[0]])
             keys, values = torch.cat([old_keys, keys], dim=2), torch.cat([old_values, values], dim=2)
         if self.on_update is not None:
@@ -315,7 +360,9 @@ class CheckpointLayer(KVLayer):
     def checkpoint_nbytes(self) -> int:
         if self.checkpoint == "per_layer":
             return 0 if self.residuals is None else self.residuals.numel() * self.residuals.element_size()
-        return 0 if self.ids is None else self.ids.numel() * ID_BYTES
+        if self.replay is None or self.layer_idx != 0:
+            return 0
+        return self.replay.ids.numel() * ID_BYTES
 
     def nbytes(self) -> int:
         return super().nbytes() + self.checkpoint_nbytes()
@@ -326,7 +373,7 @@ class CheckpointLayer(KVLayer):
     def copy(self) -> CheckpointLayer:
         other = CheckpointLayer.from_layer(super().copy(), self.layer_idx, self.recomputer, self.checkpoint)
         other.evicted, other.tokens, other.segments = self.evicted, self.tokens, list(self.segments)
-        other.residuals, other.ids = self.residuals, self.ids  # never modified in place
+        other.residuals, other.replay = self.residuals, self.replay  # append-only, prefix-determined: shared
         return other
 
 
@@ -366,8 +413,11 @@ class KVDirect(Method):
                 if not isinstance(stats, PrefillResiduals) or idx not in stats.residuals:
                     raise ValueError("kv_direct checkpoint=per_layer needs its prefill observer's residuals")
                 new.residuals = stats.residuals[idx]
-            elif idx == 0:
-                new.ids = torch.tensor(ctx.input_ids, dtype=torch.int32, device=layer.device)
+            else:
+                if idx == 0:
+                    ids = torch.tensor(ctx.input_ids, dtype=torch.int32, device=layer.device)
+                    replay = PrefixReplay(ctx.model, recomputer, ids, self.replay)
+                new.replay = replay
             cache.layers[idx] = new
         # After every forward (last layer's append) the record shows the bytes held and the recompute time; a
         # weak reference, so the cache is freed with its job.
@@ -385,49 +435,13 @@ class KVDirect(Method):
         for layer in layers:
             layer.trim_window(max(0, ctx.budget - num_new))
         if self.checkpoint == "ids":
-            self._rebuild_prefix(cache, ctx)
-            ForwardCapture(ctx.model, on_ids=lambda ids: self._append_ids(layers[0], ids))
+            ForwardCapture(ctx.model, on_ids=layers[0].replay.append)
         else:
             ForwardCapture(ctx.model, on_residual=lambda idx, h: self._append_residual(layers[idx], h))
 
     @staticmethod
     def _append_residual(layer: CheckpointLayer, hidden: torch.Tensor) -> None:
         layer.residuals = torch.cat([layer.residuals, hidden.to(layer.residuals.dtype)])
-
-    @staticmethod
-    def _append_ids(layer: CheckpointLayer, ids: torch.Tensor) -> None:
-        layer.ids = torch.cat([layer.ids, ids.to(torch.int32)])
-
-    def _rebuild_prefix(self, cache: KVCache, ctx: CompressionContext) -> None:
-        """ids variant: re-run the model over the evicted prefix into a scratch causal cache (dropped after use).
-
-        replay=exact repeats the original forwards (the prompt in one forward, each generated token alone), so
-        every product has its original shape; replay=batched runs the prefix as one forward (fewer, larger
-        products; not bit-identical)."""
-        layers: list[CheckpointLayer] = cache.layers  # type: ignore[assignment]
-        evicted = layers[0].evicted_count()
-        if evicted == 0:
-            return
-        recomputer = layers[0].recomputer
-        start = time.perf_counter()
-        scratch = KVCache(len(layers))
-        chunks = layers[0].segments if self.replay == "exact" else [evicted]
-        done = 0
-        with torch.inference_mode():
-            for length in chunks:
-                if done >= evicted:
-                    break
-                positions = scratch.next_positions(length, layers[0].device)
-                ids = layers[0].ids[done : done + length].to(torch.long)[None]
-                ctx.model.model(
-                    input_ids=ids, position_ids=positions[None], past_key_values=scratch, **{CACHE_KWARG: scratch}
-                )
-                done += length
-        if layers[0].device.type == "cuda":
-            torch.cuda.synchronize(layers[0].device)
-        recomputer.seconds += time.perf_counter() - start
-        for layer, fresh in zip(layers, scratch.layers, strict=True):
-            layer.pending = (fresh.keys[:, :, :evicted], fresh.values[:, :, :evicted])
 
     @staticmethod
     def _record(cache: KVCache | None, ctx: CompressionContext) -> None:
