@@ -142,8 +142,10 @@ def kvbench_attention(
     triton_step = query.shape[2] == 1 and getattr(module.config, KERNELS_ATTR, "torch") == "triton"
     # Quantised layers (kvbench.quant) with one packed segment + fp tail per tensor: the kernel reads the codes.
     packed = layer.packed_operands() if triton_step and hasattr(layer, "packed_operands") else None
-    if packed is None and key.shape[-2] != layer.get_seq_length():
-        key, value = layer.keys, layer.values  # a packed-decode layer returned no K/V: read them dequantised
+    # A packed-decode layer returned no K/V: read them dequantised. (Only an EMPTY return means that: layers such as
+    # kv_direct's and mikv's return more slots than `get_seq_length()` counts, recomputed or low-precision ones.)
+    if packed is None and key.shape[-2] == 0 and layer.get_seq_length() > 0:
+        key, value = layer.keys, layer.values
     if packed is not None:
         out = decode_step_packed(query, layer, packed, mask, scaling)
     elif triton_step:
