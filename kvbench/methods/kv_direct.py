@@ -53,6 +53,13 @@ class UnsupportedArchitecture(ValueError):
     pass
 
 
+def partial_rotary(config: Any) -> float:
+    """The fraction of head dimensions RoPE rotates (config attribute, or transformers 5's rope_parameters)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    value = getattr(config, "partial_rotary_factor", None) or rope.get("partial_rotary_factor")
+    return 1.0 if value is None else value
+
+
 class Recomputer:
     """K/V of one layer from residual-stream inputs, with the model's own modules (norm, projections, RoPE)."""
 
@@ -68,7 +75,7 @@ class Recomputer:
             missing = "one shared rotary embedding model.model.rotary_emb"
         elif any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
             missing = "per-layer attention types (sliding-window layers have their own RoPE/cache rules)"
-        elif float(getattr(config, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
+        elif float(partial_rotary(config)) != 1.0:
             missing = "partial rotary dimensions"
         else:
             for part in ("input_layernorm", "self_attn.k_proj", "self_attn.v_proj"):
@@ -311,13 +318,15 @@ class CheckpointLayer(KVLayer):
 
     @classmethod
     def from_layer(cls, layer: KVLayer, layer_idx: int, recomputer: Recomputer, checkpoint: str) -> CheckpointLayer:
-        if layer.evicted:
-            raise ValueError("kv_direct needs the full prefilled cache (no earlier eviction)")
+        length = layer.get_seq_length()
+        in_order = torch.arange(length, device=layer.device).expand(layer.num_heads, length)
+        if not torch.equal(layer.positions, in_order):
+            raise ValueError("kv_direct needs the full prefilled cache (slots 0..T-1 in order, nothing evicted)")
         new = cls(layer_idx, recomputer, checkpoint)
         new.dtype, new.device = layer.dtype, layer.device
         new.keys, new.values, new.positions = layer.keys, layer.values, layer.positions
         new.is_initialized = layer.is_initialized
-        new.tokens = layer.get_seq_length()
+        new.tokens = length
         new.segments = [new.tokens] if new.tokens else []
         return new
 
@@ -371,8 +380,10 @@ class CheckpointLayer(KVLayer):
         return super().logical_nbytes() + self.checkpoint_nbytes()
 
     def copy(self) -> CheckpointLayer:
-        other = CheckpointLayer.from_layer(super().copy(), self.layer_idx, self.recomputer, self.checkpoint)
-        other.evicted, other.tokens, other.segments = self.evicted, self.tokens, list(self.segments)
+        plain = super().copy()
+        other = CheckpointLayer(self.layer_idx, self.recomputer, self.checkpoint)
+        other.__dict__.update({k: v for k, v in vars(plain).items()})
+        other.tokens, other.segments = self.tokens, list(self.segments)
         other.residuals, other.replay = self.residuals, self.replay  # append-only, prefix-determined: shared
         return other
 
