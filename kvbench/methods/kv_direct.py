@@ -323,9 +323,7 @@ class CheckpointLayer(KVLayer):
         if not torch.equal(layer.positions, in_order):
             raise ValueError("kv_direct needs the full prefilled cache (slots 0..T-1 in order, nothing evicted)")
         new = cls(layer_idx, recomputer, checkpoint)
-        new.dtype, new.device = layer.dtype, layer.device
-        new.keys, new.values, new.positions = layer.keys, layer.values, layer.positions
-        new.is_initialized = layer.is_initialized
+        new.__dict__.update(vars(layer))  # the plain layer's storage and flags (KVLayer has none of our fields)
         new.tokens = length
         new.segments = [new.tokens] if new.tokens else []
         return new
