@@ -17,6 +17,7 @@ from kvbench.runner import Job, run_sample
 from kvbench.sample import Sample
 
 BUDGET = 24
+BASES = ("h2o", "snapkv", "tova", "streamingllm", "adakv")  # adakv: per-head counts, padded slots
 
 
 def story(new_tokens: int) -> Sample:
@@ -34,13 +35,13 @@ def rows_for(lm, configs: dict[str, dict], compress: str, new_tokens: int = 24, 
 @pytest.mark.parametrize("compress", ["prompt", "context"])
 def test_lo_bits_16_is_the_full_cache_and_drop_is_the_base(tiny_lm, compress):
     configs = {}
-    for base in ("h2o", "snapkv", "tova", "streamingllm"):
+    for base in BASES:
         configs[f"base:{base}"] = {"name": base}
         configs[f"drop:{base}"] = {"name": "mikv", "base": base, "drop": True}
         configs[f"16:{base}"] = {"name": "mikv", "base": base, "lo_bits": 16}
     rows = rows_for(tiny_lm, configs, compress)
     full = rows["full"]
-    for base in ("h2o", "snapkv", "tova", "streamingllm"):
+    for base in BASES:
         assert rows[f"base:{base}"]["compressed"]
         assert rows[f"16:{base}"]["output_ids"] == full["output_ids"], base
         assert rows[f"16:{base}"]["kv_bytes_final"] == full["kv_bytes_final"], base  # unchanged fp slots, no beta

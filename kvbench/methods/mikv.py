@@ -114,7 +114,13 @@ class MiKVLayer(KVLayer):
         if not self.drop:
             length = self.get_seq_length()
             kept = torch.zeros((self.num_heads, length), dtype=torch.bool, device=self.device)
-            kept.scatter_(1, indices.to(self.device), True if valid is None else valid.to(self.device))
+            indices = indices.to(self.device)
+            if valid is None:
+                kept.scatter_(1, indices, True)
+            else:  # padded entries point at slot 0: only the valid ones mark a slot as kept
+                valid = valid.to(self.device)
+                rows = torch.arange(self.num_heads, device=self.device)[:, None].expand_as(indices)
+                kept[rows[valid], indices[valid]] = True
             kept |= self.positions == PAD_POSITION  # padding is never demoted
             evicted = ~kept
             counts = evicted.sum(dim=1)
