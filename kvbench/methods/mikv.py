@@ -163,6 +163,12 @@ class MiKVLayer(KVLayer):
         mask = key_pos[:, None, :] <= query_positions.to(self.device)[None, :, None]
         return mask[None], False
 
+    def copy(self) -> MiKVLayer:
+        other = MiKVLayer.from_layer(super().copy(), self.lo_bits, self.beta, self.drop)
+        other.low_keys, other.low_values = self.low_keys.clone(), self.low_values.clone()
+        other.low_positions = self.low_positions.clone()
+        return other
+
     def lengths(self) -> torch.Tensor:
         low = (self.low_positions != PAD_POSITION).sum(dim=-1) if self.low_count() else 0
         return super().lengths() + low
