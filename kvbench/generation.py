@@ -52,19 +52,21 @@ class Prefill:
 
 
 @torch.inference_mode()
-def forward_tokens(lm: LoadedModel, cache: KVCache, token_ids: list[int], logits_to_keep: int = 1) -> torch.Tensor:
-    """Append `token_ids` at their original positions; returns the logits of the last one, `[vocab]`, or of
-    the last `logits_to_keep` ones, `[logits_to_keep, vocab]`, when that is above 1 (scoring continuations)."""
+def forward_tokens(
+    lm: LoadedModel, cache: KVCache, token_ids: list[int], logits_to_keep: int | None = None
+) -> torch.Tensor:
+    """Append `token_ids` at their original positions; returns the logits of the last one, `[vocab]`, or with
+    `logits_to_keep=n` those of the last n, `[n, vocab]` (scoring continuations)."""
     positions = cache.next_positions(len(token_ids), lm.device)
     output = lm.model(
         input_ids=torch.tensor([token_ids], device=lm.device),
         position_ids=positions[None],
         past_key_values=cache,
         use_cache=True,
-        logits_to_keep=logits_to_keep,
+        logits_to_keep=logits_to_keep or 1,
         **{CACHE_KWARG: cache},
     )
-    return output.logits[0, -1] if logits_to_keep == 1 else output.logits[0]
+    return output.logits[0, -1] if logits_to_keep is None else output.logits[0]
 
 
 def prefill(

