@@ -115,3 +115,16 @@ def niah_heatmap(rows: Any, out_dir: Path) -> list[Path]:
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy")
     return save(fig, out_dir, "niah_heatmap")
+
+
+FULL_COLOR = "0.35"
+
+
+def method_colors(methods: Any) -> dict[str, Any]:
+    """One colour per method, the same in every figure of a report: sorted method labels over tab10/tab20,
+    the full cache in gray."""
+    names = sorted({str(m) for m in methods} - {"full"})
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colors: dict[str, Any] = {name: cmap(index % cmap.N) for index, name in enumerate(names)}
+    colors["full"] = FULL_COLOR
+    return colors

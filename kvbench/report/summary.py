@@ -1,4 +1,4 @@
-"""Rows -> summary table (method x budget -> accuracy, fidelity vs full, kept fraction, KV MB, latency)."""
+"""One run's rows -> summary table (method x budget -> accuracy, fidelity vs full, kept fraction, KV MB, latency)."""
 
 from __future__ import annotations
 
