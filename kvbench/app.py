@@ -119,7 +119,8 @@ def run(cfg: Any) -> dict[str, Any]:
     total = 0
     with tqdm(desc=f"{task.name} x {method.label()}", disable=not settings.progress, unit="row") as bar:
         for row in api.iter_rows(lm, work(), options):
-            store.append({**row, "sample_recipe": recipe})
+            # once: a concurrent job of the same sweep may have written this row (its full-cache reference) already
+            store.append({**row, "sample_recipe": recipe}, once=True)
             total += 1
             bar.update(1)
     if skipped:

@@ -99,7 +99,10 @@ class ResultsStore:
         """Keys with a successful row; error rows are retried on resume."""
         return {row["key"] for row in self.rows() if row.get("status") == "ok"}
 
-    def append(self, row: dict) -> None:
+    def append(self, row: dict, once: bool = False) -> bool:
+        """Append one row; returns whether it was written. `once=True` skips a row whose key already has a
+        successful row in the file, checked under the lock: concurrent jobs of a sweep (each with its own
+        full-cache reference of the same samples) then leave one row per key."""
         line = (json.dumps(row, ensure_ascii=False, default=str) + "\n").encode()
         fd = os.open(self.samples_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:
@@ -109,11 +112,30 @@ class ResultsStore:
                 # A previous run died mid-write: drop its partial last line before appending.
                 data = os.pread(fd, size, 0)
                 os.ftruncate(fd, data.rfind(b"\n") + 1)
+            if once and size and self._has_ok_row(os.pread(fd, os.fstat(fd).st_size, 0), row["key"]):
+                return False
             os.write(fd, line)
             os.fsync(fd)
+            return True
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+    @staticmethod
+    def _has_ok_row(data: bytes, key: str) -> bool:
+        needle = json.dumps(key).encode()
+        start = data.find(needle)
+        while start != -1:
+            line_start = data.rfind(b"\n", 0, start) + 1
+            line_end = data.find(b"\n", start)
+            try:
+                row = json.loads(data[line_start : line_end if line_end != -1 else len(data)])
+            except ValueError:
+                row = {}
+            if row.get("key") == key and row.get("status") == "ok":
+                return True
+            start = data.find(needle, start + 1)
+        return False
 
     def write_text(self, name: str, text: str) -> Path:
         """Write a file atomically (temp file + rename)."""

@@ -4,6 +4,7 @@ side rows keep 4 entries per head, bad args / sampling requests fail in one line
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -31,15 +32,18 @@ TINY = "model=tiny_random,device=cpu"
 
 @pytest.fixture(autouse=True)
 def in_fixtures(monkeypatch):
-    monkeypatch.chdir(FIXTURES)  # the task YAMLs name their JSONL files relative to this folder
+    monkeypatch.chdir(ROOT)  # the task YAMLs name their JSONL files relative to the repository root
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@functools.cache
+def task_manager() -> TaskManager:
+    return TaskManager(include_path=str(FIXTURES))  # indexes every lm-eval task: built once
 
 
 def evaluate(model) -> dict[str, list]:
     """Per task, each doc's raw responses (loglikelihoods or generations), in doc order."""
-    out = simple_evaluate(
-        model=model, tasks=TASKS, task_manager=TaskManager(include_path=str(FIXTURES)), log_samples=True
-    )
+    out = simple_evaluate(model=model, tasks=TASKS, task_manager=task_manager(), log_samples=True)
     return {
         task: [
             [r[0] if isinstance(r, list) else r for r in s["resps"]] for s in sorted(samples, key=lambda s: s["doc_id"])
@@ -64,6 +68,7 @@ def test_full_method_equals_lm_eval_hf_wrapper_and_window_changes_outputs(tmp_pa
     reference = evaluate(reference_hflm(full))
     assert len(ours["kvbench_tiny_gen"]) == 3 and len(ours["kvbench_tiny_mc"]) == 2
     assert ours["kvbench_tiny_gen"] == reference["kvbench_tiny_gen"]  # generations: identical strings
+    assert any(ours["kvbench_tiny_gen"])
     for doc_ours, doc_ref in zip(ours["kvbench_tiny_mc"], reference["kvbench_tiny_mc"], strict=True):
         assert len(doc_ours) == 3
         for (logprob, greedy), (ref_logprob, ref_greedy) in zip(doc_ours, doc_ref, strict=True):
@@ -131,13 +136,13 @@ def test_offline_cli_runs_a_local_task_and_rejects_bad_args(tmp_path):
     base = [sys.executable, "-m", "kvbench.lm_eval", "--model", "kvbench", "--include_path", str(FIXTURES)]
     good = subprocess.run(
         [*base, "--model_args", f"{TINY},method=snapkv,budget=8", "--tasks", "kvbench_tiny_mc"],
-        capture_output=True, text=True, cwd=FIXTURES, env=env, timeout=300,
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
     )  # fmt: skip
     assert good.returncode == 0, good.stderr[-2000:]
     assert "kvbench_tiny_mc" in good.stdout and "acc" in good.stdout
     bad = subprocess.run(
         [*base, "--model_args", f"{TINY},bogus=1", "--tasks", "kvbench_tiny_mc"],
-        capture_output=True, text=True, cwd=FIXTURES, env=env, timeout=300,
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
     )  # fmt: skip
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 
 from kvbench import api
 from kvbench.budget import parse_budget
@@ -122,6 +122,16 @@ class KVBenchLM(TemplateLM):
             extra_manifest = {"lm_eval": {"method": self.method.label(), "budget": self.budget, "compress": compress}}
             self.store.write_text("manifest.json", json.dumps(manifest(self.lm, self.seed, extra_manifest), indent=2))
         self._request_meta: list[tuple[str | None, int | None]] = []
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None) -> Any:
+        """Model args win over lm-eval's own settings (its CLI passes `device` and `batch_size` separately)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None) -> Any:
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     # -- tokenisation (as lm-eval's HF wrapper with its defaults) --------------------------------------------
 
