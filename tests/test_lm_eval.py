@@ -52,14 +52,14 @@ def evaluate(model) -> dict[str, list]:
     }
 
 
-def reference_hflm(adapter: KVBenchLM) -> HFLM:
+def reference_hflm(adapter: KVBenchLM, **kwargs) -> HFLM:
     """lm-eval's own HF wrapper on the same weights, with transformers' sdpa attention (not kvbench's)."""
     source = adapter.lm.model
     config = source.config.__class__.from_dict(source.config.to_dict())
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config).eval()
     model.load_state_dict(source.state_dict())
-    return HFLM(pretrained=model, tokenizer=adapter.lm.tokenizer, device="cpu", batch_size=1)
+    return HFLM(pretrained=model, tokenizer=adapter.lm.tokenizer, device="cpu", batch_size=1, **kwargs)
 
 
 def test_full_method_equals_lm_eval_hf_wrapper_and_window_changes_outputs(tmp_path):
@@ -115,6 +115,15 @@ def test_loglikelihood_prefills_each_shared_context_once(monkeypatch):
     scored = adapter.loglikelihood(requests)
     assert len(calls) == 1 and len(scored) == 3
     assert len({round(logprob, 6) for logprob, _ in scored}) == 3
+
+
+def test_rolling_loglikelihood_with_full_cache_equals_hf_wrapper_over_several_windows():
+    adapter = KVBenchLM.create_from_arg_string(f"{TINY},method=full,max_length=16")
+    text = "The grass is green and the sky is blue. " * 6  # about 60 tokens: four 16-token windows
+    requests = [Instance("loglikelihood_rolling", {}, (text,), 0, ("t", 0, 1))]
+    ours = adapter.loglikelihood_rolling(requests)
+    reference = reference_hflm(adapter, max_length=16).loglikelihood_rolling(requests)
+    assert abs(ours[0] - reference[0]) < 1e-4
 
 
 def test_bad_adapter_args_and_sampling_fail_in_one_line():

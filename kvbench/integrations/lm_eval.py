@@ -25,8 +25,8 @@ Requests, all greedy and batch 1 (kvbench caches hold one sequence):
 
 Model args: see `KVBenchLM.__init__`; `method.<param>=value` sets a method hyperparameter. Unknown args fail
 in one line listing the valid ones. `rows_path=<dir>` writes kvbench measurement rows (kept entries, KV bytes,
-TTFT, TPOT, ...) as `<dir>/samples.jsonl` + `manifest.json`, a results directory `python -m kvbench.report`
-reads; lm-eval's own output carries only task metrics.
+TTFT, TPOT, ...) as `<dir>/samples.jsonl` + `manifest.json`, one row per request in kvbench's row schema;
+lm-eval's own output carries the task metrics.
 """
 
 from __future__ import annotations
@@ -276,9 +276,10 @@ class KVBenchLM(TemplateLM):
                 cache, before_forward, compressed = job_cache.cache, job_cache.before_forward, job_cache.compressed
             else:
                 cache, before_forward, compressed = KVCache(self.lm.config.num_hidden_layers), (lambda n: None), False
-            kept_per_layer = cache.kept_per_layer()
+            layers, kv_heads = self.lm.config.num_hidden_layers, self._kv_heads()
+            kept_per_layer = cache.kept_per_layer() if pre is not None else [[0] * kv_heads] * layers  # empty
             kept = sum(sum(heads) for heads in kept_per_layer)
-            kv_bytes = cache.kv_bytes()
+            kv_bytes = cache.kv_bytes() if pre is not None else 0
             feed = prefix[split:] + [last] + continuation[:-1]  # protected tail (compress=context), then scoring
             before_forward(len(feed))
             with stopwatch.phase("score") as phase:
@@ -302,7 +303,7 @@ class KVBenchLM(TemplateLM):
                     "continuation_tokens": len(continuation),
                     "kept_entries": kept,
                     "kept_per_layer": [sum(heads) / len(heads) for heads in kept_per_layer],
-                    "kept_fraction": kept / max(1, split * self.lm.config.num_hidden_layers * self._kv_heads()),
+                    "kept_fraction": kept / max(1, split * layers * kv_heads),
                     "kv_bytes": kv_bytes,
                     "kv_bytes_full": pre.cache.kv_bytes() if pre is not None else kv_bytes,
                     "prefill_s": pre.seconds if pre is not None else 0.0,
