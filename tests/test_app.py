@@ -20,6 +20,7 @@ from kvbench.budget import BudgetError, parse_budget
 from kvbench.config import CONF_DIR, check_overrides, group_options
 from kvbench.methods.prefixkv import write_calibration
 from kvbench.methods.snapkv import SnapKV
+from kvbench.methods.transformers_quantized import backend_available
 from kvbench.results import MalformedRowError, ResultsStore, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,11 +51,14 @@ TINY_METHOD_OVERRIDES = {
     "rtn": ["method.group_size=16"],
     "gear": ["method.group_size=16", "method.streaming_gap=32"],
     "rotatekv": ["method.group_size=16", "method.calibration_tokens=256"],
+    "transformers_quantized": ["method.q_group_size=16"],
 }
 
 
 @pytest.mark.parametrize("method", group_options("method"))
 def test_every_method_config_composes_and_runs_one_tiny_sample(tmp_path, method, monkeypatch, tiny_lm):
+    if method == "transformers_quantized" and not backend_available("quanto"):
+        pytest.skip("transformers_quantized needs the optional extra kvbench[quantized] (optimum-quanto)")
     if method == "prefixkv":  # needs its per-model calibration first (a run without one fails, see test_prefixkv)
         monkeypatch.setenv("KVBENCH_CACHE", str(tmp_path / "cache"))
         text = " ".join(f"Line {i}: the fox number {i % 13} jumps over the lazy dog." for i in range(400))

@@ -291,3 +291,28 @@ def test_group_size_not_dividing_the_head_dim_fails_before_any_forward(tmp_path,
     message = "group_size 12 does not divide the head dim 16. Valid group sizes: 1, 2, 4, 8, 16."
     with pytest.raises(ValueError, match=f"^{message}$"):
         run(composed(tmp_path, "method=kivi", "method.group_size=12", "method.residual_length=24"))
+
+
+def test_transformers_quantized_cross_check_row(tiny_lm):
+    """transformers' QuantizedCache layers (quanto) in kvbench's decode loop: same prompt, its own bytes."""
+    from kvbench.methods.transformers_quantized import backend_available
+
+    if not backend_available("quanto"):
+        pytest.skip("transformers_quantized needs the optional extra kvbench[quantized] (optimum-quanto)")
+    full = Job(build_method({"name": "full"}), None, "full")
+    params = {"name": "transformers_quantized", "nbits": 4, "q_group_size": 16, "residual_length": 4}
+    hf = Job(build_method(params), None, "hf")
+    rows = run_rows(tiny_lm, full, hf)
+    assert rows["hf"]["status"] == "ok" and rows["hf"]["budget_entries"] is None
+    assert rows["hf"]["kept_entries"] == rows["full"]["kept_entries"]
+    # quanto's qint4: two codes per byte plus an fp32 scale and shift per 16 values = 8 bits per fp32 element
+    # (measured right after the prefill is handed over, so the fp residual is still empty)
+    assert rows["hf"]["kv_bytes"] == rows["full"]["kv_bytes"] // 4
+
+
+def test_transformers_quantized_without_its_backend_fails_in_one_line(monkeypatch):
+    import kvbench.methods.transformers_quantized as hf
+
+    monkeypatch.setattr(hf, "backend_available", lambda backend: False)
+    with pytest.raises(ValueError, match=r"^transformers_quantized backend 'hqq' needs the hqq package"):
+        build_method({"name": "transformers_quantized", "backend": "hqq"})
