@@ -1,26 +1,62 @@
 """`python -m kvbench [overrides]`: the Hydra entry point.
 
-Group choices (model=, method=, task=, experiment=) are checked before Hydra composes so that a typo fails in
-one line with the valid names and the closest match; other bad input (budgets, compress, ...) is reported the
-same way from inside the run.
+Before Hydra composes (its own errors are multi-line) and creates its output directory, the command line is
+checked: group choices (model=, method=, task=, experiment=) against conf/, every other key against the
+composed config (unknown keys, `+key` included, fail with the closest valid key), and, for a single run, every
+value (types, ranges, run_name) through the same validation the run uses. Bad input found later (missing data,
+a model path) is reported the same way, and the directories this invocation created are removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from kvbench.config import CONF_DIR, check_overrides
+from kvbench.config import CONF_DIR, check_command_line, check_overrides
 
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, PermissionError)
+# results_dir when this invocation is the one creating it (Hydra does, for its logs): removed again on failure.
+_created_root: Path | None = None
 
 
 def fail(message: str) -> None:
     print(f"kvbench: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return text.splitlines()[0] if text.strip() else type(err).__name__
+
+
+def remove_output_dir(results_dir: Path) -> None:
+    """Remove Hydra's output directory of this failed job (logs/<timestamp>/) and the parents it leaves empty,
+    up to (not including) results_dir."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        output = Path(HydraConfig.get().runtime.output_dir).resolve()
+    except Exception:  # noqa: BLE001 - no Hydra context (called through the Python API): nothing to clean
+        return
+    shutil.rmtree(output, ignore_errors=True)
+    root = results_dir.resolve()
+    for parent in output.parents:
+        if parent == root or not parent.is_relative_to(root):
+            break
+        try:
+            os.rmdir(parent)  # only if empty: a run's earlier logs and rows stay
+        except OSError:
+            return
+    if root == _created_root:
+        with contextlib.suppress(OSError):
+            os.rmdir(root)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -33,14 +69,23 @@ def hydra_main(cfg: DictConfig) -> None:
     except USER_ERRORS as err:
         if cfg.get("fail_fast"):
             raise
-        fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        remove_output_dir(Path(str(cfg.get("results_dir", "results"))))
+        fail(one_line(err))
 
 
 def main() -> None:
+    global _created_root
+    args = sys.argv[1:]
+    overrides = [arg for arg in args if not arg.startswith("-")]
+    flags = [arg for arg in args if arg.startswith("-")]
     try:
-        check_overrides([arg for arg in sys.argv[1:] if not arg.startswith("-")])
-    except ValueError as err:
-        fail(str(err))
+        check_overrides(overrides)
+        if all(flag in ("-m", "--multirun") for flag in flags):  # other flags (--cfg, -cn) take values
+            settings = check_command_line(overrides, multirun=bool(flags))
+            root = settings.results_root if settings is not None else None
+            _created_root = root if root is not None and not root.exists() else None
+    except USER_ERRORS as err:
+        fail(one_line(err))
     hydra_main()
 
 

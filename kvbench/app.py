@@ -54,6 +54,10 @@ def run(cfg: Any) -> dict[str, Any]:
     method = build_method(cfg.method)
     check_chunked_methods(settings.prefill_chunk, [method])
     task = build_task(cfg.task)
+    store = ResultsStore(settings.run_dir)
+    store.check_writable()
+    config = OmegaConf.to_container(cfg, resolve=True)
+    store.check_config(config)
     lm = load_model(cfg.model)
     api.check_model(lm, [method])
     kernels = resolve_kernels(settings.kernels, lm.device)
@@ -69,8 +73,20 @@ def run(cfg: Any) -> dict[str, Any]:
         task_name=task.name,
     )
 
-    store = ResultsStore(settings.run_dir)
-    store.write_text("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    # Samples stream: each is built when its turn comes and dropped after its rows (RULER 128K x 500 x 13 never
+    # holds its prompts at once), so the number of rows to run is only known at the end.
+    samples = task.planned_samples(lm.tokenizer, lm.max_context)
+    # Produce the first item now: a task that checks its input (task=jsonl, lengths) fails here, in one line,
+    # before any progress output and before the run's files are touched.
+    samples = iter(samples)
+    first = list(itertools.islice(samples, 1))
+    if not first:
+        raise run_config.ConfigError(f"task {task.name} yields no samples with this config; nothing to run")
+    samples = itertools.chain(first, samples)
+    if settings.max_samples is not None:
+        samples = itertools.islice(samples, settings.max_samples)
+    # Only now that the inputs are known to be good: a failed invocation never touches the run's files.
+    store.save_config(config)
     store.write_text(
         "manifest.json",
         json.dumps(
@@ -82,39 +98,43 @@ def run(cfg: Any) -> dict[str, Any]:
             indent=2,
         ),
     )
-    # Samples stream: each is built when its turn comes and dropped after its rows (RULER 128K x 500 x 13 never
-    # holds its prompts at once), so the number of rows to run is only known at the end.
-    samples = task.planned_samples(lm.tokenizer, lm.max_context)
-    # Produce the first item now: a task that checks its input (task=jsonl) fails here, in one line, before any
-    # progress output.
-    samples = iter(samples)
-    samples = itertools.chain(list(itertools.islice(samples, 1)), samples)
-    if settings.max_samples is not None:
-        samples = itertools.islice(samples, settings.max_samples)
     done = store.done_keys()
     built = built_fingerprints(store.rows()) if done else {}
+    fingerprints: set[str] = set()  # this invocation's samples: the summary covers their rows only
+    claimed_elsewhere = 0
     if done:
         log.info("resuming: %d rows already in %s; their jobs are skipped", len(done), store.samples_path)
     skipped = 0
     recipe = None  # the recipe of the sample being run, recorded in its rows
 
     def work() -> Iterator[tuple[Sample, list[Job]]]:
-        nonlocal skipped, recipe
+        nonlocal skipped, recipe, claimed_elsewhere
         for item in samples:
             planned_recipe = item.recipe if isinstance(item, PlannedSample) else None
             # A generated sample whose recipe was built before into a fingerprint whose rows are all done is
             # skipped without generating its prompt.
             known = [api.plan_fingerprint(lm, fp, methods, options) for fp in built.get(planned_recipe, ())]
-            if any(all(job.key in done for job in jobs) for jobs in known):
+            finished = [
+                fp for fp, jobs in zip(built.get(planned_recipe, ()), known) if all(j.key in done for j in jobs)
+            ]
+            if finished:
                 skipped += len(known[0])
+                fingerprints.add(finished[0])
                 continue
             sample = item.build() if isinstance(item, PlannedSample) else item
+            fingerprints.add(sample.fingerprint())
             planned = api.plan(lm, sample, methods, options)
             jobs = [job for job in planned if job.key not in done]
             skipped += len(planned) - len(jobs)
-            if jobs:
-                recipe = planned_recipe
-                yield sample, jobs
+            if not jobs:
+                continue
+            # Claim the rows: those another process is computing (or finished meanwhile) are left to it; the
+            # claim is held until this sample's rows are appended (the generator resumes after them).
+            with store.claim([job.key for job in jobs]) as mine:
+                claimed_elsewhere += len(jobs) - len(mine)
+                if mine:
+                    recipe = planned_recipe
+                    yield sample, [job for job in jobs if job.key in set(mine)]
 
     total = 0
     with tqdm(desc=f"{task.name} x {method.label()}", disable=not settings.progress, unit="row") as bar:
@@ -125,8 +145,12 @@ def run(cfg: Any) -> dict[str, Any]:
             bar.update(1)
     if skipped:
         log.info("resumed: %d rows were already done, %d ran", skipped, total)
+    if claimed_elsewhere:
+        log.info("%d rows were computed by another process sharing %s", claimed_elsewhere, settings.run_dir)
 
-    rows = store.latest_rows()
+    # The summary and figures cover this invocation's samples only: rows of other sample sets in the same run
+    # (e.g. an earlier run with more samples) are left out, so n matches the config.
+    rows = [row for row in store.latest_rows() if row.get("sample_fingerprint") in fingerprints]
     summary = summarize(rows, settings.x_axis)
     store.write_text("summary.csv", summary.to_csv(index=False))
     frame = rows_frame(rows)

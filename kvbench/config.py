@@ -12,13 +12,17 @@ from hydra.utils import to_absolute_path
 from kvbench.budget import parse_budget
 from kvbench.chunked import parse_prefill_chunk
 from kvbench.kernels.dispatch import KERNEL_MODES
-from kvbench.registry import UnknownNameError, unknown_name_message
+from kvbench.registry import UnknownNameError, check_field, unknown_name_message
 from kvbench.report import check_x_axis
 from kvbench.runner import COMPRESS_MODES
 from kvbench.tasks.base import as_list  # noqa: I001
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SELECTABLE_GROUPS = ("model", "method", "task", "experiment")
+MISSING_HINTS = {
+    "model.name_or_path": "a local model directory (or its config.json; a hub id only with network access)",
+}
+BOOL_KEYS = {"include_full": True, "fail_fast": False, "progress": True}
 
 
 class ConfigError(ValueError):
@@ -39,6 +43,7 @@ class RunSettings:
     threads: int | None
     prefill_chunk: int | None = None  # tokens per prefill chunk, compressing between chunks (None: one shot)
     x_axis: str = "budget"  # summary order / accuracy figure x axis (kvbench.report.X_AXES)
+    results_root: Path | None = None  # results_dir, absolute
 
 
 def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
@@ -79,7 +84,20 @@ def parse_budgets(cfg: Any) -> tuple[int | float | None, ...]:
     return tuple(dict.fromkeys(parsed))  # drop duplicates, keep order
 
 
+def run_dir_for(results_dir: str, run_name: str) -> Path:
+    """results_dir/run_name, refusing a run name that leaves results_dir (`../x`, an absolute path)."""
+    root = Path(to_absolute_path(results_dir)).resolve()
+    run_dir = (root / run_name).resolve()
+    if not run_name or run_dir == root or not run_dir.is_relative_to(root):
+        raise ConfigError(
+            f"run_name {run_name!r} must name a directory inside results_dir ({root}); "
+            "use a plain name such as run_name=my_run"
+        )
+    return run_dir
+
+
 def validate(cfg: Any) -> RunSettings:
+    """Every top-level key checked (type and range, naming the key) before anything is loaded or written."""
     compress = str(cfg.compress)
     if compress not in COMPRESS_MODES:
         close = difflib.get_close_matches(compress, COMPRESS_MODES, n=1, cutoff=0.0)
@@ -88,10 +106,12 @@ def validate(cfg: Any) -> RunSettings:
     kernels = str(cfg.get("kernels", "auto"))
     if kernels not in KERNEL_MODES:
         raise ConfigError(f"unknown kernels '{kernels}'. Valid kernels: {', '.join(KERNEL_MODES)}.")
-    max_samples = cfg.get("max_samples")
-    if max_samples is not None and (isinstance(max_samples, bool) or int(max_samples) < 1):
-        raise ConfigError(f"max_samples must be a positive int or null, got {max_samples!r}")
-    threads = cfg.get("threads")
+    max_samples = check_field("max_samples", cfg.get("max_samples"), int | None, minimum=1)
+    threads = check_field("threads", cfg.get("threads"), int | None, minimum=1)
+    seed = check_field("seed", cfg.get("seed"), int, minimum=0)
+    flags = {key: check_field(key, cfg.get(key, default), bool) for key, default in BOOL_KEYS.items()}
+    results_dir = check_field("results_dir", cfg.get("results_dir"), str)
+    run_name = check_field("run_name", cfg.get("run_name"), str)
     try:
         x_axis = check_x_axis(str(cfg.get("x_axis", "budget")))
     except ValueError as err:
@@ -99,14 +119,145 @@ def validate(cfg: Any) -> RunSettings:
     return RunSettings(
         budgets=parse_budgets(cfg),
         compress=compress,
-        include_full=bool(cfg.get("include_full", True)),
-        seed=int(cfg.seed),
-        fail_fast=bool(cfg.get("fail_fast", False)),
-        max_samples=None if max_samples is None else int(max_samples),
-        run_dir=Path(to_absolute_path(str(cfg.results_dir))) / str(cfg.run_name),
-        progress=bool(cfg.get("progress", True)),
+        include_full=flags["include_full"],
+        seed=seed,
+        fail_fast=flags["fail_fast"],
+        max_samples=max_samples,
+        run_dir=run_dir_for(results_dir, run_name),
+        progress=flags["progress"],
         kernels=kernels,
-        threads=None if threads is None else int(threads),
+        threads=threads,
         prefill_chunk=parse_prefill_chunk(cfg.get("prefill_chunk")),
         x_axis=x_axis,
+        results_root=Path(to_absolute_path(results_dir)).resolve(),
     )
+
+
+def _node_keys(cfg: Any, path: list[str]) -> list[str] | None:
+    """Keys of the mapping at `path` in `cfg` (None if there is no mapping there)."""
+    from omegaconf import DictConfig
+
+    node = cfg
+    for part in path:
+        if not isinstance(node, DictConfig) or part not in node:
+            return None
+        node = node._get_node(part)
+    return [str(k) for k in node] if isinstance(node, DictConfig) else None
+
+
+def _registered_fields(cfg: Any, group: str) -> list[str] | None:
+    """Field names of the method/task class that `cfg.<group>.name` selects (None if unknown)."""
+    import dataclasses
+
+    if group == "method":
+        from kvbench.methods import METHODS as registry
+    elif group == "task":
+        from kvbench.tasks import TASKS as registry
+    else:
+        return None
+    name = cfg[group].get("name") if group in cfg else None
+    if name not in registry:
+        return None
+    return sorted(f.name for f in dataclasses.fields(registry.get(name)) if f.init and f.name != "name")
+
+
+def check_key(cfg: Any, path: str, add: bool) -> None:
+    """One-line error for an override of a key the composed config does not have (plain `key=`), or for a
+    `+key` that nothing reads (top-level keys and method/task parameters outside their dataclass)."""
+    parts = path.split(".")
+    parent, leaf = parts[:-1], parts[-1]
+    siblings = _node_keys(cfg, parent)
+    fields = _registered_fields(cfg, parent[0]) if len(parts) == 2 else None
+    exists = siblings is not None and leaf in siblings
+    if add and exists:
+        raise ConfigError(f"'+{path}' adds a key that exists already; set it without '+': {path}=...")
+    if not add and exists:
+        return
+    if fields is not None and leaf in fields:
+        if not add:
+            raise ConfigError(f"{path} is not in the {parent[0]}'s config file; add it with +{path}=...")
+        return
+    if add and len(parts) > 1 and fields is None:
+        return  # model.* and deeper mappings (e.g. method.base_params.*) take free keys
+    valid = fields if fields is not None else sorted(siblings or _node_keys(cfg, []) or [])
+    where = f" for {parent[0]} {cfg[parent[0]].get('name')}" if fields is not None else ""
+    prefix = ".".join(parent) + "." if parent and siblings is not None else ""
+    hint = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.0)
+    raise ConfigError(
+        f"unknown key '{path}'{where}."
+        + (f" Did you mean '{prefix}{hint[0]}'?" if hint else "")
+        + f" Valid keys{' under ' + '.'.join(parent) if prefix else ''}: {', '.join(valid)}."
+    )
+
+
+def check_command_line(overrides: list[str], multirun: bool = False, conf_dir: Path = CONF_DIR) -> RunSettings | None:
+    """Check a command line before Hydra composes it and creates any directory: unknown keys (`+key`
+    included) with the closest valid one; for a single run, also every value (the checks `validate`, the
+    method and the task builders make) and values left missing (`???`); returns the single run's settings."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as err:  # noqa: BLE001 - Hydra's grammar errors are multi-line
+        raise ConfigError(f"cannot parse the command line: {str(err).splitlines()[0]}") from None
+    groups: list[list[str]] = []  # per group override, every choice it sweeps
+    keys = []
+    for override in parsed:
+        name = override.key_or_group
+        if name.startswith("hydra") or override.package is not None or override.is_delete():
+            continue
+        if "/" in name or name in SELECTABLE_GROUPS:
+            plus = "+" if override.is_add() else ""
+            if override.is_sweep_override():
+                choices = list(override.sweep_string_iterator()) if override.is_discrete_sweep() else []
+            else:
+                choices = [override.get_value_element_as_str()]
+            if choices:
+                groups.append([f"{plus}{name}={choice}" for choice in choices])
+            continue
+        keys.append(override)
+    # A key must exist for at least one composed choice (`method=snapkv,streamingllm method.n_sink=2`).
+    variants = [[choices[0] for choices in groups]]
+    for index, choices in enumerate(groups):
+        variants += [[*variants[0][:index], choice, *variants[0][index + 1 :]] for choice in choices[1:]]
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        try:
+            bases = [compose("config", overrides=variant) for variant in variants]
+        except Exception as err:  # noqa: BLE001
+            raise ConfigError(str(err).splitlines()[0]) from None
+        for override in keys:
+            errors = []
+            for base in bases:
+                try:
+                    check_key(base, override.key_or_group, override.is_add() or override.is_force_add())
+                    break
+                except ConfigError as err:
+                    errors.append(err)
+            else:
+                raise errors[0]
+        if multirun or any(o.is_sweep_override() for o in parsed):
+            return None  # each job of a sweep checks its own values (and cleans up after itself)
+        try:
+            cfg = compose("config", overrides=overrides)
+        except Exception as err:  # noqa: BLE001
+            raise ConfigError(str(err).splitlines()[0]) from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        what = MISSING_HINTS.get(missing[0], "a value")
+        raise ConfigError(f"{missing[0]} needs {what}: pass {missing[0]}=... on the command line")
+    return check_values(cfg)
+
+
+def check_values(cfg: Any) -> RunSettings:
+    """Everything about a composed config that can be checked without loading a model or data."""
+    from kvbench.chunked import check_chunked_methods
+    from kvbench.methods import build_method
+    from kvbench.tasks import build_task
+
+    settings = validate(cfg)
+    method = build_method(cfg.method)
+    check_chunked_methods(settings.prefill_chunk, [method])
+    build_task(cfg.task)
+    return settings

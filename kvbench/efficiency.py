@@ -26,7 +26,8 @@ TABLE_COLUMNS = (
     ("tpot_ms", "tpot_s", 1000),
     ("peak_prefill_mib", "peak_mem_prefill_bytes", 1 / MIB),
     ("peak_decode_mib", "peak_mem_decode_bytes", 1 / MIB),
-    ("kv_mib", "kv_bytes", 1 / MIB),
+    ("kv_mib", "kv_bytes", 1 / MIB),  # held at the end of the row
+    ("kv_peak_mib", "kv_bytes_peak", 1 / MIB),  # the most held after compression (tail and decoding included)
     ("kv_full_mib", "kv_bytes_full", 1 / MIB),
     ("prefill_max_cache_len", "prefill_max_cache_len", 1),
 )
@@ -123,7 +124,7 @@ def memory_vs_context(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
     panels = (
         ("peak_mem_prefill_bytes", "prefill peak ({unit}, " + kind + ")"),
         ("peak_mem_decode_bytes", "decode peak ({unit}, " + kind + ")"),
-        ("kv_bytes", "KV cache after compression ({unit})"),
+        ("kv_bytes_peak", "KV cache peak after compression ({unit})"),
     )
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4))
     for ax, (column, title) in zip(axes, panels, strict=True):

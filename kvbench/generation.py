@@ -7,6 +7,8 @@ cache length). `model.generate` is never used for compressed runs.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,6 +53,14 @@ class Prefill:
     peak_mem_bytes: int | None
 
 
+@functools.cache
+def cache_argument(model_class: type) -> str:
+    """The keyword a model's forward takes its cache by: `cache` in recent transformers 5.x, which deprecates
+    `past_key_values` (removed in 5.40); `past_key_values` in the 5.x releases before `cache` existed."""
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def forward_tokens(
     lm: LoadedModel, cache: KVCache, token_ids: list[int], logits_to_keep: int | None = None
@@ -61,7 +71,7 @@ def forward_tokens(
     output = lm.model(
         input_ids=torch.tensor([token_ids], device=lm.device),
         position_ids=positions[None],
-        past_key_values=cache,
+        **{cache_argument(type(lm.model)): cache},
         use_cache=True,
         logits_to_keep=logits_to_keep or 1,
         **{CACHE_KWARG: cache},

@@ -39,7 +39,22 @@ def iter_jsonl(
             log.warning("%s:%d: ignoring an unterminated last row (interrupted write)", source, pending[0])
 
 
+def decode_utf8(data: bytes, source: str, first_line: int = 1) -> str:
+    """`data` as text; bytes that are not UTF-8 fail naming the file, line and column."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = first_line + data.count(b"\n", 0, err.start)
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise MalformedRowError(
+            f"{source}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at column {column}); "
+            "re-encode the file as UTF-8"
+        ) from None
+
+
 def _parse(number: int, line: str | bytes, source: str) -> tuple[int, dict]:
+    if isinstance(line, bytes):
+        line = decode_utf8(line, source, number)
     try:
         row = json.loads(line)
     except ValueError as err:

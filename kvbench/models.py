@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from kvbench import attention
+from kvbench.hub import local_files_only, why_no_hub
 from kvbench.registry import Registry
 
 MODEL_KINDS: Registry = Registry("model kind")
@@ -116,9 +117,13 @@ def _load_hf(cfg: Any, device: torch.device, dtype: torch.dtype) -> tuple[Any, A
     if not os.path.exists(name) and (REPO_ROOT / name).exists():  # shipped configs, from any working directory
         name = str(REPO_ROOT / name)
     is_local = os.path.exists(name)
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    if offline and not is_local:
-        raise FileNotFoundError(f"model '{name}' is not a local path and HF_HUB_OFFLINE=1; pass a local directory")
+    if not is_local and looks_like_path(name):
+        raise FileNotFoundError(
+            f"model.name_or_path '{name}' does not exist; pass a local model directory (with config.json and "
+            "*.safetensors) or its config.json"
+        )
+    # A hub id: only the local Hugging Face cache when offline or when the hub does not answer (fails at once).
+    cache_only = not is_local and local_files_only()
     trust = bool(cfg.get("trust_remote_code", False))
     try:
         if cfg.get("config_only", False):
@@ -127,7 +132,7 @@ def _load_hf(cfg: Any, device: torch.device, dtype: torch.dtype) -> tuple[Any, A
             config = (
                 AutoConfig.for_model(**json.loads(config_path.read_text()))
                 if config_path.suffix == ".json"
-                else AutoConfig.from_pretrained(name, trust_remote_code=trust)
+                else AutoConfig.from_pretrained(name, trust_remote_code=trust, local_files_only=cache_only)
             )
             torch.manual_seed(int(cfg.get("seed", 0)))
             # Built and initialised on the target device in the target dtype: an 8B model never passes through
@@ -138,20 +143,33 @@ def _load_hf(cfg: Any, device: torch.device, dtype: torch.dtype) -> tuple[Any, A
                 )
             tokenizer = smollm2_tokenizer(cfg.get("tokenizer"))
         else:
-            tokenizer = AutoTokenizer.from_pretrained(cfg.get("tokenizer") or name, trust_remote_code=trust)
+            tokenizer = AutoTokenizer.from_pretrained(
+                cfg.get("tokenizer") or name, trust_remote_code=trust, local_files_only=cache_only
+            )
             model = AutoModelForCausalLM.from_pretrained(
                 name,
+                local_files_only=cache_only,
                 dtype=dtype,
                 attn_implementation=attention.ATTN_IMPLEMENTATION,
                 trust_remote_code=trust,
                 use_safetensors=True,
             )
     except OSError as err:
+        if cache_only:
+            raise FileNotFoundError(
+                f"model '{name}' is not in the local Hugging Face cache and {why_no_hub()}; download it where "
+                "the hub is reachable and pass model.name_or_path=/path/to/model_dir"
+            ) from None
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise FileNotFoundError(
-            f"could not load model '{name}': {first_line} (offline? pass a local directory)"
-        ) from err
+            f"could not load model '{name}': {first_line} (pass model.name_or_path=/path/to/model_dir)"
+        ) from None
     return model, tokenizer
+
+
+def looks_like_path(name: str) -> bool:
+    """A filesystem path rather than a hub id (`org/name`): absolute, relative with ./ ../ ~, or a .json."""
+    return name.startswith(("/", "./", "../", "~")) or name.endswith(".json") or name.count("/") > 1
 
 
 @MODEL_KINDS.register("tiny_random")

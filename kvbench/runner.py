@@ -9,9 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kvbench import fidelity
 from kvbench.attention import KERNELS_ATTR
 from kvbench.budget import entries_for
+from kvbench.cache import PAD_POSITION, KVCache
 from kvbench.chunked import ChunkedPrefill, chunked_prefill, prefill_fields
 from kvbench.generation import Prefill, forward_tokens, greedy_decode, prefill
 from kvbench.measure import Stopwatch
@@ -37,7 +40,8 @@ class Job:
 
 def split_point(prompt: Prompt, compress: str) -> int:
     """compress=prompt: the whole prompt is prefilled and compressed (query-aware, the SnapKV setting);
-    compress=context: only the tokens up to the end of the context are (query-agnostic, the kvpress one)."""
+    compress=context: only the tokens up to the end of the context are (query-agnostic; kvpress's setting only for
+    methods that do not evict again while the question and the answer are fed, see `decode_evict`)."""
     if compress not in COMPRESS_MODES:
         raise ValueError(f"unknown compress '{compress}'. Valid compress modes: {', '.join(COMPRESS_MODES)}.")
     return len(prompt) if compress == "prompt" else prompt.context_end
@@ -163,11 +167,19 @@ def run_job(
         reserve=len(tail) + max(sample.max_new_tokens - 1, 0),
     )
     cache, ctx, compressed, entries = job_cache.cache, job_cache.ctx, job_cache.compressed, job_cache.entries
-    compress_phase, before_forward = job_cache.phase, job_cache.before_forward
+    compress_phase = job_cache.phase
     config = lm.config
-    kept = cache.kept_per_layer()
-    kept_entries = sum(sum(heads) for heads in kept)
-    kv_bytes, kv_bytes_logical = cache.kv_bytes(), cache.logical_kv_bytes()
+    layers, heads = config.num_hidden_layers, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    compressed_state = cache_state(cache, split, layers * heads, "_compressed")
+    # One new token adds a K and a V vector of the model's dtype per KV head per layer (from the config: a
+    # quantised layer would have to materialise its tensors to tell).
+    peak = PeakBytes(cache, layers * heads * 2 * head_dim * torch.empty((), dtype=lm.dtype).element_size())
+
+    def before_forward(num_new: int) -> None:
+        peak.observe()  # after the previous forward's evictions (some methods evict inside the forward)
+        job_cache.before_forward(num_new)
+        peak.observe(num_new)  # this forward appends num_new slots per head before any eviction inside it
 
     with stopwatch.phase("tail") as tail_phase:
         if tail:
@@ -175,27 +187,29 @@ def run_job(
             logits = forward_tokens(lm, cache, tail)
         else:
             logits = pre.last_logits
+    tail_state = cache_state(cache, split, layers * heads, "_tail", logical=False) if tail else {}
     kl_full = fidelity.kl_to_reference(lm, cache, logits, reference)  # on a copy, before decoding (not timed)
     stop_at_eos, stop, stop_strings = stop_rule(lm, sample)
     decoded = greedy_decode(lm, cache, logits, sample.max_new_tokens, before_forward, stopwatch, stop_at_eos, stop)
+    peak.observe()
     prediction = cut_at_stop(lm.tokenizer.decode(decoded.tokens, skip_special_tokens=True), stop_strings)
     compress_s = compress_phase.seconds + (pre.compress_seconds if chunked else 0.0)  # chunked: between chunks too
-    layers, heads = config.num_hidden_layers, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return {
         "status": "ok",
         "compressed": compressed,
         "budget_entries": entries,
-        "kept_entries": kept_entries,
-        "kept_per_layer": [sum(h) / len(h) for h in kept],
-        "kept_fraction": kept_entries / (split * layers * heads),
-        "kv_bytes": kv_bytes,
-        "kv_bytes_logical": kv_bytes_logical,
-        # Bits held per element of the uncompressed prompt cache (2 L Hkv T d elements): eviction and quantisation
-        # compare at equal bytes (16 for a full fp16/bf16 cache, 32 for fp32).
-        "bits_per_element": 8 * kv_bytes / (2 * layers * heads * split * head_dim),
+        # What the cache holds at the END of the row (after the question tail and decoding, during which
+        # decode-time methods keep evicting); `kept_fraction` is the share of the compressed segment's entries
+        # still held. `*_compressed`: right after the prefill compression; `*_tail`: after the question tail
+        # (compress=context); `kv_bytes_peak`: the most held at any point after compression.
+        **cache_state(cache, split, layers * heads),
+        **compressed_state,
+        **tail_state,
+        "kv_bytes_peak": peak.bytes,
+        # Bits held per element of the uncompressed prompt cache (2 L Hkv T d elements) right after compression:
+        # eviction and quantisation compare at equal bytes (16 for a full fp16/bf16 cache, 32 for fp32).
+        "bits_per_element": 8 * compressed_state["kv_bytes_compressed"] / (2 * layers * heads * split * head_dim),
         "kv_bytes_full": pre.kv_bytes_full if chunked else pre.cache.kv_bytes(),
-        "kv_bytes_final": cache.kv_bytes(),
         "kv_bytes_reserved": cache.reserved_kv_bytes(),  # held + capacity reserved for appends, at the end
         "max_layer_len_decode": decoded.max_layer_len,
         "prefill_s": pre.seconds,
@@ -233,6 +247,37 @@ def shared_prefill(
         if hasattr(observer, "bind_model"):
             observer.bind_model(lm)
     return prefill(lm, token_ids, min(window, len(token_ids)), stopwatch, attached), observers
+
+
+def cache_state(cache: KVCache, split: int, layer_heads: int, suffix: str = "", logical: bool = True) -> dict:
+    """Entries and bytes `cache` holds now, as row fields named with `suffix`. `kept_fraction` counts only the
+    slots of the compressed segment (original position < split), so appended tokens never inflate it."""
+    kept = cache.kept_per_layer()
+    in_context = sum(
+        int(((layer.positions < split) & (layer.positions != PAD_POSITION)).sum()) for layer in cache.layers
+    )
+    state = {
+        "kept_entries": sum(sum(h) for h in kept),
+        "kept_per_layer": [sum(h) / len(h) for h in kept],
+        "kept_fraction": in_context / (split * layer_heads),
+        "kv_bytes": cache.kv_bytes(),
+    }
+    if logical:
+        state["kv_bytes_logical"] = cache.logical_kv_bytes()
+    return {f"{name}{suffix}": value for name, value in state.items()}
+
+
+class PeakBytes:
+    """The largest `cache.kv_bytes()` seen, counting the slots a forward is about to append (it holds them
+    before any eviction inside it). Sizes only: no tensor is read, so no per-step synchronisation."""
+
+    def __init__(self, cache: KVCache, bytes_per_token: int) -> None:
+        self.cache = cache
+        self.per_token = bytes_per_token
+        self.bytes = cache.kv_bytes()
+
+    def observe(self, appending: int = 0) -> None:
+        self.bytes = max(self.bytes, self.cache.kv_bytes() + appending * self.per_token)
 
 
 def run_sample(

@@ -129,7 +129,7 @@ def retention(cfg: DictConfig) -> pd.DataFrame:
         question_span = token_span(pieces, sample.question, text.index(sample.question))
         for job, row in run_sample(lm, sample, jobs, "prompt", int(cfg.seed), fail_fast=True):
             kept = row["method_record"]["kept_positions"]
-            overall = row["kept_fraction"]
+            overall = row["kept_fraction_compressed"]  # the moment kept_positions are recorded
             records.append(
                 {
                     "budget": job.budget,

@@ -95,7 +95,7 @@ def test_api_builds_models_methods_and_sweeps_on_one_prefill(tmp_path, monkeypat
         ("streamingllm", 16),
     ]
     layers, kv_heads = 4, 2
-    assert [r["kept_entries"] for r in rows] == [8 * layers * kv_heads, 16 * layers * kv_heads] * 2
+    assert [r["kept_entries_compressed"] for r in rows] == [8 * layers * kv_heads, 16 * layers * kv_heads] * 2
 
 
 def test_api_bad_input_is_one_line():

@@ -148,7 +148,7 @@ def test_pyramidkv_then_multi_token_question(tiny_lm):
     jobs = [Job(build_method({"name": "pyramidkv", "window": 8}), 64, "p")]
     ((_, row),) = list(run_sample(tiny_lm, sample, jobs, "context", 0, fail_fast=True))
     assert row["status"] == "ok" and row["compressed"]
-    per_layer = row["kept_per_layer"]
+    per_layer = row["kept_per_layer_compressed"]
     assert len(set(per_layer)) > 1  # layers really hold different lengths
     assert sum(per_layer) / len(per_layer) == 64
     assert row["output_tokens"] >= 1

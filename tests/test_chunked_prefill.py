@@ -79,7 +79,7 @@ def test_chunked_prefill_with_budget_at_least_prompt_equals_oneshot_full_prefill
     assert chunked["prefill_mode"] == "chunked:37" and chunked["prefill_compressions"] == 0
     assert chunked["compressed"] is False
     assert chunked["output_ids"] == oneshot["output_ids"]  # token for token
-    assert chunked["kv_bytes"] == oneshot["kv_bytes_full"] == chunked["kv_bytes_full"]
+    assert chunked["kv_bytes_compressed"] == oneshot["kv_bytes_full"] == chunked["kv_bytes_full"]
     assert chunked["prefill_max_cache_len"] == chunked["prompt_tokens"]
 
 
@@ -130,7 +130,7 @@ def test_one_chunk_covering_the_prompt_keeps_what_the_oneshot_prefill_keeps(tiny
     ((_, oneshot),) = list(run_sample(tiny_lm, sample, jobs, "prompt", 0, fail_fast=True))
     ((_, chunked),) = list(run_sample(tiny_lm, sample, jobs, "prompt", 0, fail_fast=True, prefill_chunk=10_000))
     assert chunked["prefill_compressions"] == 1
-    assert chunked["kept_per_layer"] == oneshot["kept_per_layer"]
+    assert chunked["kept_per_layer_compressed"] == oneshot["kept_per_layer_compressed"]
     assert chunked["output_ids"] == oneshot["output_ids"]
 
 
@@ -158,7 +158,7 @@ def test_rows_record_the_prefill_mode_and_chunked_rows_do_not_resume_oneshot_one
     for row in rows:
         if row["prefill_mode"] == "chunked:96" and row["method"] == "snapkv":
             assert row["prefill_max_cache_len"] <= 64 + 96 and row["prefill_compressions"] >= 4
-            assert row["kept_entries"] == 64 * 4 * 2
+            assert row["kept_entries_compressed"] == 64 * 4 * 2
         if row["prefill_mode"] == "oneshot":
             assert row["prefill_max_cache_len"] == row["compressed_tokens"]
     summary = chunked["summary"]
@@ -234,7 +234,11 @@ def test_random_weight_model_from_a_config_json(tmp_path):
     jobs = [Job(build_method({"name": "snapkv"}), 32, "snapkv")]
     (sample,) = task.samples(lm.tokenizer, lm.max_context)
     ((_, row),) = list(run_sample(lm, sample, jobs, "prompt", 0, fail_fast=True, prefill_chunk=64))
-    assert row["output_tokens"] == 4 and row["kept_entries"] == 32 * 2 * 2 and row["prefill_max_cache_len"] <= 96
+    assert (
+        row["output_tokens"] == 4
+        and row["kept_entries_compressed"] == 32 * 2 * 2
+        and row["prefill_max_cache_len"] <= 96
+    )
 
 
 @pytest.mark.parametrize(

@@ -266,7 +266,7 @@ def test_two_samples_end_to_end_full_and_snapkv(tiny_lm):
         rows = {job.key: row for job, row in run_sample(tiny_lm, sample, jobs, "prompt", seed=0, fail_fast=True)}
         assert all(row["status"] == "ok" and 0.0 <= row["score"] <= 1.0 for row in rows.values())
         assert rows["full"]["compressed"] is False
-        assert rows["snapkv64"]["compressed"] is True and rows["snapkv64"]["kept_per_layer"] == [64.0] * 4
+        assert rows["snapkv64"]["compressed"] is True and rows["snapkv64"]["kept_per_layer_compressed"] == [64.0] * 4
         assert rows["full"]["prompt_tokens"] > sample.meta["passage_tokens"] > 600
 
 

@@ -64,7 +64,7 @@ def test_budget_at_least_prompt_is_identical_to_full(tiny_lm, name, tmp_path):
     rows = run(tiny_lm, name, 10_000, cache_dir=tmp_path)
     assert rows["m"]["compressed"] is False
     assert rows["m"]["output_ids"] == rows["full"]["output_ids"]
-    assert rows["m"]["kv_bytes"] == rows["full"]["kv_bytes_full"]
+    assert rows["m"]["kv_bytes_compressed"] == rows["full"]["kv_bytes_full"]
 
 
 def test_razor_with_every_head_retrieval_is_identical_to_full(tiny_lm, tmp_path):
@@ -73,7 +73,7 @@ def test_razor_with_every_head_retrieval_is_identical_to_full(tiny_lm, tmp_path)
     rows = run(tiny_lm, cfg, 16, cache_dir=tmp_path)
     assert rows["m"]["compressed"] is True
     assert rows["m"]["output_ids"] == rows["full"]["output_ids"]
-    assert rows["m"]["kept_entries"] == rows["m"]["compressed_tokens"] * 4 * 2
+    assert rows["m"]["kept_entries_compressed"] == rows["m"]["compressed_tokens"] * 4 * 2
 
 
 @pytest.mark.parametrize("name", NEW_METHODS)
@@ -84,13 +84,13 @@ def test_compressed_runs_shrink_memory_and_report_bytes_honestly(tiny_lm, name, 
     row = run(tiny_lm, name, budget, compress, cache_dir=tmp_path)["m"]
     layers, heads = tiny_lm.config.num_hidden_layers, tiny_lm.config.num_key_value_heads
     assert row["status"] == "ok" and row["compressed"] is True
-    assert row["kv_bytes_logical"] <= row["kv_bytes"] < row["kv_bytes_full"]
+    assert row["kv_bytes_logical_compressed"] <= row["kv_bytes_compressed"] < row["kv_bytes_full"]
     per_slot = row["kv_bytes_full"] // (row["compressed_tokens"] * layers * heads)
-    assert row["kv_bytes_logical"] == row["kept_entries"] * per_slot
+    assert row["kv_bytes_logical_compressed"] == row["kept_entries_compressed"] * per_slot
     if name == "razor":
-        assert row["kept_entries"] >= budget * layers * heads
+        assert row["kept_entries_compressed"] >= budget * layers * heads
     else:
-        assert row["kept_entries"] == budget * layers * heads
+        assert row["kept_entries_compressed"] == budget * layers * heads
 
 
 # --- AdaKV ------------------------------------------------------------------------------------------------
@@ -134,13 +134,13 @@ def test_adakv_per_head_counts_match_the_rule_and_only_kept_slots_remain(tiny_lm
 def test_adakv_with_alpha_one_is_snapkv(tiny_lm):
     snap = run(tiny_lm, "snapkv", 40)["m"]
     ada = run(tiny_lm, {"name": "adakv", "alpha": 1.0}, 40)["m"]
-    assert ada["output_ids"] == snap["output_ids"] and ada["kv_bytes"] == snap["kv_bytes"]
+    assert ada["output_ids"] == snap["output_ids"] and ada["kv_bytes_compressed"] == snap["kv_bytes_compressed"]
 
 
 def test_adakv_wraps_pyramidkv_budgets(tiny_lm):
     row = run(tiny_lm, {"name": "adakv", "base": "pyramidkv"}, 40)["m"]
     pyramid = run(tiny_lm, "pyramidkv", 40)["m"]
-    assert row["kept_per_layer"] == pyramid["kept_per_layer"]
+    assert row["kept_per_layer_compressed"] == pyramid["kept_per_layer_compressed"]
     with pytest.raises(ValueError, match="scoring method"):
         build_method({"name": "adakv", "base": "streamingllm"})
 
@@ -475,4 +475,7 @@ def test_budget_sweeps_score_once_per_sample(tiny_lm, name, monkeypatch):
     assert calls == [24]
     assert rows["40"]["method_record"][f"{name}_scores_shared"] is True
     alone = run(tiny_lm, name, 40, "context")["m"]
-    assert rows["40"]["output_ids"] == alone["output_ids"] and rows["40"]["kept_per_layer"] == alone["kept_per_layer"]
+    assert (
+        rows["40"]["output_ids"] == alone["output_ids"]
+        and rows["40"]["kept_per_layer_compressed"] == alone["kept_per_layer_compressed"]
+    )

@@ -29,7 +29,7 @@ def test_budget_at_least_prompt_is_identical_to_full(tiny_lm, name):
     rows = dict((j.key, row) for j, row in run_sample(tiny_lm, sample, [full, job], "prompt", 0, fail_fast=True))
     assert rows[name]["compressed"] is False
     assert rows[name]["output_ids"] == rows["full"]["output_ids"]
-    assert rows[name]["kv_bytes"] == rows["full"]["kv_bytes_full"]
+    assert rows[name]["kv_bytes_compressed"] == rows["full"]["kv_bytes_full"]
 
 
 @pytest.mark.parametrize("name", ["random", "window", "streamingllm", "snapkv", "pyramidkv"])
@@ -40,20 +40,22 @@ def test_kept_counts_follow_the_budget_rule_and_memory_shrinks(tiny_lm, name, co
     ((_, row),) = list(run_sample(tiny_lm, needle_sample(), jobs, compress, 0, fail_fast=True))
     layers, heads = tiny_lm.config.num_hidden_layers, tiny_lm.config.num_key_value_heads
     assert row["compressed"] is True
-    assert row["kept_entries"] == budget * layers * heads
+    assert row["kept_entries_compressed"] == budget * layers * heads
     if name == "pyramidkv":
-        assert row["kept_per_layer"] == pyramid_layer_budgets(budget, 32, row["compressed_tokens"], layers, 20.0)
+        assert row["kept_per_layer_compressed"] == pyramid_layer_budgets(
+            budget, 32, row["compressed_tokens"], layers, 20.0
+        )
     else:
-        assert row["kept_per_layer"] == [budget] * layers
-    assert row["kv_bytes"] == row["kv_bytes_full"] * budget // row["compressed_tokens"]
-    assert math.isclose(row["kept_fraction"], budget / row["compressed_tokens"])
+        assert row["kept_per_layer_compressed"] == [budget] * layers
+    assert row["kv_bytes_compressed"] == row["kv_bytes_full"] * budget // row["compressed_tokens"]
+    assert math.isclose(row["kept_fraction_compressed"], budget / row["compressed_tokens"])
 
 
 def test_fractional_budget_keeps_that_fraction(tiny_lm):
     jobs = [Job(build_method({"name": "snapkv"}), 0.25, "s")]
     ((_, row),) = list(run_sample(tiny_lm, needle_sample(), jobs, "prompt", 0, fail_fast=True))
     assert row["budget_entries"] == round(0.25 * row["compressed_tokens"])
-    assert abs(row["kept_fraction"] - 0.25) < 0.01
+    assert abs(row["kept_fraction_compressed"] - 0.25) < 0.01
 
 
 def test_every_sample_is_compressed_not_only_the_first(tiny_lm):
@@ -64,7 +66,7 @@ def test_every_sample_is_compressed_not_only_the_first(tiny_lm):
         sample.sample_id = f"s{index}"
         sample.context = sample.context + " Extra sentence." * index
         ((_, row),) = list(run_sample(tiny_lm, sample, jobs, "prompt", 0, fail_fast=True))
-        assert row["compressed"] and row["kept_entries"] == 40 * 4 * 2
+        assert row["compressed"] and row["kept_entries_compressed"] == 40 * 4 * 2
 
 
 @pytest.mark.parametrize(

@@ -84,7 +84,7 @@ def test_budget_never_reached_gives_full_output(tiny_lm):
         for label, row in rows.items():
             assert not row["compressed"], label
             assert row["output_ids"] == reference["output_ids"], (compress, label)
-            assert row["kv_bytes_final"] == reference["kv_bytes_final"], (compress, label)
+            assert row["kv_bytes"] == reference["kv_bytes"], (compress, label)
 
 
 @pytest.mark.parametrize("compress", ["prompt", "context"])
@@ -99,15 +99,17 @@ def test_kept_counts_follow_the_budget_and_bytes_shrink(tiny_lm, compress):
     slot_bytes = 2 * tiny_lm.config.head_dim * 4  # K + V, fp32
     for job, row in run_sample(tiny_lm, sample, jobs, compress, seed=0, fail_fast=True):
         assert row["compressed"] and row["compressed_tokens"] > budget
-        assert row["kept_per_layer"] == [budget] * layers, job.key
-        assert row["kv_bytes"] == row["kv_bytes_logical"] == layers * heads * budget * slot_bytes, job.key
-        assert row["kv_bytes"] < row["kv_bytes_full"]
+        assert row["kept_per_layer_compressed"] == [budget] * layers, job.key
+        assert (
+            row["kv_bytes_compressed"] == row["kv_bytes_logical_compressed"] == layers * heads * budget * slot_bytes
+        ), job.key
+        assert row["kv_bytes_compressed"] < row["kv_bytes_full"]
         appended = row["prompt_tokens"] - row["compressed_tokens"] + row["output_tokens"] - 1  # tail + decode
         if job.key in ("h2o", "tova"):  # decode-time eviction: the cache ends at the budget
-            assert row["kv_bytes_final"] == row["kv_bytes"], job.key
+            assert row["kv_bytes"] == row["kv_bytes_compressed"], job.key
             assert row["max_layer_len_decode"] == budget
         else:  # generated (and question-tail) tokens are appended
-            assert row["kv_bytes_final"] == row["kv_bytes"] + layers * heads * appended * slot_bytes, job.key
+            assert row["kv_bytes"] == row["kv_bytes_compressed"] + layers * heads * appended * slot_bytes, job.key
 
 
 def test_compressed_caches_are_per_head_exact(tiny_lm):

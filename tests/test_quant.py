@@ -224,10 +224,10 @@ def test_kivi_stores_packed_bytes_and_records_its_bits(tiny_lm):
         kq, vq = n - n % 32, n - 32
         per_layer = uniform_nbytes(heads, kq, d, bits, 16, "token") + uniform_nbytes(heads, vq, d, bits, 16, "channel")
         per_layer += heads * ((n - kq) + (n - vq)) * d * 4
-        assert row["kv_bytes"] == layers * per_layer
-        assert row["bits_per_element"] == pytest.approx(8 * row["kv_bytes"] / (2 * layers * heads * n * d))
-        assert row["kept_entries"] == rows["full"]["kept_entries"]
-    assert rows["k2"]["kv_bytes"] < rows["k4"]["kv_bytes"] < rows["full"]["kv_bytes"]
+        assert row["kv_bytes_compressed"] == layers * per_layer
+        assert row["bits_per_element"] == pytest.approx(8 * row["kv_bytes_compressed"] / (2 * layers * heads * n * d))
+        assert row["kept_entries_compressed"] == rows["full"]["kept_entries_compressed"]
+    assert rows["k2"]["kv_bytes_compressed"] < rows["k4"]["kv_bytes_compressed"] < rows["full"]["kv_bytes_compressed"]
 
 
 def test_eviction_base_then_quantised_storage(tiny_lm):
@@ -238,10 +238,12 @@ def test_eviction_base_then_quantised_storage(tiny_lm):
     snap4 = Job(build_method({"name": "kivi", "base": "snapkv", "k_bits": 4, "v_bits": 4, **tiny}), budget, "snap4")
     rows = run_rows(tiny_lm, snap, snap16, snap4)
     assert rows["snap16"]["output_ids"] == rows["snap"]["output_ids"]
-    assert rows["snap16"]["kv_bytes"] == rows["snap"]["kv_bytes"]
+    assert rows["snap16"]["kv_bytes_compressed"] == rows["snap"]["kv_bytes_compressed"]
     layers, heads = tiny_lm.config.num_hidden_layers, tiny_lm.config.num_key_value_heads
-    assert rows["snap4"]["kept_entries"] == budget * layers * heads == rows["snap"]["kept_entries"]
-    assert rows["snap4"]["kv_bytes"] < rows["snap"]["kv_bytes"]
+    assert (
+        rows["snap4"]["kept_entries_compressed"] == budget * layers * heads == rows["snap"]["kept_entries_compressed"]
+    )
+    assert rows["snap4"]["kv_bytes_compressed"] < rows["snap"]["kv_bytes_compressed"]
 
 
 @pytest.mark.parametrize("base", ["streamingllm", "h2o"])

@@ -98,7 +98,8 @@ class Hierarchical(Method):
     `scripts/plot_popularity.py` draws it.
 
     Hyperparameters: topk=32, period=40 (W), window=40 (prefill profile rows, the same scale as W), n_sink=4,
-    record_every=10.
+    record_every=10, decode_evict=true (false: only the prompt is reduced, by its prefill-profile levels;
+    later tokens are appended).
     """
 
     topk: int = 32
@@ -106,6 +107,7 @@ class Hierarchical(Method):
     window: int = 40
     n_sink: int = 4
     record_every: int = 10
+    decode_evict: bool = True
 
     def validate(self) -> None:
         if min(self.topk, self.period, self.window, self.record_every) < 1 or self.n_sink < 0:
@@ -139,7 +141,8 @@ class Hierarchical(Method):
             self.promote(cache)
             tracker.profiles = tracker.fed // self.period
             tracker.window_start = cache.seen_tokens
-        self.evict(cache, ctx.budget - num_new, protect_from=tracker.window_start)
+        if self.decode_evict:
+            self.evict(cache, ctx.budget - num_new, protect_from=tracker.window_start)
         tracker.fed += num_new
         self.record(cache, ctx, force=profiled)
 

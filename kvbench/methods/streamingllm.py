@@ -17,11 +17,13 @@ class StreamingLLM(Method):
     """StreamingLLM (Xiao et al., 2023, "Efficient Streaming Language Models with Attention Sinks").
 
     Keeps the first `n_sink` slots (attention sinks) and the most recent `budget - n_sink`. Compresses once
-    at the end of prefill and then before every forward, so the cache never exceeds the budget.
+    at the end of prefill and then before every forward, so the cache never exceeds the budget
+    (`decode_evict=false`: prefill only, the question tail and generated tokens are appended, as in harnesses
+    that compress the context once, e.g. kvpress's StreamingLLMPress).
 
     Hyperparameters: n_sink=4; rerotate=false keeps every slot at its original position (kvbench default);
     rerotate=true is the paper's mode: kept keys are re-rotated to contiguous positions 0..len-1 and new
-    tokens take their cache index as position.
+    tokens take their cache index as position; decode_evict=true.
 
     Chunked prefill (`prefill_chunk`): the same rule after every chunk, so the prompt ends with the one-shot
     slots (sinks + most recent positions); their keys/values above layer 0 differ, since later chunks attended
@@ -33,6 +35,7 @@ class StreamingLLM(Method):
 
     n_sink: int = 4
     rerotate: bool = False
+    decode_evict: bool = True
 
     def _evict(self, cache: KVCache, keep: int, ctx: CompressionContext) -> None:
         keep_recent(cache, max(keep, min(self.n_sink, ctx.budget)), sinks=self.n_sink)
@@ -51,5 +54,5 @@ class StreamingLLM(Method):
         self._evict(cache, ctx.budget, ctx)
 
     def before_forward(self, cache: KVCache, ctx: CompressionContext, num_new: int) -> None:
-        if cache.layers[0].get_seq_length() + num_new > ctx.budget:
+        if self.decode_evict and cache.layers[0].get_seq_length() + num_new > ctx.budget:
             self._evict(cache, ctx.budget - num_new, ctx)

@@ -47,14 +47,18 @@ class TOVA(Method):
     it after the prefill is exact); then every decode step evicts one slot right after that layer's attention,
     as the official cache's `reduce` does. No forced sinks or recent window.
 
-    No hyperparameters.
+    Hyperparameters: decode_evict=true (false: prefill only, the question tail and generated tokens are
+    appended, as in harnesses that compress the context once).
     """
+
+    decode_evict: bool = True
 
     def window_queries_needed(self) -> int:
         return 1
 
     def setup(self, cache: KVCache, ctx: CompressionContext) -> None:
-        cache.observers.append(LastQueryEvictor(ctx.budget))
+        if self.decode_evict:
+            cache.observers.append(LastQueryEvictor(ctx.budget))
 
     def compress(self, cache: KVCache, ctx: CompressionContext) -> None:
         last_position = ctx.window_positions[-1:]

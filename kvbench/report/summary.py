@@ -37,6 +37,15 @@ def budget_label(budget: Any) -> str:
     return str(budget)
 
 
+def entries_label(values: pd.Series) -> str:
+    """The integer entries per KV head per layer of a group: one number, or min-max when prompts differ."""
+    known = values.dropna()
+    if known.empty:
+        return "all"
+    low, high = int(known.min()), int(known.max())
+    return str(low) if low == high else f"{low}-{high}"
+
+
 def summarize(rows: list[dict[str, Any]], x_axis: str = "budget") -> pd.DataFrame:
     """Mean metrics per (task, method, compress, budget); within a method ordered by `x_axis` (`X_AXES`)."""
     check_x_axis(x_axis)
@@ -56,13 +65,21 @@ def summarize(rows: list[dict[str, Any]], x_axis: str = "budget") -> pd.DataFram
         "kl_full": ("kl_full", "mean"),
         "bits_per_element": ("bits_per_element", "mean"),
     }
+    # kept_fraction and kv_mb: what the cache holds at the END of each row (decode-time eviction included);
+    # kv_mb_peak: the most it held after compression; entries: the integer KV entries per KV head per layer the
+    # budget resolved to (a float budget b is max(1, round(b * T)) of each prompt).
+    held = {
+        "entries": ("budget_entries", entries_label),
+        "kept_fraction": ("kept_fraction", "mean"),
+        "kv_mb": ("kv_bytes", lambda s: s.mean() / MB),
+        "kv_mb_peak": ("kv_bytes_peak", lambda s: s.mean() / MB),
+    }
     summary = ok.groupby(keys, dropna=False).agg(
         n=("score", "size"),
         accuracy=("score", "mean"),
         **{name: spec for name, spec in optional.items() if spec[0] in ok},
         compressed=("compressed", "mean"),
-        kept_fraction=("kept_fraction", "mean"),
-        kv_mb=("kv_bytes", lambda s: s.mean() / MB),
+        **{name: spec for name, spec in held.items() if spec[0] in ok},
         kv_mb_full=("kv_bytes_full", lambda s: s.mean() / MB),
         prompt_tokens=("prompt_tokens", "mean"),
         ttft_s=("ttft_s", "mean"),
@@ -97,8 +114,10 @@ def format_table(summary: pd.DataFrame) -> str:
             "accuracy",
             "token_match",
             "kl_full",
+            "entries",
             "kept_fraction",
             "kv_mb",
+            "kv_mb_peak",
             "bits_per_element",
             "kv_mb_full",
             "ttft_s",

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,10 +19,10 @@ from typing import Any
 
 import yaml
 
+from kvbench.hub import hub_offline, local_files_only, why_no_hub
 from kvbench.jsonl import iter_jsonl
 
 CONTEXT_FIELD = "{context}"
-_TRUE = ("1", "true", "yes", "on")
 
 
 class DataUnavailableError(FileNotFoundError):
@@ -42,7 +41,7 @@ class Row:
         return f"{self.source}:{self.line}"
 
 
-def parse_jsonl(lines: Iterable[str], source: str, required: Sequence[str] = ()) -> list[Row]:
+def parse_jsonl(lines: Iterable[str | bytes], source: str, required: Sequence[str] = ()) -> list[Row]:
     """Rows of JSONL text (blank lines skipped); a bad line or a missing field fails with `source:line`."""
     rows = []
     for number, data in iter_jsonl(lines, source):
@@ -54,12 +53,11 @@ def parse_jsonl(lines: Iterable[str], source: str, required: Sequence[str] = ())
 
 
 def read_jsonl(path: Path, required: Sequence[str] = ()) -> list[Row]:
-    with open(path, encoding="utf-8") as handle:
-        return parse_jsonl(handle, str(path), required)
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+    with open(path, "rb") as handle:  # bytes: a line that is not UTF-8 is reported with its file and line
+        rows = parse_jsonl(handle, str(path), required)
+    if not rows:
+        raise ValueError(f"{path} holds no rows (empty data file)")
+    return rows
 
 
 def hub_dataset_file(hub_id: str, filename: str, subject: str, local_name: str) -> Path:
@@ -70,13 +68,15 @@ def hub_dataset_file(hub_id: str, filename: str, subject: str, local_name: str) 
     """
     from huggingface_hub import hf_hub_download
 
-    offline = hub_offline()
+    offline = local_files_only()  # an unreachable hub fails at once instead of retrying for a minute
     try:
         return Path(hf_hub_download(hub_id, filename, repo_type="dataset", local_files_only=offline))
     except Exception as err:
         local = f"pass task.data_dir=<dir with {local_name}>"
-        if offline:
+        if hub_offline():
             message = f"no local data and HF_HUB_OFFLINE is set; {local} or unset HF_HUB_OFFLINE to download {hub_id}"
+        elif offline:
+            message = f"no local copy of {hub_id} and {why_no_hub()}; {local}"
         else:
             message = f"cannot download {filename} from {hub_id} ({_one_line(err)}); {local}"
         raise DataUnavailableError(f"{subject}: {message}") from None

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbench.jsonl import MalformedRowError, iter_jsonl
+from kvbench.registry import AT_LEAST_ONE
 from kvbench.tasks.base import QUESTION_POSITIONS, Sample, Task, as_list, register_task
 from kvbench.tasks.haystack import TASKS_DIR
 from kvbench.tasks.metrics import METRICS
@@ -263,7 +264,7 @@ class Ielts(Task):
     limit: int | None = None
     questions_per_type: int | None = None
     seed: int = 42
-    max_new_tokens: int = 12
+    max_new_tokens: int = field(default=12, metadata=AT_LEAST_ONE)
     use_chat_template: bool = True
 
     def __post_init__(self) -> None:

@@ -33,11 +33,12 @@ import json
 import random
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kvbench.prompt import build_prompt
+from kvbench.registry import AT_LEAST_ONE
 from kvbench.tasks.base import Sample, Task, as_list, register_task
 from kvbench.tasks.benchmark_data import (
     DataUnavailableError,
@@ -82,7 +83,7 @@ class InfiniteBench(Task):
     hub_id: str | None = "xinrongzhang2022/InfiniteBench"
     limit: int | None = None
     synthetic_lengths: Any = None
-    synthetic_samples: int = 10
+    synthetic_samples: int = field(default=10, metadata=AT_LEAST_ONE)
     use_chat_template: bool = True
     seed: int = 42
 

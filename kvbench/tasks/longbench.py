@@ -20,7 +20,6 @@ subtask, a seeded subset), seed.
 
 from __future__ import annotations
 
-import io
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -151,4 +150,4 @@ def _archive_rows(archive: Path, name: str) -> list[Row]:
         if not members:
             raise DataUnavailableError(f"{archive} has no {name}; pass task.data_dir=<dir with {name}>")
         with bundle.open(members[0]) as raw:
-            return parse_jsonl(io.TextIOWrapper(raw, encoding="utf-8"), f"{archive}!{members[0]}", REQUIRED_FIELDS)
+            return parse_jsonl(raw, f"{archive}!{members[0]}", REQUIRED_FIELDS)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbench.prompt import build_prompt
+from kvbench.registry import AT_LEAST_ONE
 from kvbench.tasks.base import (
     QUESTION_POSITIONS,
     PlannedSample,
@@ -49,12 +50,12 @@ class NIAH(Task):
     after | both (or a list of them, each run separately).
     """
 
-    lengths: list[int] = field(default_factory=lambda: [1024, 2048])
+    lengths: list[int] = field(default_factory=lambda: [1024, 2048], metadata=AT_LEAST_ONE)
     depths: list[float] = field(default_factory=lambda: [0, 25, 50, 75, 100])
     haystack: str = "noise"
-    samples_per_cell: int = 1
+    samples_per_cell: int = field(default=1, metadata=AT_LEAST_ONE)
     question_position: Any = "after"
-    max_new_tokens: int = 32
+    max_new_tokens: int = field(default=32, metadata=AT_LEAST_ONE)
     seed: int = 42
     use_chat_template: bool = True
 

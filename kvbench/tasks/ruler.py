@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvbench.prompt import build_prompt
-from kvbench.registry import unknown_name_message
+from kvbench.registry import AT_LEAST_ONE, unknown_name_message
 from kvbench.tasks.base import QUESTION_POSITIONS, Sample, Task, as_list, register_task
 from kvbench.tasks.ruler_generators import (
     GENERATION_LENGTHS,
@@ -73,8 +73,8 @@ class RulerTask(Task):
     each target length; metric string_match_all (string_match_part for qa)."""
 
     subtasks: list[str] = field(default_factory=lambda: list(SUBTASKS))
-    lengths: list[int] = field(default_factory=lambda: [4096])
-    num_samples: int = 500
+    lengths: list[int] = field(default_factory=lambda: [4096], metadata=AT_LEAST_ONE)
+    num_samples: int = field(default=500, metadata=AT_LEAST_ONE)
     seed: int = 42
     question_position: Any = "after"
     squad_path: str | None = "rajpurkar/squad_v2"

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kvbench.jsonl import read_jsonl
+from kvbench.jsonl import decode_utf8, read_jsonl
 from kvbench.tasks.ruler_generators import QAData, QAItem
 
 T = TypeVar("T")
@@ -74,7 +74,7 @@ def read_file(dataset: str, path: Path) -> Iterator[dict[str, Any]]:
         yield from read_jsonl(path)
         return
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(decode_utf8(path.read_bytes(), str(path)))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
     if dataset == "squad":

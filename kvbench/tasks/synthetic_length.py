@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbench.prompt import build_prompt
+from kvbench.registry import AT_LEAST_ONE
 from kvbench.tasks.base import PlannedSample, Sample, Task, check_lengths, register_task
 from kvbench.tasks.haystack import haystack_text
 from kvbench.tasks.metrics import METRICS
@@ -69,10 +70,10 @@ class SyntheticLength(Task):
     content, for timing spread); seed.
     """
 
-    lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192])
-    max_new_tokens: int = 32
+    lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192], metadata=AT_LEAST_ONE)
+    max_new_tokens: int = field(default=32, metadata=AT_LEAST_ONE)
     content: str = "noise"
-    samples_per_length: int = 1
+    samples_per_length: int = field(default=1, metadata=AT_LEAST_ONE)
     seed: int = 42
 
     def __post_init__(self) -> None:
