@@ -204,7 +204,7 @@ def test_16_bit_storage_is_identical_to_full(tiny_lm):
     rows = run_rows(tiny_lm, full, kivi, rtn)
     for key in ("kivi16", "rtn16"):
         assert rows[key]["output_ids"] == rows["full"]["output_ids"]
-        assert rows[key]["kv_bytes"] == rows["full"]["kv_bytes"]
+        assert rows[key]["kv_bytes_compressed"] == rows["full"]["kv_bytes_compressed"]
         assert rows[key]["bits_per_element"] == rows["full"]["bits_per_element"] == 32  # the tiny model is fp32
         assert rows[key]["budget_entries"] is None
 
