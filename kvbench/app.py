@@ -115,7 +115,9 @@ def run(cfg: Any) -> dict[str, Any]:
             # skipped without generating its prompt.
             known = [api.plan_fingerprint(lm, fp, methods, options) for fp in built.get(planned_recipe, ())]
             finished = [
-                fp for fp, jobs in zip(built.get(planned_recipe, ()), known) if all(j.key in done for j in jobs)
+                fp
+                for fp, jobs in zip(built.get(planned_recipe, ()), known, strict=True)
+                if all(j.key in done for j in jobs)
             ]
             if finished:
                 skipped += len(known[0])
