@@ -66,7 +66,7 @@ def main() -> None:
         methods.insert(1, kv.build_method({"name": "kv_direct", "checkpoint": "ids", "replay": "batched"}))
     rows = kv.evaluate(lm, [sample], methods, budgets=args.budgets, include_full=True)
     full = next(row for row in rows if row["method"] == "full")
-    print(f"prompt {full['prompt_tokens']} tokens, {args.tokens} generated, full K/V {full['kv_bytes_final']} B")
+    print(f"prompt {full['prompt_tokens']} tokens, {args.tokens} generated, full K/V {full['kv_bytes']} B")
     print("| method | budget | token match | first divergence | bytes held at end | recompute s | decode s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
@@ -77,7 +77,7 @@ def main() -> None:
         recompute = record.get("kv_direct_recompute_s")
         print(
             f"| {row['method_label']} | {row['budget']} | {match:.3f} | {first if first is not None else '-'} | "
-            f"{row['kv_bytes_final']} | {'' if recompute is None else f'{recompute:.1f}'} | {row['decode_s']:.1f} |"
+            f"{row['kv_bytes']} | {'' if recompute is None else f'{recompute:.1f}'} | {row['decode_s']:.1f} |"
         )
     ids = lm.tokenizer(context)["input_ids"][: args.context_tokens]
     print(f"max-abs K/V error, one-row vs {len(ids)}-row recomputation: {recompute_error(lm, ids):.3g}")

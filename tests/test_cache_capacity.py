@@ -114,13 +114,13 @@ def test_preallocated_cache_decodes_exactly_like_concatenation(tiny_lm, request)
     concatenated = sweep_rows(tiny_lm)
     for key, row in preallocated.items():
         assert row["output_ids"] == concatenated[key]["output_ids"], key
+        assert row["kv_bytes_compressed"] == concatenated[key]["kv_bytes_compressed"], key
         assert row["kv_bytes"] == concatenated[key]["kv_bytes"], key
-        assert row["kv_bytes_final"] == concatenated[key]["kv_bytes_final"], key
     full = preallocated["full"]
     per_token = full["kv_bytes_full"] // full["prompt_tokens"]
     # The full job reserved room for exactly the decode forwards (max_new_tokens - 1) once.
     assert full["kv_bytes_reserved"] == per_token * (full["prompt_tokens"] + 12 - 1)
-    assert concatenated["full"]["kv_bytes_reserved"] == concatenated["full"]["kv_bytes_final"]
+    assert concatenated["full"]["kv_bytes_reserved"] == concatenated["full"]["kv_bytes"]
 
 
 def test_decode_logits_identical_with_and_without_capacity(tiny_lm, monkeypatch):

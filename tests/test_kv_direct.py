@@ -138,7 +138,7 @@ def test_bytes_are_window_kv_plus_checkpoints(tiny_lm):
     for key, row in rows.items():
         prompt = row["prompt_tokens"]
         window_kv = layers * heads * budget * 2 * dim * 4
-        assert row["kv_bytes"] == window_kv + (
+        assert row["kv_bytes_compressed"] == window_kv + (
             layers * prompt * hidden * 4 if key.startswith("per_layer") else prompt * 4
         )
         seen = prompt + new_tokens - 1  # the last token is never fed back
@@ -146,7 +146,7 @@ def test_bytes_are_window_kv_plus_checkpoints(tiny_lm):
         checkpoint = layers * seen * hidden * 4 if key.startswith("per_layer") else seen * 4
         assert record["kv_direct_checkpoint_bytes"] == checkpoint, key
         assert record["kv_direct_window_kv_bytes"] == window_kv
-        assert row["kv_bytes_final"] == window_kv + checkpoint
+        assert row["kv_bytes"] == window_kv + checkpoint
         assert record["kv_direct_full_kv_bytes"] == layers * heads * seen * 2 * dim * 4
     per_layer = rows[f"per_layer@{budget}"]["method_record"]
     # tiny model: D = 64 vs 2 * Hkv * d = 64 per layer: equal; SmolLM2 (576 vs 384) is 1.5x, see README.

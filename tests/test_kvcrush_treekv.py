@@ -70,11 +70,12 @@ def test_kvcrush_fraction_zero_is_the_base_and_budgets_are_exact(tiny_lm, base):
         )
     rows = {job.key: row for job, row in run_sample(tiny_lm, sample, jobs, "prompt", 0, fail_fast=True)}
     assert rows["crush0"]["output_ids"] == rows["base"]["output_ids"]
-    assert rows["crush0"]["kept_per_layer"] == rows["base"]["kept_per_layer"]
-    assert rows["crush0"]["kv_bytes"] == rows["base"]["kv_bytes"]
+    assert rows["crush0"]["kept_per_layer_compressed"] == rows["base"]["kept_per_layer_compressed"]
+    assert rows["crush0"]["kv_bytes_compressed"] == rows["base"]["kv_bytes_compressed"]
     for mode in ("alternate", "random", "zeros"):
-        assert rows[mode]["kept_per_layer"] == rows["base"]["kept_per_layer"], mode  # exactly the layer budgets
-        assert rows[mode]["kv_bytes"] == rows["base"]["kv_bytes"]
+        # exactly the layer budgets
+        assert rows[mode]["kept_per_layer_compressed"] == rows["base"]["kept_per_layer_compressed"], mode
+        assert rows[mode]["kv_bytes_compressed"] == rows["base"]["kv_bytes_compressed"]
 
 
 def test_kvcrush_bad_input_is_one_line():
@@ -152,7 +153,7 @@ def test_treekv_holds_exactly_the_budget_after_every_step(tiny_lm):
     method.setup = setup  # test-local probe on this one object
     [(job, row)] = list(run_sample(tiny_lm, sample, [Job(method, budget, "treekv")], "prompt", 0, fail_fast=True))
     layers = tiny_lm.config.num_hidden_layers
-    assert row["kept_per_layer"] == [budget] * layers
+    assert row["kept_per_layer_compressed"] == [budget] * layers
     assert SizeProbe.sizes == [budget] * (layers * (steps - 1))
     assert SizeProbe.intact
     assert row["output_tokens"] == steps

@@ -44,10 +44,11 @@ def test_lo_bits_16_is_the_full_cache_and_drop_is_the_base(tiny_lm, compress):
     for base in BASES:
         assert rows[f"base:{base}"]["compressed"]
         assert rows[f"16:{base}"]["output_ids"] == full["output_ids"], base
-        assert rows[f"16:{base}"]["kv_bytes_final"] == full["kv_bytes_final"], base  # unchanged fp slots, no beta
+        assert rows[f"16:{base}"]["kv_bytes"] == full["kv_bytes"], base  # unchanged fp slots, no beta
         assert rows[f"drop:{base}"]["output_ids"] == rows[f"base:{base}"]["output_ids"], base
-        assert rows[f"drop:{base}"]["kv_bytes_final"] == rows[f"base:{base}"]["kv_bytes_final"], base
-        assert rows[f"drop:{base}"]["kept_per_layer"] == rows[f"base:{base}"]["kept_per_layer"], base
+        assert rows[f"drop:{base}"]["kv_bytes"] == rows[f"base:{base}"]["kv_bytes"], base
+        kept = "kept_per_layer_compressed"
+        assert rows[f"drop:{base}"][kept] == rows[f"base:{base}"][kept], base
 
 
 def test_balancer_is_invisible_to_attention_logits():

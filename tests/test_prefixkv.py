@@ -53,7 +53,7 @@ def test_calibration_is_deterministic_cached_and_used(tiny_lm, tmp_path):
     [(_, row)] = list(run_sample(tiny_lm, sample, [job], "prompt", 0, fail_fast=True, cache_dir=tmp_path))
     budgets = row["method_record"]["prefixkv_layer_budgets"]
     assert sum(budgets) == 40 * tiny_lm.config.num_hidden_layers
-    assert row["kept_per_layer"] == budgets
+    assert row["kept_per_layer_compressed"] == budgets
 
 
 def test_calibration_command_writes_the_file(tmp_path, tiny_lm):
