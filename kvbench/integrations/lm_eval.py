@@ -54,7 +54,7 @@ from kvbench.measure import Stopwatch
 from kvbench.models import LoadedModel
 from kvbench.prompt import Prompt
 from kvbench.results import ResultsStore, manifest, stable_hash
-from kvbench.runner import COMPRESS_MODES, compress_copy, run_sample, shared_prefill, split_point
+from kvbench.runner import COMPRESS_MODES, cache_state, compress_copy, run_sample, shared_prefill, split_point
 from kvbench.sample import Sample
 
 log = logging.getLogger("kvbench")
@@ -276,14 +276,22 @@ class KVBenchLM(TemplateLM):
                 cache, before_forward, compressed = job_cache.cache, job_cache.before_forward, job_cache.compressed
             else:
                 cache, before_forward, compressed = KVCache(self.lm.config.num_hidden_layers), (lambda n: None), False
-            layers, kv_heads = self.lm.config.num_hidden_layers, self._kv_heads()
-            kept_per_layer = cache.kept_per_layer() if pre is not None else [[0] * kv_heads] * layers  # empty
-            kept = sum(sum(heads) for heads in kept_per_layer)
-            kv_bytes = cache.kv_bytes() if pre is not None else 0
+            layer_heads = self.lm.config.num_hidden_layers * self._kv_heads()
+            # As the runner's rows: `*_compressed` right after compression, the plain fields at the end of the row.
+            if pre is not None:
+                compressed_state = cache_state(cache, split, layer_heads, "_compressed", logical=False)
+            else:  # empty prefix: nothing cached before scoring
+                compressed_state = {
+                    "kept_entries_compressed": 0,
+                    "kept_per_layer_compressed": [0.0] * self.lm.config.num_hidden_layers,
+                    "kept_fraction_compressed": 0.0,
+                    "kv_bytes_compressed": 0,
+                }
             feed = prefix[split:] + [last] + continuation[:-1]  # protected tail (compress=context), then scoring
             before_forward(len(feed))
             with stopwatch.phase("score") as phase:
                 logits = forward_tokens(self.lm, cache, feed, logits_to_keep=len(feed))[-len(continuation) :]
+            end_state = cache_state(cache, max(1, split), layer_heads, logical=False)
             logprobs = F.log_softmax(logits.float(), dim=-1)
             target = torch.tensor(continuation, device=logprobs.device)
             logprob = float(logprobs.gather(1, target[:, None]).sum())
@@ -301,11 +309,9 @@ class KVBenchLM(TemplateLM):
                     "prompt_tokens": len(context_ids),
                     "compressed_tokens": split,
                     "continuation_tokens": len(continuation),
-                    "kept_entries": kept,
-                    "kept_per_layer": [sum(heads) / len(heads) for heads in kept_per_layer],
-                    "kept_fraction": kept / max(1, split * layers * kv_heads),
-                    "kv_bytes": kv_bytes,
-                    "kv_bytes_full": pre.cache.kv_bytes() if pre is not None else kv_bytes,
+                    **compressed_state,
+                    **end_state,
+                    "kv_bytes_full": pre.cache.kv_bytes() if pre is not None else 0,
                     "prefill_s": pre.seconds if pre is not None else 0.0,
                     "score_s": phase.seconds,
                     "logprob": logprob,
