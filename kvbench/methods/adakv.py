@@ -1,14 +1,13 @@
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from kvbench.cache import KVCache, KVLayer
-from kvbench.methods.base import CompressionContext, LayerScores, ScoringMethod, register_method
+from kvbench.cache import KVCache
+from kvbench.methods.base import CompressionContext, register_method
 from kvbench.methods.scoring import mask_to_indices, round_preserving_sum
-from kvbench.methods.wrapped import build_base, normalise_params
+from kvbench.methods.wrapped import ScorerWrapper
 
 
 def head_budgets(scores: torch.Tensor, selectable: int, alpha: float) -> list[int]:
@@ -38,7 +37,7 @@ def adaptive_keep_mask(scores: torch.Tensor, budgets: list[int], protected: int)
 
 @register_method("adakv")
 @dataclass
-class AdaKV(ScoringMethod):
+class AdaKV(ScorerWrapper):
     """Ada-KV (Feng et al., 2024, "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for
     Efficient LLM Inference"), as a wrapper over any scoring method (`kvbench.methods.base.ScoringMethod`).
 
@@ -57,45 +56,15 @@ class AdaKV(ScoringMethod):
     line); alpha=0.2 (the official setting for GQA models; the paper's default without GQA is 0.5).
     """
 
-    base: str = "snapkv"
-    base_params: dict[str, Any] = field(default_factory=dict)
     alpha: float = 0.2
-
-    def __post_init__(self) -> None:
-        parent_post_init = getattr(super(), "__post_init__", None)
-        if parent_post_init is not None:
-            parent_post_init()
-        self.base_params = normalise_params(self.base_params)
-        self.scorer = build_base(self.name, self.base, self.base_params)
 
     def validate(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"adakv alpha must be in [0, 1], got {self.alpha}")
-        if getattr(self, "decode_budget", None) is not None or getattr(self.scorer, "decode_budget", None) is not None:
-            raise ValueError("adakv compresses at the end of prefill only; decode_budget is not supported")
+        self.refuse_decode_budget()
 
-    def params(self) -> dict[str, Any]:
-        return {**super().params(), "base_params": dict(self.base_params)}
-
-    def label(self) -> str:
-        extras = [f"alpha={self.alpha}"] if self.alpha != type(self).alpha else []
-        extras += [f"{key}={value}" for key, value in sorted(self.base_params.items())]
-        return f"{self.name}[{self.base}]" + (f"({','.join(extras)})" if extras else "")
-
-    def window_queries_needed(self) -> int:
-        return self.scorer.window_queries_needed()
-
-    def prefill_observer(self) -> Any:
-        return self.scorer.prefill_observer()
-
-    def setup(self, cache: KVCache, ctx: CompressionContext) -> None:
-        self.scorer.setup(cache, ctx)
-
-    def layer_budgets(self, ctx: CompressionContext, num_layers: int) -> list[int]:
-        return self.scorer.layer_budgets(ctx, num_layers)
-
-    def layer_scores(self, layer_idx: int, layer: KVLayer, budget: int, ctx: CompressionContext) -> LayerScores:
-        return self.scorer.layer_scores(layer_idx, layer, budget, ctx)
+    def label_extras(self) -> list[str]:
+        return [f"alpha={self.alpha}"] if self.alpha != type(self).alpha else []
 
     def compress(self, cache: KVCache, ctx: CompressionContext) -> None:
         budgets = self.layer_budgets(ctx, len(cache.layers))

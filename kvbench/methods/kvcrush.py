@@ -1,14 +1,13 @@
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from kvbench.cache import KVCache, KVLayer
-from kvbench.methods.base import CompressionContext, LayerScores, ScoringMethod, register_method
+from kvbench.cache import KVCache
+from kvbench.methods.base import CompressionContext, LayerScores, register_method
 from kvbench.methods.scoring import keep_with_window
-from kvbench.methods.wrapped import build_base, normalise_params
+from kvbench.methods.wrapped import ScorerWrapper
 
 ANCHORS = ("random", "zeros", "ones", "mean", "alternate")
 
@@ -53,7 +52,7 @@ def crush_pick(scores: torch.Tensor, count: int, mode: str, seed: int) -> torch.
 
 @register_method("kvcrush")
 @dataclass
-class KVCrush(ScoringMethod):
+class KVCrush(ScorerWrapper):
     """KVCrush (Jha et al., ACML 2025, "KVCrush: Key Value Cache size-reduction using similarity in
     head-behaviour", arXiv 2503.00022; the paper's code is not public, the anchor modes and the pick step come
     from Intel's OpenVINO GenAI port, `kvcrush.cpp`, which works on 16/32-token blocks: here tokens).
@@ -73,47 +72,19 @@ class KVCrush(ScoringMethod):
     layer).
     """
 
-    base: str = "snapkv"
-    base_params: dict[str, Any] = field(default_factory=dict)
     crush_fraction: float = 0.1
     anchor: str = "alternate"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.base_params = normalise_params(self.base_params)
-        self.scorer = build_base(self.name, self.base, self.base_params)
 
     def validate(self) -> None:
         if not 0.0 <= self.crush_fraction < 1.0:
             raise ValueError(f"kvcrush crush_fraction must be in [0, 1), got {self.crush_fraction}")
         if self.anchor not in ANCHORS:
             raise ValueError(f"unknown anchor '{self.anchor}'. Valid anchors: {', '.join(ANCHORS)}.")
-        if self.decode_budget is not None or getattr(self.scorer, "decode_budget", None) is not None:
-            raise ValueError("kvcrush compresses at the end of prefill only; decode_budget is not supported")
+        self.refuse_decode_budget()
 
-    def params(self) -> dict[str, Any]:
-        return {**super().params(), "base_params": dict(self.base_params)}
-
-    def label(self) -> str:
+    def label_extras(self) -> list[str]:
         extras = [f"crush_fraction={self.crush_fraction}"] if self.crush_fraction != type(self).crush_fraction else []
-        extras += [f"anchor={self.anchor}"] if self.anchor != type(self).anchor else []
-        extras += [f"{key}={value}" for key, value in sorted(self.base_params.items())]
-        return f"{self.name}[{self.base}]" + (f"({','.join(extras)})" if extras else "")
-
-    def window_queries_needed(self) -> int:
-        return self.scorer.window_queries_needed()
-
-    def prefill_observer(self) -> Any:
-        return self.scorer.prefill_observer()
-
-    def setup(self, cache: KVCache, ctx: CompressionContext) -> None:
-        self.scorer.setup(cache, ctx)
-
-    def layer_budgets(self, ctx: CompressionContext, num_layers: int) -> list[int]:
-        return self.scorer.layer_budgets(ctx, num_layers)
-
-    def layer_scores(self, layer_idx: int, layer: KVLayer, budget: int, ctx: CompressionContext) -> LayerScores:
-        return self.scorer.layer_scores(layer_idx, layer, budget, ctx)
+        return extras + ([f"anchor={self.anchor}"] if self.anchor != type(self).anchor else [])
 
     def crush_keep(self, verdict: LayerScores, budget: int, seed: int) -> torch.Tensor:
         """Kept slots `[Hkv, <= budget]` of one layer: the base's B_imp plus the representatives."""

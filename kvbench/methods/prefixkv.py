@@ -13,19 +13,19 @@ import argparse
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kvbench.cache import KVCache, KVLayer
+from kvbench.cache import KVCache
 from kvbench.generation import forward_tokens
-from kvbench.methods.base import CompressionContext, LayerScores, ScoringMethod, register_method
+from kvbench.methods.base import CompressionContext, register_method
 from kvbench.methods.h2o import PromptAttentionSums
 from kvbench.methods.razor import default_cache_dir
 from kvbench.methods.scoring import round_preserving_sum
-from kvbench.methods.wrapped import build_base, normalise_params
+from kvbench.methods.wrapped import ScorerWrapper
 
 CALIBRATION_VERSION = 1
 GRID = 200  # the importance CDFs are stored at token fractions 0, 1/GRID, ..., 1
@@ -103,7 +103,7 @@ def allocate(cdf: torch.Tensor, budget: int, prompt_len: int, floor: int) -> lis
 
 @register_method("prefixkv")
 @dataclass
-class PrefixKV(ScoringMethod):
+class PrefixKV(ScorerWrapper):
     """PrefixKV's layer-wise budgets (Wang et al., 2024, "PrefixKV: Adaptive Prefix KV Cache is What Vision
     Instruction-Following Models Need for Efficient Generation", arXiv 2412.03409; THU-MIG/PrefixKV,
     `prefixkv.py`, `obtain_cdf_num`) as an allocator for any scorer (`method.base`, default snapkv).
@@ -122,40 +122,13 @@ class PrefixKV(ScoringMethod):
     calibration to use; the text is recorded in the file).
     """
 
-    base: str = "snapkv"
-    base_params: dict[str, Any] = field(default_factory=dict)
     calibration_samples: int = 4
     calibration_tokens: int = 512
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.base_params = normalise_params(self.base_params)
-        self.scorer = build_base(self.name, self.base, self.base_params)
 
     def validate(self) -> None:
         if self.calibration_samples < 1 or self.calibration_tokens < 2:
             raise ValueError("prefixkv needs calibration_samples >= 1 and calibration_tokens >= 2")
-        if self.decode_budget is not None or getattr(self.scorer, "decode_budget", None) is not None:
-            raise ValueError("prefixkv compresses at the end of prefill only; decode_budget is not supported")
-
-    def params(self) -> dict[str, Any]:
-        return {**super().params(), "base_params": dict(self.base_params)}
-
-    def label(self) -> str:
-        extras = [f"{key}={value}" for key, value in sorted(self.base_params.items())]
-        return f"{self.name}[{self.base}]" + (f"({','.join(extras)})" if extras else "")
-
-    def window_queries_needed(self) -> int:
-        return self.scorer.window_queries_needed()
-
-    def prefill_observer(self) -> Any:
-        return self.scorer.prefill_observer()
-
-    def setup(self, cache: KVCache, ctx: CompressionContext) -> None:
-        self.scorer.setup(cache, ctx)
-
-    def layer_scores(self, layer_idx: int, layer: KVLayer, budget: int, ctx: CompressionContext) -> LayerScores:
-        return self.scorer.layer_scores(layer_idx, layer, budget, ctx)
+        self.refuse_decode_budget()
 
     def layer_budgets(self, ctx: CompressionContext, num_layers: int) -> list[int]:
         cdf = torch.tensor(load_calibration(ctx.lm, ctx.cache_dir, self.calibration_samples, self.calibration_tokens))
