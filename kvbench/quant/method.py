@@ -15,6 +15,7 @@ its scores are those of the unquantised keys), then `after_compress` converts ev
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -30,14 +31,14 @@ def head_dim_of(config: Any) -> int:
 
 
 @dataclass
-class QuantizedMethod(Method):
+class QuantizedMethod(Method, ABC):
     compresses: ClassVar[bool] = True  # the stored cache differs from the full one: a full-cache row is added
 
     base: str | None = field(default=None, kw_only=True)
     base_params: dict[str, Any] = field(default_factory=dict, kw_only=True)
 
-    def codec(self) -> UniformCodec:
-        raise NotImplementedError
+    @abstractmethod
+    def codec(self) -> UniformCodec: ...
 
     def __post_init__(self) -> None:
         self.codec().check()

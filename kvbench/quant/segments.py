@@ -15,6 +15,7 @@ then builds such segments in its encoder (`SegmentStore.encode_oldest_fp(count, 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -28,25 +29,27 @@ def tensor_bytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-class Segment:
+class Segment(ABC):
     """A run of `num_slots` consecutive slots of one layer's keys or values, `[Hkv, num_slots, d]` when read."""
 
     kind: ClassVar[str] = ""
 
     @property
-    def num_slots(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def num_slots(self) -> int: ...
 
+    @abstractmethod
     def nbytes(self) -> int:
         """Bytes physically held by this segment (every tensor it keeps, padding included)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def materialize(self, dtype: torch.dtype) -> torch.Tensor:
         """The reconstructed values `[Hkv, num_slots, d]` in `dtype`."""
-        raise NotImplementedError
+        ...
 
-    def clone(self) -> Segment:
-        raise NotImplementedError
+    @abstractmethod
+    def clone(self) -> Segment: ...
 
     def concat(self, later: Segment) -> Segment | None:
         """This segment followed by `later` as one segment, or None when they cannot merge."""
