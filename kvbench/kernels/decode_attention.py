@@ -41,6 +41,28 @@ def visible_slots(
     return visible
 
 
+def split_k_plan(
+    num_slots: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_n: int,
+    num_splits: int | None,
+    device: torch.device,
+) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """How a split-K decode kernel partitions the slots: (num_splits, chunk slots per split, and the fp32
+    partial accumulator / running max / running sum buffers). By default about 4 programs per multiprocessor."""
+    slot_blocks = max(1, -(-num_slots // block_n))
+    if num_splits is None:
+        num_splits = -(-4 * multiprocessors(device) // num_kv_heads)
+    num_splits = max(1, min(num_splits, slot_blocks))
+    chunk = -(-slot_blocks // num_splits) * block_n
+    num_splits = max(1, -(-num_slots // chunk))
+    part_acc = torch.empty((num_heads, num_splits, head_dim), dtype=torch.float32, device=device)
+    part_max = torch.empty((num_heads, num_splits), dtype=torch.float32, device=device)
+    return num_splits, chunk, part_acc, part_max, torch.empty_like(part_max)
+
+
 def decode_attention_torch(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -93,15 +115,9 @@ def decode_attention_triton(
     device = keys.device
     out = torch.empty((num_heads, head_dim), dtype=query.dtype, device=device)
     probs = torch.empty((num_heads, num_slots), dtype=torch.float32, device=device) if return_probs else out
-    slot_blocks = max(1, -(-num_slots // block_n))
-    if num_splits is None:
-        num_splits = -(-4 * multiprocessors(device) // num_kv_heads)
-    num_splits = max(1, min(num_splits, slot_blocks))
-    chunk = -(-slot_blocks // num_splits) * block_n
-    num_splits = max(1, -(-num_slots // chunk))
-    part_acc = torch.empty((num_heads, num_splits, head_dim), dtype=torch.float32, device=device)
-    part_max = torch.empty((num_heads, num_splits), dtype=torch.float32, device=device)
-    part_sum = torch.empty_like(part_max)
+    num_splits, chunk, part_acc, part_max, part_sum = split_k_plan(
+        num_slots, num_heads, num_kv_heads, head_dim, block_n, num_splits, device
+    )
     # Unused optional inputs still need a pointer; the constexpr flags compile their loads away.
     lengths_arg = lengths.to(device=device, dtype=torch.int32) if lengths is not None else part_max
     valid_arg = valid.to(device=device, dtype=torch.int8) if valid is not None else part_max

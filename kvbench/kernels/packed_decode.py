@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from kvbench.kernels.decode_attention import decode_attention_torch
-from kvbench.kernels.dispatch import multiprocessors, resolve_kernels
+from kvbench.kernels.decode_attention import decode_attention_torch, split_k_plan
+from kvbench.kernels.dispatch import resolve_kernels
 from kvbench.quant.segments import UniformSegment
 
 # (key codes, key fp tail, value codes, value fp tail): `QuantKVLayer.packed_operands()`
@@ -73,15 +73,9 @@ def packed_decode_attention_triton(
     group = num_heads // num_kv_heads
     device = query.device
     out = torch.empty((num_heads, head_dim), dtype=query.dtype, device=device)
-    slot_blocks = max(1, -(-num_slots // block_n))
-    if num_splits is None:
-        num_splits = -(-4 * multiprocessors(device) // num_kv_heads)
-    num_splits = max(1, min(num_splits, slot_blocks))
-    chunk = -(-slot_blocks // num_splits) * block_n
-    num_splits = max(1, -(-num_slots // chunk))
-    part_acc = torch.empty((num_heads, num_splits, head_dim), dtype=torch.float32, device=device)
-    part_max = torch.empty((num_heads, num_splits), dtype=torch.float32, device=device)
-    part_sum = torch.empty_like(part_max)
+    num_splits, chunk, part_acc, part_max, part_sum = split_k_plan(
+        num_slots, num_heads, num_kv_heads, head_dim, block_n, num_splits, device
+    )
     valid_arg = valid.to(device=device, dtype=torch.int8) if valid is not None else part_max
     bias_arg = bias.to(device=device, dtype=torch.float32) if bias is not None else part_max
     (kc, ks, kz), k_strides, k_fp, kf_strides = _tensor_args(kq, kf, part_max)

@@ -173,7 +173,11 @@ class ScoringMethod(Method):
             if budget >= layer.get_seq_length():
                 continue
             verdict = self.layer_scores(layer_idx, layer, budget, ctx)
-            layer.keep(keep_with_window(verdict.scores, budget, verdict.protected))
+            layer.keep(self.select(verdict, budget, ctx, layer_idx))
+
+    def select(self, verdict: LayerScores, budget: int, ctx: CompressionContext, layer_idx: int) -> torch.Tensor:
+        """Kept slots `[Hkv, n]` of one layer from its scores (top-k plus the protected tail by default)."""
+        return keep_with_window(verdict.scores, budget, verdict.protected)
 
 
 METHODS: Registry[type[Method]] = Registry("method")

@@ -4,7 +4,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.cache import KVCache
 from kvbench.methods.base import CompressionContext, LayerScores, register_method
 from kvbench.methods.scoring import keep_with_window
 from kvbench.methods.wrapped import ScorerWrapper
@@ -102,10 +101,5 @@ class KVCrush(ScorerWrapper):
         merged = torch.cat([important, picks.expand(num_heads, -1)], dim=1)
         return merged.sort(dim=1).values
 
-    def compress(self, cache: KVCache, ctx: CompressionContext) -> None:
-        budgets = self.layer_budgets(ctx, len(cache.layers))
-        for layer_idx, (layer, budget) in enumerate(zip(cache.layers, budgets, strict=True)):
-            if budget >= layer.get_seq_length():
-                continue
-            verdict = self.layer_scores(layer_idx, layer, budget, ctx)
-            layer.keep(self.crush_keep(verdict, budget, ctx.seed * 1000 + layer_idx))
+    def select(self, verdict: LayerScores, budget: int, ctx: CompressionContext, layer_idx: int) -> torch.Tensor:
+        return self.crush_keep(verdict, budget, ctx.seed * 1000 + layer_idx)
