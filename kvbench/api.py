@@ -38,6 +38,7 @@ from kvbench.report import rows_frame
 from kvbench.results import row_key
 from kvbench.runner import COMPRESS_MODES, Job, run_sample
 from kvbench.sample import Sample
+from kvbench.scenarios import part_key
 from kvbench.tasks import Task, build_task
 
 __all__ = [
@@ -226,7 +227,10 @@ def iter_rows(
             if row["status"] != "ok":
                 label = job.method.label()
                 log.warning("%s %s budget=%s failed: %s", sample.sample_id, label, job.budget, row["error"])
-            yield {**row_identity(job, sample, lm, options), **row}
+            identity = row_identity(job, sample, lm, options)
+            if row.get("part") is not None:  # one of several rows of a scenario job (`kvbench.scenarios`)
+                identity |= {"key": part_key(job.key, row), "job_key": job.key}
+            yield {**identity, **row}
 
 
 def evaluate(

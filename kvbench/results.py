@@ -119,6 +119,14 @@ def row_key(
     )
 
 
+def done_keys_of(row: dict, key: str) -> tuple[str, ...]:
+    """The keys a successful row marks done: its own, and for a scenario job's last row (`job_complete`, see
+    `kvbench.scenarios`) the job's key too."""
+    if row.get("job_complete") and row.get("job_key"):
+        return key, row["job_key"]
+    return (key,)
+
+
 class ResultsStore:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)  # created by the first write, so a refused run leaves nothing behind
@@ -193,7 +201,7 @@ class ResultsStore:
         first = self._scanned_lines + 1
         for number, row in iter_jsonl(complete.splitlines(keepends=True), str(self.samples_path)):
             if row.get("status") == "ok":
-                self._done.add(self._key(first + number - 1, row))
+                self._done.update(done_keys_of(row, self._key(first + number - 1, row)))
             else:
                 self._key(first + number - 1, row)
         self._scanned += len(complete)
@@ -203,7 +211,7 @@ class ResultsStore:
         if tail.strip() and is_complete_row(tail):  # a complete last row whose newline is missing counts
             row = json.loads(tail)
             if row.get("status") == "ok":
-                done.add(self._key(self._scanned_lines + 1, row))
+                done.update(done_keys_of(row, self._key(self._scanned_lines + 1, row)))
         return done
 
     @contextmanager

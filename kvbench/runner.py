@@ -23,6 +23,7 @@ from kvbench.methods.full import Full
 from kvbench.models import LoadedModel
 from kvbench.prompt import Prompt, build_prompt
 from kvbench.sample import Sample
+from kvbench.scenarios import ScenarioSettings, scenario_of, scenario_runner
 from kvbench.tasks.metrics import score
 
 COMPRESS_MODES = ("prompt", "context")
@@ -298,6 +299,12 @@ def run_sample(
     job prefills on its own instead, compressing between chunks (`kvbench.chunked`). `prompt`: already
     tokenised input (the lm-eval adapter's), used instead of building one from the sample.
     """
+    scenario = scenario_of(sample)
+    if scenario is not None:  # a multi-turn / reuse / edit sample runs its own loop (`kvbench.scenarios`)
+        settings = ScenarioSettings(compress, seed, fail_fast, cache_dir, kernels, prefill_chunk)
+        setattr(lm.config, KERNELS_ATTR, kernels)
+        yield from scenario_runner(scenario)(lm, sample, jobs, settings)
+        return
     stopwatch = Stopwatch(lm.device)
     setattr(lm.config, KERNELS_ATTR, kernels)  # decode steps use the Triton kernel when kernels == "triton"
     base = {"prompt_tokens": None, "compressed_tokens": None, "truncated_tokens": None}
