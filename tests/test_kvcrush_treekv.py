@@ -162,3 +162,10 @@ def test_treekv_holds_exactly_the_budget_after_every_step(tiny_lm):
 def test_treekv_bad_input_is_one_line():
     with pytest.raises(ValueError, match="Valid tie_breaks: newer, older"):
         build_method({"name": "treekv", "tie_break": "random"})
+
+
+@pytest.mark.parametrize("candidates", [5, 8, 33])
+def test_kvcrush_mean_anchor_always_equals_ones(candidates):
+    """Top-half signatures set each bit for ceil(N/2) candidates, so the per-bit majority is all ones."""
+    scores = torch.rand(3, candidates, generator=torch.Generator().manual_seed(candidates))
+    assert torch.equal(crush_pick(scores, 4, "mean", 0), crush_pick(scores, 4, "ones", 0))

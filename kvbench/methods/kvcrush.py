@@ -68,7 +68,9 @@ class KVCrush(ScorerWrapper):
     Hyperparameters: base=snapkv, base_params={}, crush_fraction=0.1 (B_crush = int(crush_fraction * B), capped
     so the base keeps its window; documented default [UNVERIFIED], the port's tuned configs use 7-33%),
     anchor=alternate (random | zeros | ones | mean | alternate; random is seeded by the run's seed and the
-    layer).
+    layer). With these top-half signatures every bit is 1 for ceil(N/2) of the N candidates, so the per-bit
+    majority (`mean`) is always all ones: `anchor=mean` picks exactly what `anchor=ones` picks (tested); it is kept
+    because it differs under the port's block signatures.
     """
 
     crush_fraction: float = 0.1
