@@ -74,12 +74,13 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w") as out:
         for column, task in tasks(args):
-            samples = task.samples(lm.tokenizer, lm.max_context)
-            for row in kv.evaluate(lm, samples, methods, args.budgets, include_full=True, task_name=column):
-                rows.append(row)
-                out.write(json.dumps(row, default=str) + "\n")
-                out.flush()
-                print(f"{column} {row['sample_id']} {row['method_label']} {row['budget']} score={row['score']}")
+            for sample in task.samples(lm.tokenizer, lm.max_context):  # rows written as each sample finishes
+                for row in kv.evaluate(lm, [sample], methods, args.budgets, include_full=True, task_name=column):
+                    rows.append(row)
+                    out.write(json.dumps(row, default=str) + "\n")
+                    out.flush()
+                    label = f"{row['method_label']} {row['budget']}"
+                    print(f"{column} {row['sample_id']} {label} score={row['score']}", flush=True)
     frame = kv.to_frame(rows)
     frame = frame[frame["status"] == "ok"].copy()
     frame["budget"] = frame["budget"].astype(object).where(frame["budget"].notna(), "all")
