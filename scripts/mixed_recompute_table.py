@@ -46,10 +46,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2_135m")
     parser.add_argument("--methods", nargs="+", choices=list(PRESETS), default=list(PRESETS))
     parser.add_argument("--budgets", type=int, nargs="+", default=[32, 64, 128, 256])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048], help="NIAH prompt lengths")
+    parser.add_argument("--lengths", type=int, nargs="*", default=[1024, 2048], help="NIAH lengths (none: no NIAH)")
     parser.add_argument("--depths", type=float, nargs="+", default=[50], help="NIAH needle depths")
     parser.add_argument("--haystack", default="essay")
     parser.add_argument("--ielts-passages", type=int, default=1, help="IELTS passages (0: no IELTS column)")
+    parser.add_argument("--ielts-types", nargs="+", default=["tfng", "fill_blank", "multiple_choice", "matching"])
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "mixed_recompute_table.jsonl")
@@ -58,9 +59,10 @@ def parse_args() -> argparse.Namespace:
 
 def tasks(args: argparse.Namespace) -> list[tuple[str, object]]:
     grid = dict(lengths=args.lengths, depths=args.depths, haystack=args.haystack, max_new_tokens=args.max_new_tokens)
-    columns = [("niah", kv.load_task("niah", **grid))]
+    columns = [("niah", kv.load_task("niah", **grid))] if args.lengths else []
     if args.ielts_passages:
-        ielts = dict(limit=args.ielts_passages, questions_per_type=1, question_position=["after"])
+        types = args.ielts_types
+        ielts = dict(limit=args.ielts_passages, questions_per_type=1, question_position=["after"], question_types=types)
         columns.append(("ielts", kv.load_task("ielts", **ielts)))
     return columns
 

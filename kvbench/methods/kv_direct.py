@@ -42,6 +42,7 @@ import torch
 
 from kvbench.attention import CACHE_KWARG
 from kvbench.cache import KVCache, KVLayer
+from kvbench.generation import cache_argument
 from kvbench.methods.base import CompressionContext, Method, register_method
 
 CHECKPOINTS = ("per_layer", "ids")
@@ -286,9 +287,8 @@ class PrefixReplay:
                     break
                 positions = scratch.next_positions(length, self.ids.device)
                 ids = self.ids[done : done + length].to(torch.long)[None]
-                self.model.model(
-                    input_ids=ids, position_ids=positions[None], past_key_values=scratch, **{CACHE_KWARG: scratch}
-                )
+                caches = {cache_argument(type(self.model.model)): scratch, CACHE_KWARG: scratch}
+                self.model.model(input_ids=ids, position_ids=positions[None], **caches)
                 done += length
         if self.ids.is_cuda:
             torch.cuda.synchronize(self.ids.device)
