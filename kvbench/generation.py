@@ -80,13 +80,19 @@ def forward_tokens(
 
 
 def prefill(
-    lm: LoadedModel, token_ids: list[int], window: int, stopwatch: Stopwatch, observers: list | None = None
+    lm: LoadedModel,
+    token_ids: list[int],
+    window: int,
+    stopwatch: Stopwatch,
+    observers: list | None = None,
+    cache: KVCache | None = None,
 ) -> Prefill:
     """Prefill `token_ids` into a fresh full cache, recording the last `window` queries of every layer.
 
-    `observers` (methods' prefill observers) see every layer's attention of this one prefill.
+    `observers` (methods' prefill observers) see every layer's attention of this one prefill. `cache`: append to
+    this cache instead (a prompt whose start is already cached, e.g. reused segments in `kvbench.scenarios`).
     """
-    cache = KVCache(lm.config.num_hidden_layers)
+    cache = cache if cache is not None else KVCache(lm.config.num_hidden_layers)
     recorder = QueryRecorder(window) if window > 0 else None
     cache.observers.extend(([recorder] if recorder else []) + list(observers or []))
     with stopwatch.phase("prefill") as phase:

@@ -233,11 +233,12 @@ def run_job(
 
 
 def shared_prefill(
-    lm: LoadedModel, token_ids: list[int], methods: list[Method], stopwatch: Stopwatch
+    lm: LoadedModel, token_ids: list[int], methods: list[Method], stopwatch: Stopwatch, cache: KVCache | None = None
 ) -> tuple[Prefill, dict[int, Any]]:
     """Prefill `token_ids` once for every method: the window queries the methods need are recorded and each
     method object's prefill observer watches (a budget sweep shares it, e.g. H2O's attention sums). Returns
-    the prefill and the observers by `id(method)` (handed to `compress_copy` as `prefill_stats`)."""
+    the prefill and the observers by `id(method)` (handed to `compress_copy` as `prefill_stats`). `cache`: a
+    cache already holding the prompt's start (`generation.prefill`); the observers then see only `token_ids`."""
     window = max((method.window_queries_needed() for method in methods), default=0)
     observers: dict[int, Any] = {}
     for method in methods:
@@ -247,7 +248,7 @@ def shared_prefill(
     for observer in attached:  # observers that need the model (e.g. its RoPE) get it before the prefill
         if hasattr(observer, "bind_model"):
             observer.bind_model(lm)
-    return prefill(lm, token_ids, min(window, len(token_ids)), stopwatch, attached), observers
+    return prefill(lm, token_ids, min(window, len(token_ids)), stopwatch, attached, cache), observers
 
 
 def cache_state(cache: KVCache, split: int, layer_heads: int, suffix: str = "", logical: bool = True) -> dict:

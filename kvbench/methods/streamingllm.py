@@ -5,10 +5,10 @@ from typing import ClassVar
 
 import torch
 
+from kvbench import rope
 from kvbench.cache import KVCache
 from kvbench.methods.base import CompressionContext, Method, register_method
 from kvbench.methods.window import keep_recent
-from kvbench.rope import rope_inv_freq, rotate_keys
 
 
 @register_method("streamingllm")
@@ -43,10 +43,11 @@ class StreamingLLM(Method):
             self._renumber(cache, ctx)
 
     def _renumber(self, cache: KVCache, ctx: CompressionContext) -> None:
-        inv_freq = rope_inv_freq(ctx.model)
+        rope.check_shiftable_rope(ctx.model, "streamingllm rerotate=true")
+        inv_freq = rope.rope_inv_freq(ctx.model)
         for layer in cache.layers:
             contiguous = torch.arange(layer.get_seq_length(), device=layer.device).expand_as(layer.positions)
-            layer.keys = rotate_keys(layer.keys, contiguous - layer.positions, inv_freq)
+            layer.keys = rope.rerotate(layer.keys, layer.positions, contiguous, inv_freq)
             layer.positions = contiguous.clone()
         cache.seen_tokens = cache.layers[0].get_seq_length()
 
