@@ -224,6 +224,10 @@ def test_segment_store_is_shared_across_samples_and_counts_hits_and_bytes(tiny_l
         assert row["prefill_tokens_saved"] == hit_tokens
         assert row["prefill_tokens"] == len(layout.prompt_ids) - hit_tokens
     assert len(scenario.SEGMENT_STORE.pieces) == len(seen)
+    tight = SegmentStore(max_bytes=scenario.SEGMENT_STORE.nbytes() - 1)  # one piece too many: the oldest goes
+    for key, piece in scenario.SEGMENT_STORE.pieces.items():
+        tight.get_or_encode(key, lambda piece=piece: piece)
+    assert list(tight.pieces) == list(scenario.SEGMENT_STORE.pieces)[1:]
 
 
 def test_the_assembled_cache_is_compressed_by_the_jobs_method(tiny_lm):

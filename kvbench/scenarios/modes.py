@@ -4,8 +4,9 @@ Segment reuse (`joint` / `reuse` / `reuse_norotate`) and edited contexts (`recom
 both end in the same prompt tokens; they differ in how the cache before the last tokens (the question, or the
 cursor line) was obtained. Each mode's builder returns that cache (or None: prefill everything) and the tokens
 still to prefill; those are prefilled on top of it once per sample with every job's window recorder and prefill
-observers attached (`runner.shared_prefill`), so the job's method then compresses the assembled cache exactly as
-after an ordinary prefill (compress=prompt) and `runner.run_job` decodes and scores it. Every row gets
+observers attached (`runner.shared_prefill`), so the job's method then compresses the assembled cache as after an
+ordinary prefill (compress=prompt) and `runner.run_job` decodes and scores it. The methods' observation window and
+prefill statistics then cover only those last tokens (the pieces were encoded without them). Every row gets
 
 * `mode`, `part` (= mode) and `subtask` `<scenario>/<mode>` (summaries report the modes separately);
 * `build_s` (building the cache before the tail: encoding, re-rotation, splicing) inside `prefill_s` and

@@ -50,16 +50,20 @@ MODES: tuple[str, ...] = ("joint", "reuse", "reuse_norotate")
 
 
 class SegmentStore:
-    """Separately encoded segments kept across samples (least recently used dropped beyond `max_entries`)."""
+    """Separately encoded segments kept across samples; the least recently used are dropped while the store holds
+    more than `max_bytes` of K/V (a piece larger than that is used once and not kept)."""
 
-    def __init__(self, max_entries: int = 512) -> None:
-        self.max_entries = max_entries
+    def __init__(self, max_bytes: int = 2 * 2**30) -> None:
+        self.max_bytes = max_bytes
         self.pieces: OrderedDict[str, KVPiece] = OrderedDict()
 
     @staticmethod
     def key(lm: LoadedModel, token_ids: list[int]) -> str:
         payload = json.dumps([lm.identity, token_ids], sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()
+
+    def nbytes(self) -> int:
+        return sum(piece.nbytes() for piece in self.pieces.values())
 
     def get_or_encode(self, key: str, encode: Callable[[], KVPiece]) -> tuple[KVPiece, bool]:
         """The stored piece (hit: True) or a freshly encoded and stored one (hit: False)."""
@@ -68,8 +72,9 @@ class SegmentStore:
             return self.pieces[key], True
         piece = encode()
         self.pieces[key] = piece
-        while len(self.pieces) > self.max_entries:
-            self.pieces.popitem(last=False)
+        held = self.nbytes()
+        while held > self.max_bytes and self.pieces:
+            held -= self.pieces.popitem(last=False)[1].nbytes()
         return piece, False
 
     def clear(self) -> None:
