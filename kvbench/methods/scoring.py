@@ -28,16 +28,20 @@ def window_attention(
     query_positions: torch.Tensor,
     key_positions: torch.Tensor,
     scaling: float,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention probabilities of window queries `[H, w, d]` over keys `[Hkv, T, d]`, `[H, w, T]`.
 
     Causal by original position (key visible iff key position <= query position), fp32. Query head h
-    attends with KV head h // g, the cache is never expanded.
+    attends with KV head h // g, the cache is never expanded. `bias` `[Hkv, T]`: a per-slot logit bias added
+    to every query's logit (a cache's `extras["logit_bias"]`).
     """
     num_heads, num_kv_heads = queries.shape[0], keys.shape[0]
     group = num_heads // num_kv_heads
     q = queries.float().unflatten(0, (num_kv_heads, group))
     logits = torch.einsum("hgwd,htd->hgwt", q, keys.float()) * scaling
+    if bias is not None:
+        logits = logits + bias.float()[:, None, None, :]
     visible = key_positions[:, None, None, :] <= query_positions[None, None, :, None]
     logits = logits.masked_fill(~visible, float("-inf"))
     return logits.softmax(dim=-1).flatten(0, 1)
