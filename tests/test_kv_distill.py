@@ -157,7 +157,7 @@ def test_over_a_base_entries_and_bytes_are_the_base_and_the_record_is_filled(tin
         record = rows[distill]["method_record"]
         assert record["kv_distill_fit_err_after"] <= record["kv_distill_fit_err_before"] * (1 + 1e-6), distill
         assert record["kv_distill_heldout_err_before"] > 0 and record["kv_distill_solve_s"] >= 0
-        assert record["kv_distill_fit_queries"] + record["kv_distill_heldout_queries"] == 64
+        assert record["kv_distill_fit_queries"] + record["kv_distill_heldout_queries"] == 32  # snapkv's window
     for b in (32, 48):  # lam -> infinity: the base's cache, so its greedy output
         assert rows[f"inf:{b}"]["output_ids"] == rows[f"snapkv:{b}"]["output_ids"]
         assert "kv_distill_bias_bytes" in rows[f"bias:{b}"]["method_record"]
