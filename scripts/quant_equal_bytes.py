@@ -3,8 +3,9 @@
 One prefill per sample serves every row (kvbench.api.evaluate): full, the quantisers (all tokens kept, budget
 null: KIVI-2, KIVI-4, GEAR, RotateKV, OCTOPUS-reconstructed) and the eviction rows (SnapKV, SnapKV+KIVI-4) at the
 kept fractions given by --budgets. Prints accuracy per haystack (NIAH) or for IELTS, the mean `bits_per_element`
-(bits held per element of the uncompressed prompt cache; 32 = SmolLM2's fp32 cache on CPU), KV MiB, greedy token
-match and KL against the full cache of each row, so rows compare at equal bytes. Rows go to --out as JSONL.
+(bits held per element of the uncompressed prompt cache; 32 = SmolLM2's fp32 cache on CPU) and KV MiB, both right
+after compression, and greedy token match and KL against the full cache of each row, so rows compare at equal
+bytes. Rows go to --out as JSONL.
 
     python scripts/quant_equal_bytes.py                                   # NIAH 1K/2K x depths 10/50/90, noise + essay
     python scripts/quant_equal_bytes.py --methods gear rotatekv octopus  # only these rows (full is always run)
@@ -90,7 +91,7 @@ def main() -> None:
                     print(f"{column} {row['sample_id']} {label} score={row['score']}", flush=True)
     frame = kv.to_frame(rows)
     frame["budget"] = frame["budget"].astype(object).where(frame["budget"].notna(), "all")
-    frame["kv_mib"] = frame["kv_bytes"] / 2**20
+    frame["kv_mib"] = frame["kv_bytes_compressed"] / 2**20  # right after compression, as bits_per_element
     keys = ["method_label", "budget"]
     table = frame.pivot_table(index=keys, columns="task", values="score", aggfunc="mean")
     measured = ["bits_per_element", "kv_mib", "token_match", "kl_full", "prompt_tokens"]
