@@ -60,6 +60,8 @@ def run(cfg: Any) -> dict[str, Any]:
     store.check_config(config)
     lm = load_model(cfg.model)
     api.check_model(lm, [method])
+    if hasattr(task, "check_model"):  # model-dependent task checks (scenarios that re-rotate cached keys)
+        task.check_model(lm)
     kernels = resolve_kernels(settings.kernels, lm.device)
     methods = api.with_full([method], settings.include_full)
     options = api.RunOptions(

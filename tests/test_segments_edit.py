@@ -375,6 +375,11 @@ def test_an_edit_span_outside_the_text_and_dynamic_rope_fail_in_one_line(tiny_lm
     assert all(row["status"] == "error" for row in rows)
     assert "rope_type 'dynamic' depends on the sequence length" in rows[0]["error"]
     assert "\n" not in rows[0]["error"]
+    for task in (EditTask(), Segments()):  # the CLI asks the task before any sample (kvbench.app)
+        with pytest.raises(ValueError, match="rope_type 'dynamic' depends on the sequence length"):
+            task.check_model(lm)
+    EditTask(modes=["recompute"]).check_model(lm)  # recomputation never moves keys
+    Segments(modes=["joint"]).check_model(lm)
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbench.registry import AT_LEAST_ONE
+from kvbench.rope import check_shiftable_rope
 from kvbench.sample import Sample
 from kvbench.scenarios.edit import EDIT_KINDS, MODES, SCENARIO, Edit, check_fits, edit_layout
 from kvbench.tasks.base import Task, as_list, register_task
@@ -158,6 +159,11 @@ class EditTask(Task):
         span = as_list(self.edit_span)
         if self.edit_span is not None and (len(span) != 2 or not all(isinstance(v, int) for v in span)):
             raise ValueError(f"task.edit_span must be null or [start, end] (character offsets), got {self.edit_span}")
+
+    def check_model(self, lm: Any) -> None:
+        """Refuse, before any sample, a model whose RoPE cannot be shifted when pie / no_rerotate is asked for."""
+        if any(mode != "recompute" for mode in as_list(self.modes)):
+            check_shiftable_rope(lm.model, "task=edit (pie)")
 
     def python_files(self) -> list[Path]:
         root = Path(self.python_dir).expanduser() if self.python_dir else PACKAGE_DIR

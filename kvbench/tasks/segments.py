@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvbench.registry import AT_LEAST_ONE
+from kvbench.rope import check_shiftable_rope
 from kvbench.sample import Sample
 from kvbench.scenarios.segments import MODES, SCENARIO, check_fits, segment_layout
 from kvbench.tasks.base import Task, as_list, register_task
@@ -145,6 +146,11 @@ class Segments(Task):
                 f"task.documents_per_sample={self.documents_per_sample} must be between 0 and "
                 f"task.document_pool={self.document_pool}"
             )
+
+    def check_model(self, lm: Any) -> None:
+        """Refuse, before any sample, a model whose RoPE cannot be shifted when a reuse mode is asked for."""
+        if any(mode != "joint" for mode in as_list(self.modes)):
+            check_shiftable_rope(lm.model, "task=segments (reuse)")
 
     def samples(self, tokenizer: Any, max_context: int) -> Iterator[Sample]:
         instructions = [instruction_segment(i, self.seed) for i in range(2)]
