@@ -248,7 +248,13 @@ class KVLayer(CacheLayerMixin):
         """Bytes of the held slots (padding included, capacity reserved for future appends excluded)."""
         if not self.is_initialized:
             return 0
-        return self.num_heads * self._length * self._bytes_per_slot()
+        return self.num_heads * self._length * self._bytes_per_slot() + self.attention_state_nbytes()
+
+    def attention_state_nbytes(self) -> int:
+        """Bytes of per-slot state that attention reads (a `logit_bias`, RazorAttention's / kv_distill's): held
+        with the slots, so counted with them. Scoring bookkeeping (H2O's sums) is the method's, not counted."""
+        bias = self.extras.get("logit_bias")
+        return 0 if bias is None else bias.numel() * bias.element_size()
 
     def reserved_nbytes(self) -> int:
         """Bytes allocated for this layer's K/V: held slots plus the capacity reserved for appends. A copy that

@@ -212,8 +212,8 @@ class KVDistill(Method):
     `extras["logit_bias"]`, applied by kvbench's attention to every later query): `bias_steps` damped
     Gauss-Newton (Levenberg-Marquardt) steps on ||softmax(Q K_S^T/sqrt(d) + b) V_S - O||^2 from b = 0, a step
     kept only when it lowers the error (see `fit_bias`), then the ridge solve above with the biased weights.
-    The bias is |S| fp32 numbers per KV head and layer NOT counted in `kv_bytes` (recorded as
-    `kv_distill_bias_bytes`).
+    The bias is held with the slots and counted in `kv_bytes` (`KVLayer.attention_state_nbytes`: one number
+    per slot per KV head in the bias tensor's dtype; also recorded as `kv_distill_bias_bytes`).
 
     Held-out check: the window queries are split (`holdout`): alternate = every other query (the newest is
     fitted), last = the newest quarter held out (a forecast of later queries), none = all fitted. Only the
@@ -223,7 +223,8 @@ class KVDistill(Method):
     kv_distill_heldout_err_before/_after), the query counts and kv_distill_solve_s (the correction's seconds,
     also inside compress_s).
 
-    Bytes: the correction replaces the kept values in place, so entries and `kv_bytes` are exactly the base's.
+    Bytes: the correction replaces the kept values in place, so entries and `kv_bytes` are exactly the base's
+    (plus the bias tensor with bias=true).
     Decode: corrected values are plain values; a base that evicts while decoding (h2o, tova, streamingllm,
     `decode_budget`) keeps evicting from them. Generated tokens are appended uncorrected. The correction runs
     once, on the prefill compression (not on decode-time evictions; no chunked prefill).
