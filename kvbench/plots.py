@@ -128,3 +128,43 @@ def method_colors(methods: Any) -> dict[str, Any]:
     colors: dict[str, Any] = {name: cmap(index % cmap.N) for index, name in enumerate(names)}
     colors["full"] = FULL_COLOR
     return colors
+
+
+def memory_vs_turn(rows: Any, out_dir: Path) -> list[Path]:
+    """Multi-turn conversations (`task=conversation`): KV cache held at the end of each turn (MiB, solid) and its
+    peak during the turn (dotted) on the left, accuracy of the question turns on the right, by turn, means over
+    the dialogues; one line per method x budget (the counterpart of KV-Direct's 20-turn memory curve)."""
+    frame = _ok(rows)
+    if frame.empty or "turn" not in frame:
+        return []
+    frame = frame[frame["turn"].notna()].copy()
+    frame["kv_mib"] = frame["kv_bytes"] / MB
+    frame["kv_mib_peak"] = frame["kv_bytes_peak"] / MB
+    colors = method_colors(frame["method_label"])
+    fig, (mem, acc) = plt.subplots(1, 2, figsize=(11, 4))
+    series = sorted(
+        frame.groupby(["method_label", "budget_label"]), key=lambda item: (item[0][0], item[1]["budget_sort"].iloc[0])
+    )
+    styles = ["-", "--", "-.", ":"]
+    for (label, budget), group in series:
+        per_turn = group.groupby("turn").agg(kv=("kv_mib", "mean"), peak=("kv_mib_peak", "mean"))
+        budgets = sorted(frame[frame["method_label"] == label]["budget_sort"].unique())
+        style = styles[budgets.index(group["budget_sort"].iloc[0]) % len(styles)]
+        name = label if budget == "full" else f"{label} @ {budget}"
+        color = colors.get(label)
+        mem.plot(per_turn.index, per_turn["kv"], linestyle=style, marker="o", markersize=3, color=color, label=name)
+        mem.plot(per_turn.index, per_turn["peak"], linestyle=":", linewidth=0.8, color=color)
+        scored = group[group["score"].notna()]
+        if not scored.empty:
+            curve = scored.groupby("turn")["score"].mean()
+            acc.plot(curve.index, curve.values, linestyle=style, marker="o", markersize=4, color=color, label=name)
+    mem.set_xlabel("turn")
+    mem.set_ylabel("KV cache (MiB; dotted: peak in the turn)")
+    mem.grid(alpha=0.3)
+    mem.legend(fontsize=7, loc="upper left")
+    acc.set_xlabel("turn (question turns)")
+    acc.set_ylabel("accuracy")
+    acc.set_ylim(-0.02, 1.02)
+    acc.grid(alpha=0.3)
+    fig.suptitle("conversation: memory and accuracy per turn", fontsize=10)
+    return save(fig, out_dir, "memory_vs_turn")
