@@ -148,10 +148,10 @@ class Conversation(Task):
 
     dialogues: int = field(default=2, metadata=AT_LEAST_ONE)
     turns: int = field(default=20, metadata=AT_LEAST_ONE)
-    facts: int = field(default=4, metadata=AT_LEAST_ONE)
+    facts: int = field(default=2, metadata=AT_LEAST_ONE)
     questions: int = field(default=8, metadata=AT_LEAST_ONE)
-    user_tokens: int = field(default=64, metadata=AT_LEAST_ONE)
-    reply_tokens: int = field(default=24, metadata=AT_LEAST_ONE)
+    user_tokens: int = field(default=48, metadata=AT_LEAST_ONE)
+    reply_tokens: int = field(default=12, metadata=AT_LEAST_ONE)
     answer_tokens: int = field(default=12, metadata=AT_LEAST_ONE)
     policy: str = "over_budget"
     compress_older_than: int | None = None
