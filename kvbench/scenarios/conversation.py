@@ -28,7 +28,8 @@ queries are the latest ones) with the job's budget, so the cache holds at most b
 older part is scored at the policy's point and the kept slots are applied at the end of the turn (the answer is
 decoded with the older turns still whole): on CUDA the scoring runs on a side stream in a helper thread while the
 answer is decoded (rows: `compress_overlapped`), on CPU synchronously before decoding (`compress_overlapped`
-false). Methods that evict while decoding would touch the last k turns and are refused in one line.
+false). Methods that evict while decoding would touch the last k turns and are refused in one line. The copy of
+the older slots being scored is transient and not counted in `kv_bytes_peak` (the cache's own bytes).
 """
 
 from __future__ import annotations
@@ -304,9 +305,7 @@ def run_dialogue_job(
             "turn_kind": turn.kind,
             "has_question": turn.has_question,
             # Turns without a question have no score (null, never 0: summaries and figures skip them).
-            "score": score("string_match_all", turn.answer_prefix + prediction, list(turn.answers))
-            if turn.has_question
-            else None,
+            "score": score("string_match_all", prediction, list(turn.answers)) if turn.has_question else None,
             "turn_answers": list(turn.answers),
             "prediction": prediction,
             "output_ids": decoded.tokens,
