@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from kvbench.report import MB, check_x_axis, rows_frame  # noqa: E402
 
@@ -158,6 +159,8 @@ def memory_vs_turn(rows: Any, out_dir: Path) -> list[Path]:
         if not scored.empty:
             curve = scored.groupby("turn")["score"].mean()
             acc.plot(curve.index, curve.values, linestyle=style, marker="o", markersize=4, color=color, label=name)
+    for ax in (mem, acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     mem.set_xlabel("turn")
     mem.set_ylabel("KV cache (MiB; dotted: peak in the turn)")
     mem.grid(alpha=0.3)
