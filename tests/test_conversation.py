@@ -229,3 +229,21 @@ def test_memory_vs_turn_draws_one_line_per_method_and_budget(tmp_path, tiny_lm):
     assert [p.name for p in paths] == ["memory_vs_turn.png", "memory_vs_turn.pdf"]
     assert all(p.stat().st_size > 0 for p in paths)
     assert torch.tensor([r["kv_bytes"] for r in rows if r["budget"] is None]).diff().gt(0).all()  # full grows
+
+
+def test_a_budget_sweep_prefills_the_first_turn_once_per_dialogue(tiny_lm, monkeypatch):
+    import kvbench.runner as runner
+
+    calls = []
+    original = runner.shared_prefill
+
+    def counting(lm, token_ids, methods, stopwatch):
+        calls.append(len(methods))
+        return original(lm, token_ids, methods, stopwatch)
+
+    monkeypatch.setattr(runner, "shared_prefill", counting)
+    rows = api.evaluate(
+        tiny_lm, [dialogue(tiny_lm, turns=3, questions=1)], ["h2o"], budgets=[16, 32], include_full=True
+    )
+    assert len(rows) == 3 * 3 and all(r["status"] == "ok" for r in rows)
+    assert calls == [3]  # one prefill of turn 1 for the three jobs
