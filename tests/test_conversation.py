@@ -247,3 +247,16 @@ def test_a_budget_sweep_prefills_the_first_turn_once_per_dialogue(tiny_lm, monke
     )
     assert len(rows) == 3 * 3 and all(r["status"] == "ok" for r in rows)
     assert calls == [3]  # one prefill of turn 1 for the three jobs
+
+
+def test_after_turn_policy_compresses_once_the_answer_is_in_the_cache(tiny_lm):
+    budget = 24
+    rows, held, _, _ = run_turns(tiny_lm, dialogue(tiny_lm), "snapkv", budget, policy="after_turn")
+    per_token = rows[0]["kv_bytes_full"] // (rows[0]["conversation_tokens"] - 1)
+    for row, layers in zip(rows, held, strict=True):
+        seen = row["conversation_tokens"] - 1
+        assert row["compressed"] and all(len(head) == budget for heads in layers for head in heads)
+        assert set(range(seen - 8, seen)) <= layers[0][0]  # snapkv's window (the answer's last tokens) is kept
+        # the user message and the answer were held uncompressed on top of the previous turn's budget
+        previous = budget if row["turn"] > 1 else 0
+        assert row["kv_bytes_peak"] == (previous + row["prompt_tokens"] + row["output_tokens"] - 1) * per_token
