@@ -14,7 +14,6 @@ the row and their mean bits per element of the prompt's fp32 cache. Rows go to -
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,6 +21,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from table_rows import evaluate_columns  # noqa: E402  (scripts/ is on sys.path when a script runs)
 
 import kvbench.api as kv  # noqa: E402
 
@@ -72,17 +73,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     lm = kv.load_model(args.model)
     methods = [kv.build_method(PRESETS[name]) for name in args.methods]
-    rows = []
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w") as out:
-        for column, task in tasks(args):
-            for sample in task.samples(lm.tokenizer, lm.max_context):  # rows written as each sample finishes
-                for row in kv.evaluate(lm, [sample], methods, args.budgets, include_full=True, task_name=column):
-                    rows.append(row)
-                    out.write(json.dumps(row, default=str) + "\n")
-                    out.flush()
-                    label = f"{row['method_label']} {row['budget']}"
-                    print(f"{column} {row['sample_id']} {label} score={row['score']}", flush=True)
+    rows = evaluate_columns(lm, tasks(args), methods, args.budgets, args.out)
     frame = kv.to_frame(rows)
     frame = frame[frame["status"] == "ok"].copy()
     frame["budget"] = frame["budget"].astype(object).where(frame["budget"].notna(), "all")
