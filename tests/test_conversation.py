@@ -182,6 +182,19 @@ def test_refusals_are_one_line_error_rows(tiny_lm):
     assert all("\n" not in r["error"] and r["job_complete"] for r in rows)
 
 
+@pytest.mark.parametrize("name", ["dapq", "kvzip"])
+def test_methods_that_need_a_fresh_prefill_are_refused_before_any_model_work(tiny_lm, name, monkeypatch):
+    import kvbench.runner as runner
+
+    def no_prefill(*args, **kwargs):
+        raise AssertionError("the refusal must come before the first prefill")
+
+    monkeypatch.setattr(runner, "shared_prefill", no_prefill)
+    (row,) = api.evaluate(tiny_lm, [dialogue(tiny_lm)], [name], budgets=[32])
+    assert row["status"] == "error" and row["turn"] == 1 and "\n" not in row["error"]
+    assert f"{name} compresses only a freshly prefilled full prompt cache" in row["error"]
+
+
 def test_a_conversation_longer_than_the_context_says_at_which_turn(tiny_lm):
     task = api.load_task("conversation", **{**SMALL, "turns": 12, "questions": 4})
     sample = next(iter(task.samples(tiny_lm.tokenizer, 10_000)))

@@ -87,6 +87,10 @@ class Method:
     supports_chunked_prefill: ClassVar[bool] = False
     # Whether the method takes part in budget sweeps (quantisers without an eviction base keep every token).
     takes_budget: ClassVar[bool] = True
+    # Whether `compress` needs the freshly prefilled full cache of the prompt (it re-runs the model over the prompt
+    # or over pseudo queries): such a method compresses once per prompt and cannot re-compress a growing cache
+    # (a conversation).
+    needs_fresh_prefill: ClassVar[bool] = False
 
     def window_queries_needed(self) -> int:
         """How many trailing prompt queries per layer `compress` needs (recorded during the one prefill)."""

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -56,6 +57,8 @@ class DapQ(SnapKV):
     Hyperparameters: pseudo_tokens=32, pseudo=rotate, plus SnapKV's window=32, kernel=7, pool=max,
     gqa_agg=mean.
     """
+
+    needs_fresh_prefill: ClassVar[bool] = True
 
     pseudo_tokens: int = 32
     pseudo: str = "rotate"

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -103,6 +103,8 @@ class KVzip(Method):
 
     Hyperparameters: chunk_size=2048 (the official self_task uses 2000), prev_tokens=8, n_sink=4.
     """
+
+    needs_fresh_prefill: ClassVar[bool] = True
 
     chunk_size: int = 2048
     prev_tokens: int = 8

@@ -65,6 +65,11 @@ def check_job(job: Job, older: int | None) -> None:
             f"task=conversation takes int budgets (KV entries per KV head per layer held across the conversation) "
             f"or null, got {job.budget}"
         )
+    if job.method.needs_fresh_prefill and job.budget is not None:
+        raise ValueError(
+            f"{job.method.name} compresses only a freshly prefilled full prompt cache; task=conversation re-compresses "
+            "a growing cache every turn. Use a method that scores the cache it is given (snapkv, h2o, tova, ...)"
+        )
     if older is None or not job.method.compresses:
         return
     method = job.method
