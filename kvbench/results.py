@@ -322,12 +322,8 @@ class ResultsStore:
 
     def write_text(self, name: str, text: str) -> Path:
         """Write a file atomically (temp file + rename)."""
-        path = self.run_dir / name
-        tmp = tmp_name(path)
-        self.ensure_dir()
+        path, tmp = self._staged(name, text)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(text)
             os.replace(tmp, path)
         except OSError as err:
             tmp.unlink(missing_ok=True)
@@ -337,21 +333,29 @@ class ResultsStore:
     def create_text(self, name: str, text: str) -> bool:
         """Write `name` atomically only if it does not exist yet (the first of concurrent writers wins);
         returns whether this call created it."""
+        path, tmp = self._staged(name, text)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as err:
+            raise ResultsError(os_error_message("write", path, err)) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _staged(self, name: str, text: str) -> tuple[Path, Path]:
+        """`text` written to a temp file beside `run_dir / name` (which the caller then renames or links)."""
         path = self.run_dir / name
         tmp = tmp_name(path)
         self.ensure_dir()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(text)
-            try:
-                os.link(tmp, path)
-                return True
-            except FileExistsError:
-                return False
-            finally:
-                tmp.unlink(missing_ok=True)
         except OSError as err:
+            tmp.unlink(missing_ok=True)
             raise ResultsError(os_error_message("write", path, err)) from None
+        return path, tmp
 
 
 # Config keys that may differ between invocations sharing one run directory: each row records them (method and

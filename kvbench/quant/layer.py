@@ -22,7 +22,19 @@ from kvbench.quant.codecs import UniformCodec
 from kvbench.quant.segments import FPSegment, SegmentStore, UniformSegment
 
 
-class QuantKVLayer(KVLayer):
+class StoredKVLayer(KVLayer):
+    """A layer whose K/V live in its own storage instead of KVLayer's buffers (packed segments, a transformers
+    cache layer): its length and head count come from the positions it keeps."""
+
+    def get_seq_length(self) -> int:
+        return 0 if self.positions is None else self.positions.shape[1]
+
+    @property
+    def num_heads(self) -> int:
+        return self.positions.shape[0]
+
+
+class QuantKVLayer(StoredKVLayer):
     def __init__(self, codec: UniformCodec) -> None:
         self.kstore: SegmentStore | None = None
         self.vstore: SegmentStore | None = None
@@ -80,13 +92,6 @@ class QuantKVLayer(KVLayer):
         length = self._length
         self.kstore, self.vstore = SegmentStore.of(keys[0, :, :length]), SegmentStore.of(values[0, :, :length])
         self._position_buf, self._shared = positions, False
-
-    def get_seq_length(self) -> int:
-        return 0 if self.positions is None else self.positions.shape[1]
-
-    @property
-    def num_heads(self) -> int:
-        return self.positions.shape[0]
 
     def nbytes(self) -> int:
         return self.kstore.nbytes() + self.vstore.nbytes()

@@ -14,6 +14,7 @@ import copy
 import torch
 
 from kvbench.cache import KVLayer
+from kvbench.quant.layer import StoredKVLayer
 
 
 def tensor_tree_bytes(obj) -> int:
@@ -31,7 +32,7 @@ def tensor_tree_bytes(obj) -> int:
     return 0
 
 
-class TransformersQuantizedLayer(KVLayer):
+class TransformersQuantizedLayer(StoredKVLayer):
     def __init__(self, inner) -> None:
         self.inner = inner
         super().__init__()
@@ -80,13 +81,6 @@ class TransformersQuantizedLayer(KVLayer):
 
     def keep(self, indices: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         raise ValueError("transformers_quantized layers cannot evict slots")
-
-    def get_seq_length(self) -> int:
-        return 0 if self.positions is None else self.positions.shape[1]
-
-    @property
-    def num_heads(self) -> int:
-        return self.positions.shape[0]
 
     def nbytes(self) -> int:
         inner = self.inner
