@@ -9,8 +9,9 @@
     kv.to_frame(rows)                                          # a pandas DataFrame, one row per sample x job
 
 Each sample is prefilled once and every (method, budget) job runs on its own copy of that cache
-(`kvbench.runner.run_sample`). `iter_rows` yields rows one at a time (the CLI appends each to its results
-store as it comes); `evaluate` collects them into a list of dicts.
+(`kvbench.harness.runner.run_sample`; scenarios run their own loop, `kvbench.scenarios`). `iter_rows` yields
+rows one at a time (the CLI appends each to its results store as it comes); `evaluate` collects them into a
+list of dicts.
 """
 
 from __future__ import annotations
@@ -18,27 +19,26 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from kvbench.budget import parse_budget
-from kvbench.chunked import check_chunked_methods
-from kvbench.kernels.dispatch import resolve_kernels
+from kvbench.engine.models import LoadedModel
+from kvbench.engine.models import load_model as _load_model
+from kvbench.harness.budget import parse_budget
+from kvbench.harness.chunked import check_chunked_methods
+from kvbench.harness.options import RunOptions
+from kvbench.harness.results import row_key
+from kvbench.harness.runner import Job, run_sample
+from kvbench.harness.sample import Sample
 from kvbench.methods import build_method as _build_method
 from kvbench.methods.base import Method
 from kvbench.methods.full import Full
-from kvbench.models import LoadedModel
-from kvbench.models import load_model as _load_model
 from kvbench.registry import UnknownNameError, unknown_name_message
 from kvbench.report import rows_frame
-from kvbench.results import row_key
-from kvbench.runner import COMPRESS_MODES, Job, run_sample
-from kvbench.sample import Sample
-from kvbench.scenarios import part_key
+from kvbench.scenarios import part_key, scenario_of, scenario_runner
 from kvbench.tasks import Task, build_task
 
 __all__ = [
@@ -132,21 +132,6 @@ def load_task(task: str | Mapping[str, Any] | Task, **fields: Any) -> Task:
     return build_task(OmegaConf.merge(cfg, fields))
 
 
-@dataclass(frozen=True)
-class RunOptions:
-    """How samples are run; the CLI fills this from the validated Hydra config (`kvbench.config`)."""
-
-    budgets: tuple[int | float | None, ...] = (None,)
-    compress: str = "prompt"
-    seed: int = 0
-    fail_fast: bool = False
-    kernels: str = "auto"
-    prefill_chunk: int | None = None
-    cache_dir: Path | None = None  # per-model artefacts (razor head profiles); None: $KVBENCH_CACHE/<model>
-    run_name: str = "api"
-    task_name: str = "custom"
-
-
 def plan(lm: LoadedModel, sample: Sample, methods: list[Method], options: RunOptions) -> list[Job]:
     """The (method, budget) jobs of one sample, each with the key of its results row."""
     return plan_fingerprint(lm, sample.fingerprint(), methods, options)
@@ -210,20 +195,15 @@ def iter_rows(
     work: Iterable[tuple[Sample, list[Job]]],
     options: RunOptions,
 ) -> Iterator[dict[str, Any]]:
-    """Run planned (sample, jobs) pairs lazily; yields one complete row (identity + measurements) per job."""
-    kernels = resolve_kernels(options.kernels, lm.device)
+    """Run planned (sample, jobs) pairs lazily; yields one complete row (identity + measurements) per job.
+
+    A plain sample goes through the single-prompt runner; a multi-turn / reuse / edit sample through the runner
+    its scenario registers (`kvbench.scenarios`). The kernel mode is resolved here, once per run."""
+    options = options.resolved(lm.device)
     for sample, jobs in work:
-        for job, row in run_sample(
-            lm,
-            sample,
-            jobs,
-            options.compress,
-            options.seed,
-            options.fail_fast,
-            options.cache_dir,
-            kernels,
-            options.prefill_chunk,
-        ):
+        scenario = scenario_of(sample)
+        runner = run_sample if scenario is None else scenario_runner(scenario)
+        for job, row in runner(lm, sample, jobs, options):
             if row["status"] != "ok":
                 label = job.method.label()
                 log.warning("%s %s budget=%s failed: %s", sample.sample_id, label, job.budget, row["error"])
@@ -255,8 +235,6 @@ def evaluate(
         methods = [methods]
     built = with_full([build_method(m) for m in methods], include_full)
     check_model(lm, built)
-    if compress not in COMPRESS_MODES:
-        raise ValueError(f"unknown compress '{compress}'. Valid compress modes: {', '.join(COMPRESS_MODES)}.")
     values = list(budgets) if isinstance(budgets, (list, tuple)) else [budgets]
     parsed = tuple(dict.fromkeys(parse_budget(b) for b in values))
     run_options = RunOptions(budgets=parsed, compress=compress, seed=seed, **options)

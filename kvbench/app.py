@@ -16,14 +16,14 @@ from tqdm import tqdm
 
 from kvbench import api
 from kvbench import config as run_config
-from kvbench.chunked import check_chunked_methods
-from kvbench.kernels.dispatch import resolve_kernels
+from kvbench.engine.models import load_model
+from kvbench.harness.chunked import check_chunked_methods
+from kvbench.harness.results import ResultsStore, manifest
+from kvbench.harness.runner import Job
 from kvbench.methods import build_method
-from kvbench.models import load_model
-from kvbench.plots import accuracy_vs_budget
 from kvbench.report import format_table, rows_frame, summarize
-from kvbench.results import ResultsStore, manifest
-from kvbench.runner import Job
+from kvbench.report.plots import accuracy_vs_budget
+from kvbench.report.task_figures import task_figures
 from kvbench.tasks import Sample, build_task
 from kvbench.tasks.base import PlannedSample
 
@@ -50,9 +50,9 @@ def run(cfg: Any) -> dict[str, Any]:
     settings = run_config.validate(cfg)
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    seed_everything(settings.seed)
+    seed_everything(settings.options.seed)
     method = build_method(cfg.method)
-    check_chunked_methods(settings.prefill_chunk, [method])
+    check_chunked_methods(settings.options.prefill_chunk, [method])
     task = build_task(cfg.task)
     store = ResultsStore(settings.run_dir)
     store.check_writable()
@@ -62,18 +62,8 @@ def run(cfg: Any) -> dict[str, Any]:
     api.check_model(lm, [method])
     if hasattr(task, "check_model"):  # model-dependent task checks (scenarios that re-rotate cached keys)
         task.check_model(lm)
-    kernels = resolve_kernels(settings.kernels, lm.device)
     methods = api.with_full([method], settings.include_full)
-    options = api.RunOptions(
-        budgets=settings.budgets,
-        compress=settings.compress,
-        seed=settings.seed,
-        fail_fast=settings.fail_fast,
-        kernels=settings.kernels,
-        prefill_chunk=settings.prefill_chunk,
-        run_name=settings.run_dir.name,
-        task_name=task.name,
-    )
+    options = settings.options.resolved(lm.device)
 
     # Samples stream: each is built when its turn comes and dropped after its rows (RULER 128K x 500 x 13 never
     # holds its prompts at once), so the number of rows to run is only known at the end.
@@ -94,8 +84,8 @@ def run(cfg: Any) -> dict[str, Any]:
         json.dumps(
             manifest(
                 lm,
-                settings.seed,
-                {"kernels": {"requested": settings.kernels, "resolved": kernels}},
+                options.seed,
+                {"kernels": {"requested": settings.options.kernels, "resolved": options.kernels}},
             ),
             indent=2,
         ),
@@ -158,7 +148,9 @@ def run(cfg: Any) -> dict[str, Any]:
     summary = summarize(rows, settings.x_axis)
     store.write_text("summary.csv", summary.to_csv(index=False))
     frame = rows_frame(rows)
-    figures = accuracy_vs_budget(frame, settings.run_dir, settings.x_axis) + task.figures(frame, settings.run_dir)
+    figures = accuracy_vs_budget(frame, settings.run_dir, settings.x_axis) + task_figures(
+        task.name, frame, settings.run_dir
+    )
     table = format_table(summary)
     print(f"\nkvbench results: {settings.run_dir}\n{table}\n")
     return {"run_dir": settings.run_dir, "summary": summary, "figures": figures, "rows_run": total}

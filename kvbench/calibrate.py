@@ -14,9 +14,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from kvbench.config import CONF_DIR
+from kvbench.engine.hub import essay_text
+from kvbench.engine.models import load_model
 from kvbench.methods.prefixkv import write_calibration
-from kvbench.models import load_model
-from kvbench.tasks.haystack import essay_text
 
 CALIBRATIONS = ("prefixkv",)
 

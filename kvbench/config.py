@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,12 +10,14 @@ from typing import Any
 
 from hydra.utils import to_absolute_path
 
-from kvbench.budget import parse_budget
-from kvbench.chunked import parse_prefill_chunk
-from kvbench.kernels.dispatch import KERNEL_MODES
+from kvbench.engine.kernels.dispatch import KERNEL_MODES
+from kvbench.harness.budget import parse_budget
+from kvbench.harness.chunked import check_chunked_methods, parse_prefill_chunk
+from kvbench.harness.options import COMPRESS_MODES, RunOptions
+from kvbench.methods import METHODS, build_method
 from kvbench.registry import UnknownNameError, check_field, unknown_name_message
 from kvbench.report import check_x_axis
-from kvbench.runner import COMPRESS_MODES
+from kvbench.tasks import TASKS, build_task
 from kvbench.tasks.base import as_list  # noqa: I001
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -31,17 +34,14 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunSettings:
-    budgets: tuple[int | float | None, ...]
-    compress: str
+    """A validated CLI run: how samples are run (`options`, handed whole to the API) and what only the CLI needs."""
+
+    options: RunOptions
     include_full: bool
-    seed: int
-    fail_fast: bool
     max_samples: int | None
     run_dir: Path
     progress: bool
-    kernels: str
     threads: int | None
-    prefill_chunk: int | None = None  # tokens per prefill chunk, compressing between chunks (None: one shot)
     x_axis: str = "budget"  # summary order / accuracy figure x axis (kvbench.report.X_AXES)
     results_root: Path | None = None  # results_dir, absolute
 
@@ -116,18 +116,24 @@ def validate(cfg: Any) -> RunSettings:
         x_axis = check_x_axis(str(cfg.get("x_axis", "budget")))
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    return RunSettings(
+    run_dir = run_dir_for(results_dir, run_name)
+    options = RunOptions(
         budgets=parse_budgets(cfg),
         compress=compress,
-        include_full=flags["include_full"],
         seed=seed,
         fail_fast=flags["fail_fast"],
-        max_samples=max_samples,
-        run_dir=run_dir_for(results_dir, run_name),
-        progress=flags["progress"],
         kernels=kernels,
-        threads=threads,
         prefill_chunk=parse_prefill_chunk(cfg.get("prefill_chunk")),
+        run_name=run_dir.name,
+        task_name=str(cfg.task.get("name", "custom")) if cfg.get("task") else "custom",
+    )
+    return RunSettings(
+        options=options,
+        include_full=flags["include_full"],
+        max_samples=max_samples,
+        run_dir=run_dir,
+        progress=flags["progress"],
+        threads=threads,
         x_axis=x_axis,
         results_root=Path(to_absolute_path(results_dir)).resolve(),
     )
@@ -147,12 +153,10 @@ def _node_keys(cfg: Any, path: list[str]) -> list[str] | None:
 
 def _registered_fields(cfg: Any, group: str) -> list[str] | None:
     """Field names of the method/task class that `cfg.<group>.name` selects (None if unknown)."""
-    import dataclasses
-
     if group == "method":
-        from kvbench.methods import METHODS as registry
+        registry = METHODS
     elif group == "task":
-        from kvbench.tasks import TASKS as registry
+        registry = TASKS
     else:
         return None
     name = cfg[group].get("name") if group in cfg else None
@@ -252,12 +256,8 @@ def check_command_line(overrides: list[str], multirun: bool = False, conf_dir: P
 
 def check_values(cfg: Any) -> RunSettings:
     """Everything about a composed config that can be checked without loading a model or data."""
-    from kvbench.chunked import check_chunked_methods
-    from kvbench.methods import build_method
-    from kvbench.tasks import build_task
-
     settings = validate(cfg)
     method = build_method(cfg.method)
-    check_chunked_methods(settings.prefill_chunk, [method])
+    check_chunked_methods(settings.options.prefill_chunk, [method])
     build_task(cfg.task)
     return settings

@@ -47,11 +47,11 @@ if DEVICE.type == "cpu":
     # Must precede the first import of triton (kvbench's torch references import transformers, which imports it).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kvbench.kernels import triton_available  # noqa: E402
-from kvbench.kernels.decode_attention import decode_attention_torch, decode_attention_triton  # noqa: E402
-from kvbench.kernels.packed_decode import packed_decode_attention_torch, packed_decode_attention_triton  # noqa: E402
-from kvbench.kernels.window_scores import window_scores_torch, window_scores_triton  # noqa: E402
-from kvbench.quant.segments import UniformSegment  # noqa: E402
+from kvbench.engine.kernels import triton_available  # noqa: E402
+from kvbench.engine.kernels.decode_attention import decode_attention_torch, decode_attention_triton  # noqa: E402
+from kvbench.engine.kernels.packed_decode import packed_decode_attention_torch, packed_decode_attention_triton  # noqa: E402
+from kvbench.engine.kernels.window_scores import window_scores_torch, window_scores_triton  # noqa: E402
+from kvbench.engine.quant.segments import UniformSegment  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KIB = 1024

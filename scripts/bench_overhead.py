@@ -31,13 +31,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from kvbench.attention import ATTN_IMPLEMENTATION, KERNELS_ATTR
-from kvbench.cache import KVCache, KVLayer
 from kvbench.config import CONF_DIR
-from kvbench.generation import greedy_decode, prefill
-from kvbench.kernels.dispatch import resolve_kernels
-from kvbench.measure import Stopwatch
-from kvbench.models import LoadedModel, load_model
+from kvbench.engine.attention import ATTN_IMPLEMENTATION
+from kvbench.engine.cache import KVCache, KVLayer
+from kvbench.engine.generation import greedy_decode, prefill
+from kvbench.engine.kernels.dispatch import resolve_kernels
+from kvbench.engine.measure import Stopwatch
+from kvbench.engine.models import LoadedModel, load_model
 
 IMPLS = ("kvbench", "transformers", "kvbench_concat")
 
@@ -59,7 +59,9 @@ def concatenating_growth():
         KVLayer.MIN_SLACK, KVLayer.GROWTH_FRACTION, KVCache.reserve = saved
 
 
-def run_kvbench(lm: LoadedModel, ids: list[int], new_tokens: int, concat: bool = False) -> dict[str, float]:
+def run_kvbench(
+    lm: LoadedModel, ids: list[int], new_tokens: int, concat: bool = False, kernels: str = "torch"
+) -> dict[str, float]:
     """The runner's path for a full-cache job: prefill, reserve the decode slots, greedy decode. With `concat`,
     the same prefill is decoded a second time with the old growth (`tpot_concat_s`); the prefill cache is shared
     copy-on-write, so neither decode sees the other's appends."""
@@ -71,6 +73,7 @@ def run_kvbench(lm: LoadedModel, ids: list[int], new_tokens: int, concat: bool =
     runs = [("tpot_s", False)] + ([("tpot_concat_s", True)] if concat else [])
     for field, old_growth in runs:
         cache = pre.cache.copy()
+        cache.decode_kernels = kernels
         with concatenating_growth() if old_growth else contextlib.nullcontext():
             cache.reserve(new_tokens - 1)
             decoded = greedy_decode(lm, cache, pre.last_logits, new_tokens, lambda n: None, stopwatch, False)
@@ -157,7 +160,7 @@ def main(argv: list[str]) -> None:
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"model={args.model}", *args.set])
     lm = load_model(cfg.model)
-    setattr(lm.config, KERNELS_ATTR, resolve_kernels(args.kernels, lm.device))
+    kernels = resolve_kernels(args.kernels, lm.device)
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     bandwidth = copy_bandwidth(lm.device)
     rounds = {int(x.split(":")[0]): int(x.split(":")[1]) if ":" in x else args.rounds for x in args.lengths.split(",")}
@@ -167,12 +170,12 @@ def main(argv: list[str]) -> None:
         sys.exit(f"--lengths {too_long[0]} + {args.new_tokens} new tokens > the model's maximum {lm.max_context}")
     impls = args.impls
     records = []
-    dtype, kernels = str(lm.dtype).removeprefix("torch."), getattr(lm.config, KERNELS_ATTR)
+    dtype = str(lm.dtype).removeprefix("torch.")
     print(f"model {cfg.model.name} on {lm.device} ({dtype}), threads {torch.get_num_threads()}, decode kernels "
           f"{kernels}, {args.new_tokens} new tokens")  # fmt: skip
     for length in lengths:
         ids = torch.randint(100, 20000, (length,), generator=torch.Generator().manual_seed(length)).tolist()
-        run_kvbench(lm, ids[:64], 4)  # warm-up (first calls compile / allocate)
+        run_kvbench(lm, ids[:64], 4, kernels=kernels)  # warm-up (first calls compile / allocate)
         if "transformers" in impls:
             run_transformers(lm, ids[:64], 4)
         for round_ in range(rounds[length]):
@@ -182,7 +185,7 @@ def main(argv: list[str]) -> None:
                     ttft, tpot = run_transformers(lm, ids, args.new_tokens)
                     measured = {"transformers": (ttft, tpot, None)}
                 else:
-                    out = run_kvbench(lm, ids, args.new_tokens, concat="kvbench_concat" in impls)
+                    out = run_kvbench(lm, ids, args.new_tokens, "kvbench_concat" in impls, kernels)
                     measured = {"kvbench": (out["ttft_s"], out["tpot_s"], out["kv_bytes"])}
                     if "tpot_concat_s" in out:
                         measured["kvbench_concat"] = (out["ttft_s"], out["tpot_concat_s"], out["kv_bytes"])

@@ -25,8 +25,8 @@ from hydra import compose, initialize_config_dir
 
 from kvbench.app import run
 from kvbench.config import CONF_DIR
-from kvbench.models import load_model
-from kvbench.results import ResultsStore
+from kvbench.engine.models import load_model
+from kvbench.harness.results import ResultsStore
 
 BASE = [
     "task.lengths=[2048]",

@@ -13,7 +13,7 @@ import csv
 import sys
 from pathlib import Path
 
-from kvbench.results import ResultsStore
+from kvbench.harness.results import ResultsStore
 
 
 def rows_by_job(run_dir: Path) -> dict[tuple, dict]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from kvbench.models import smollm2_tokenizer
+from kvbench.engine.models import smollm2_tokenizer
 
 PROBE = "The magic number is 4821937.\n\nWhat is the magic number? Ünïcode, 日本語, emoji 🙂 and   spaces."
 

@@ -33,15 +33,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kvbench.app import run  # noqa: E402
-from kvbench.cache import PAD_POSITION, KVCache  # noqa: E402
 from kvbench.config import CONF_DIR  # noqa: E402
+from kvbench.engine.cache import PAD_POSITION, KVCache  # noqa: E402
+from kvbench.engine.models import load_model  # noqa: E402
+from kvbench.harness.options import RunOptions  # noqa: E402
+from kvbench.harness.prompt import build_prompt  # noqa: E402
+from kvbench.harness.results import ResultsStore  # noqa: E402
+from kvbench.harness.runner import Job, run_sample  # noqa: E402
 from kvbench.methods.base import CompressionContext  # noqa: E402
 from kvbench.methods.snapkv import SnapKV  # noqa: E402
-from kvbench.models import load_model  # noqa: E402
-from kvbench.prompt import build_prompt  # noqa: E402
 from kvbench.report import rows_frame  # noqa: E402
-from kvbench.results import ResultsStore  # noqa: E402
-from kvbench.runner import Job, run_sample  # noqa: E402
 from kvbench.tasks import build_task  # noqa: E402
 
 DEFAULTS = [
@@ -127,7 +128,7 @@ def retention(cfg: DictConfig) -> pd.DataFrame:
         paragraph = sample.context[start : end if end != -1 else len(sample.context)]
         evidence_span = token_span(pieces, paragraph, text.index(paragraph))
         question_span = token_span(pieces, sample.question, text.index(sample.question))
-        for job, row in run_sample(lm, sample, jobs, "prompt", int(cfg.seed), fail_fast=True):
+        for job, row in run_sample(lm, sample, jobs, RunOptions(compress="prompt", seed=int(cfg.seed), fail_fast=True)):
             kept = row["method_record"]["kept_positions"]
             overall = row["kept_fraction_compressed"]  # the moment kept_positions are recorded
             records.append(

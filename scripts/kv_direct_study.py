@@ -16,10 +16,10 @@ import argparse
 import torch
 
 import kvbench.api as kv
-from kvbench.generation import prefill
-from kvbench.measure import Stopwatch
+from kvbench.engine.generation import prefill
+from kvbench.engine.measure import Stopwatch
+from kvbench.harness.sample import Sample
 from kvbench.methods.kv_direct import PrefillResiduals, Recomputer
-from kvbench.sample import Sample
 from kvbench.tasks.haystack import haystack_text
 
 BASELINES = ["window", "streamingllm", "h2o", "snapkv", "tova"]

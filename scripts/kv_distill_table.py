@@ -12,7 +12,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from kvbench.results import ResultsStore
+from kvbench.harness.results import ResultsStore
 
 ERRORS = ("heldout_err_before", "heldout_err_after", "fit_err_before", "fit_err_after")
 

@@ -21,8 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing kvbench
-from kvbench.plots import save  # noqa: E402
-from kvbench.results import SAMPLES_FILE, read_jsonl  # noqa: E402
+from kvbench.harness.results import SAMPLES_FILE, read_jsonl  # noqa: E402
+from kvbench.report.plots import save  # noqa: E402
 
 LEVEL_COLOURS = ("#d9d9d9", "#9ecae1", "#4292c6", "#08306b")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvbench.jsonl import read_jsonl  # noqa: E402
+from kvbench.harness.jsonl import read_jsonl  # noqa: E402
 
 
 def mean(values: list) -> float | None:

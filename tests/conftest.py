@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kvbench.models import LoadedModel, load_model  # noqa: E402
+from kvbench.engine.models import LoadedModel, load_model  # noqa: E402
 
 # The tiny model's matrices are too small to gain from threads: one thread runs its tests several times faster,
 # and much faster still on a busy machine. Tests on the real model get every core through `smollm2_lm`.

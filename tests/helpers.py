@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvbench.sample import Sample
+from kvbench.harness.sample import Sample
 
 
 def needle_sample(max_new_tokens: int = 10) -> Sample:

@@ -14,7 +14,7 @@ from test_app import TINY, cli
 import kvbench.api as kv
 from kvbench.app import run
 from kvbench.config import CONF_DIR
-from kvbench.results import ResultsStore
+from kvbench.harness.results import ResultsStore
 from kvbench.tasks.jsonl import JsonlTaskError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def test_jsonl_task_round_trip_through_cli_path_and_api(tmp_path):
 
 
 def test_api_builds_models_methods_and_sweeps_on_one_prefill(tmp_path, monkeypatch):
-    import kvbench.runner as runner
+    import kvbench.harness.runner as runner
 
     assert kv.load_model({"kind": "tiny_random", "device": "cpu"}) is kv.load_model("tiny_random", device="cpu")
     window = kv.build_method("window")

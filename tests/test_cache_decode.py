@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from kvbench.cache import PAD_POSITION, KVCache
-from kvbench.generation import forward_tokens, greedy_decode, prefill
-from kvbench.measure import Stopwatch
+from kvbench.engine.cache import PAD_POSITION, KVCache
+from kvbench.engine.generation import forward_tokens, greedy_decode, prefill
+from kvbench.engine.measure import Stopwatch
+from kvbench.harness.options import RunOptions
+from kvbench.harness.runner import Job, run_sample
+from kvbench.harness.sample import Sample
 from kvbench.methods import build_method
-from kvbench.runner import Job, run_sample
-from kvbench.sample import Sample
 
 
 def random_ids(n: int, seed: int = 0, vocab: int = 49152) -> list[int]:
@@ -146,7 +147,7 @@ def test_pyramidkv_then_multi_token_question(tiny_lm):
         max_new_tokens=4,
     )
     jobs = [Job(build_method({"name": "pyramidkv", "window": 8}), 64, "p")]
-    ((_, row),) = list(run_sample(tiny_lm, sample, jobs, "context", 0, fail_fast=True))
+    ((_, row),) = list(run_sample(tiny_lm, sample, jobs, RunOptions(compress="context", seed=0, fail_fast=True)))
     assert row["status"] == "ok" and row["compressed"]
     per_layer = row["kept_per_layer_compressed"]
     assert len(set(per_layer)) > 1  # layers really hold different lengths
@@ -165,7 +166,9 @@ def test_context_mode_without_compression_equals_prompt_mode(tiny_lm):
         max_new_tokens=12,
     )
     jobs = [Job(build_method({"name": "full"}), None, "f")]
-    ((_, prompt_row),) = list(run_sample(tiny_lm, sample, jobs, "prompt", 0, fail_fast=True))
-    ((_, context_row),) = list(run_sample(tiny_lm, sample, jobs, "context", 0, fail_fast=True))
+    ((_, prompt_row),) = list(run_sample(tiny_lm, sample, jobs, RunOptions(compress="prompt", seed=0, fail_fast=True)))
+    ((_, context_row),) = list(
+        run_sample(tiny_lm, sample, jobs, RunOptions(compress="context", seed=0, fail_fast=True))
+    )
     assert prompt_row["output_ids"] == context_row["output_ids"]
     assert context_row["compressed_tokens"] < context_row["prompt_tokens"]

@@ -13,17 +13,18 @@ from hydra import compose, initialize_config_dir
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from kvbench.app import run
-from kvbench.chunked import check_chunked_methods, chunked_methods, chunked_prefill
 from kvbench.config import CONF_DIR
-from kvbench.efficiency import efficiency_table
-from kvbench.generation import prefill
-from kvbench.measure import Stopwatch
+from kvbench.engine.generation import prefill
+from kvbench.engine.measure import Stopwatch
+from kvbench.engine.models import load_model
+from kvbench.harness.chunked import check_chunked_methods, chunked_methods, chunked_prefill
+from kvbench.harness.options import RunOptions
+from kvbench.harness.results import ResultsStore
+from kvbench.harness.runner import Job, run_sample
+from kvbench.harness.sample import Sample
 from kvbench.methods import build_method
 from kvbench.methods.scoring import pyramid_layer_budgets
-from kvbench.models import load_model
-from kvbench.results import ResultsStore
-from kvbench.runner import Job, run_sample
-from kvbench.sample import Sample
+from kvbench.report.efficiency import efficiency_table
 from kvbench.tasks.synthetic_length import SyntheticLength
 
 CHUNKED = ["streamingllm", "window", "snapkv", "pyramidkv", "h2o"]
@@ -43,7 +44,7 @@ def noise_sample(repeats: int = 40, max_new_tokens: int = 6) -> Sample:
 
 
 def prompt_ids(lm, sample: Sample) -> list[int]:
-    from kvbench.prompt import build_prompt
+    from kvbench.harness.prompt import build_prompt
 
     return build_prompt(lm.tokenizer, sample).input_ids
 
@@ -74,8 +75,12 @@ def test_chunked_prefill_with_budget_at_least_prompt_equals_oneshot_full_prefill
     budget = None if name == "full" else 100_000  # h2o/streamingllm cap decoding too: leave room for it
     job = Job(method, budget, name)
     full = Job(build_method({"name": "full"}), None, "full")
-    ((_, oneshot),) = [r for r in run_sample(tiny_lm, sample, [full], "prompt", 0, fail_fast=True)]
-    ((_, chunked),) = list(run_sample(tiny_lm, sample, [job], "prompt", 0, fail_fast=True, prefill_chunk=37))
+    ((_, oneshot),) = [
+        r for r in run_sample(tiny_lm, sample, [full], RunOptions(compress="prompt", seed=0, fail_fast=True))
+    ]
+    ((_, chunked),) = list(
+        run_sample(tiny_lm, sample, [job], RunOptions(compress="prompt", seed=0, fail_fast=True, prefill_chunk=37))
+    )
     assert chunked["prefill_mode"] == "chunked:37" and chunked["prefill_compressions"] == 0
     assert chunked["compressed"] is False
     assert chunked["output_ids"] == oneshot["output_ids"]  # token for token
@@ -127,8 +132,10 @@ def test_cache_never_exceeds_budget_plus_chunk_during_the_prefill(tiny_lm, name)
 def test_one_chunk_covering_the_prompt_keeps_what_the_oneshot_prefill_keeps(tiny_lm, name):
     sample, budget = noise_sample(repeats=20), 48
     jobs = [Job(build_method({"name": name}), budget, name)]
-    ((_, oneshot),) = list(run_sample(tiny_lm, sample, jobs, "prompt", 0, fail_fast=True))
-    ((_, chunked),) = list(run_sample(tiny_lm, sample, jobs, "prompt", 0, fail_fast=True, prefill_chunk=10_000))
+    ((_, oneshot),) = list(run_sample(tiny_lm, sample, jobs, RunOptions(compress="prompt", seed=0, fail_fast=True)))
+    ((_, chunked),) = list(
+        run_sample(tiny_lm, sample, jobs, RunOptions(compress="prompt", seed=0, fail_fast=True, prefill_chunk=10_000))
+    )
     assert chunked["prefill_compressions"] == 1
     assert chunked["kept_per_layer_compressed"] == oneshot["kept_per_layer_compressed"]
     assert chunked["output_ids"] == oneshot["output_ids"]
@@ -233,7 +240,9 @@ def test_random_weight_model_from_a_config_json(tmp_path):
     task = SyntheticLength(lengths=[200], max_new_tokens=4)
     jobs = [Job(build_method({"name": "snapkv"}), 32, "snapkv")]
     (sample,) = task.samples(lm.tokenizer, lm.max_context)
-    ((_, row),) = list(run_sample(lm, sample, jobs, "prompt", 0, fail_fast=True, prefill_chunk=64))
+    ((_, row),) = list(
+        run_sample(lm, sample, jobs, RunOptions(compress="prompt", seed=0, fail_fast=True, prefill_chunk=64))
+    )
     assert (
         row["output_tokens"] == 4
         and row["kept_entries_compressed"] == 32 * 2 * 2

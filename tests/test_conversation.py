@@ -10,14 +10,15 @@ from hydra import compose, initialize_config_dir
 
 from kvbench import api
 from kvbench.app import run
-from kvbench.cache import PAD_POSITION
 from kvbench.config import CONF_DIR
-from kvbench.measure import Stopwatch
-from kvbench.plots import memory_vs_turn
-from kvbench.prompt import Prompt
+from kvbench.engine.cache import PAD_POSITION
+from kvbench.engine.measure import Stopwatch
+from kvbench.harness.options import RunOptions
+from kvbench.harness.prompt import Prompt
+from kvbench.harness.results import ResultsStore
+from kvbench.harness.runner import run_sample, shared_prefill
 from kvbench.report import summarize
-from kvbench.results import ResultsStore
-from kvbench.runner import run_sample, shared_prefill
+from kvbench.report.plots import memory_vs_turn
 from kvbench.scenarios import ScenarioSettings
 from kvbench.scenarios.conversation import run_dialogue_job
 from kvbench.scenarios.dialogue import Turn, dialogue_pieces
@@ -155,7 +156,9 @@ def test_turn_one_generates_what_the_single_prompt_runner_generates(tiny_lm):
         rows, *_ = run_turns(tiny_lm, sample, method, budget)
         jobs = api.plan(tiny_lm, single, [method], api.RunOptions(budgets=(budget,)))
         prompt = Prompt(first, len(first), 0)
-        ((_, reference),) = list(run_sample(tiny_lm, single, jobs, "prompt", 0, fail_fast=True, prompt=prompt))
+        ((_, reference),) = list(
+            run_sample(tiny_lm, single, jobs, RunOptions(compress="prompt", seed=0, fail_fast=True), prompt=prompt)
+        )
         assert rows[0]["output_ids"] == reference["output_ids"]
         assert rows[0]["kv_bytes"] == reference["kv_bytes"]
         assert rows[0]["compressed"] == reference["compressed"] == (budget is not None)
@@ -184,7 +187,7 @@ def test_refusals_are_one_line_error_rows(tiny_lm):
 
 @pytest.mark.parametrize("name", ["dapq", "kvzip"])
 def test_methods_that_need_a_fresh_prefill_are_refused_before_any_model_work(tiny_lm, name, monkeypatch):
-    import kvbench.runner as runner
+    import kvbench.harness.runner as runner
 
     def no_prefill(*args, **kwargs):
         raise AssertionError("the refusal must come before the first prefill")
@@ -245,7 +248,7 @@ def test_memory_vs_turn_draws_one_line_per_method_and_budget(tmp_path, tiny_lm):
 
 
 def test_a_budget_sweep_prefills_the_first_turn_once_per_dialogue(tiny_lm, monkeypatch):
-    import kvbench.runner as runner
+    import kvbench.harness.runner as runner
 
     calls = []
     original = runner.shared_prefill

@@ -13,19 +13,13 @@ triton = pytest.importorskip("triton", reason="the triton package is not install
 if not torch.cuda.is_available() and not triton.knobs.runtime.interpret:
     pytest.skip("no GPU and TRITON_INTERPRET is not 1 (tests/conftest.py sets it)", allow_module_level=True)
 
-from kvbench.attention import KERNELS_ATTR  # noqa: E402
-from kvbench.generation import forward_tokens, prefill  # noqa: E402
-from kvbench.measure import Stopwatch  # noqa: E402
+from kvbench.engine.generation import forward_tokens, prefill  # noqa: E402
+from kvbench.engine.measure import Stopwatch  # noqa: E402
+from kvbench.harness.options import RunOptions  # noqa: E402
+from kvbench.harness.runner import Job, run_sample  # noqa: E402
+from kvbench.harness.sample import Sample  # noqa: E402
 from kvbench.methods import build_method  # noqa: E402
 from kvbench.methods.base import CompressionContext  # noqa: E402
-from kvbench.runner import Job, run_sample  # noqa: E402
-from kvbench.sample import Sample  # noqa: E402
-
-
-@pytest.fixture
-def kernels_reset(kernel_lm):
-    yield
-    setattr(kernel_lm.config, KERNELS_ATTR, "torch")
 
 
 def sample() -> Sample:
@@ -55,8 +49,10 @@ def compressed_cache(lm, name: str, budget: int, biased: bool):
 
 
 @pytest.mark.parametrize(("name", "biased"), [("full", False), ("snapkv", False), ("adakv", False), ("snapkv", True)])
-def test_decode_step_logits_match_the_torch_path(kernel_lm, kernels_reset, monkeypatch, name, biased):
-    decode_module = importlib.import_module("kvbench.kernels.decode_attention")  # the package re-exports a function
+def test_decode_step_logits_match_the_torch_path(kernel_lm, monkeypatch, name, biased):
+    decode_module = importlib.import_module(
+        "kvbench.engine.kernels.decode_attention"
+    )  # the package re-exports a function
     calls = []
     kernel = decode_module.decode_attention_triton
     monkeypatch.setattr(decode_module, "decode_attention_triton", lambda *a, **k: calls.append(1) or kernel(*a, **k))
@@ -65,8 +61,8 @@ def test_decode_step_logits_match_the_torch_path(kernel_lm, kernels_reset, monke
         assert any(layer.padded for layer in cache.layers)  # ragged heads: padding slots must stay hidden
     logits, launches = {}, {}
     for kernels in ("torch", "triton"):
-        setattr(kernel_lm.config, KERNELS_ATTR, kernels)
         step, before = cache.copy(), len(calls)
+        step.decode_kernels = kernels
         logits[kernels] = torch.stack([forward_tokens(kernel_lm, step, [token]) for token in (7, 8, 9)])
         launches[kernels] = len(calls) - before
     assert launches == {"torch": 0, "triton": 3 * kernel_lm.config.num_hidden_layers}
@@ -74,7 +70,7 @@ def test_decode_step_logits_match_the_torch_path(kernel_lm, kernels_reset, monke
 
 
 def test_decode_kernels_run_on_cuda_when_available(kernel_lm):
-    from kvbench.kernels.dispatch import resolve_kernels
+    from kvbench.engine.kernels.dispatch import resolve_kernels
 
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert kernel_lm.device.type == expected
@@ -84,11 +80,17 @@ def test_decode_kernels_run_on_cuda_when_available(kernel_lm):
 
 
 @pytest.mark.parametrize("name", ["full", "streamingllm", "h2o"])
-def test_generated_tokens_match_with_triton_decode(kernel_lm, kernels_reset, name):
+def test_generated_tokens_match_with_triton_decode(kernel_lm, name):
     method = build_method({"name": name})
     jobs = [Job(method, None if name == "full" else 48, name)]
     rows = {
-        kernels: next(iter(run_sample(kernel_lm, sample(), jobs, "prompt", 0, fail_fast=True, kernels=kernels)))[1]
+        kernels: next(
+            iter(
+                run_sample(
+                    kernel_lm, sample(), jobs, RunOptions(compress="prompt", seed=0, fail_fast=True, kernels=kernels)
+                )
+            )
+        )[1]
         for kernels in ("torch", "triton")
     }
     assert rows["triton"]["output_ids"] == rows["torch"]["output_ids"]

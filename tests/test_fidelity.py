@@ -1,4 +1,4 @@
-"""Fidelity metrics (kvbench.fidelity): hand-checked token match / first divergence / KL, and on the tiny model:
+"""Fidelity metrics (kvbench.harness.fidelity): hand-checked token match / first divergence / KL, and on the tiny model:
 the full row and an uncompressed row match the reference exactly, a compressing row has KL > 0, the reference is
 the same whether or not the sweep has a full job, chunked prefill and reference failures."""
 
@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 
-from kvbench import fidelity
+from kvbench.harness import fidelity
+from kvbench.harness.options import RunOptions
+from kvbench.harness.runner import Job, run_sample
 from kvbench.methods.full import Full
 from kvbench.methods.snapkv import SnapKV
-from kvbench.runner import Job, run_sample
 from tests.helpers import needle_sample
 
 
@@ -48,7 +49,9 @@ def test_kl_by_hand_and_nonnegative():
 
 def rows_by_key(tiny_lm, jobs, **kwargs):
     sample = needle_sample(max_new_tokens=8)
-    return {job.key: row for job, row in run_sample(tiny_lm, sample, jobs, "prompt", seed=0, **kwargs)}
+    return {
+        job.key: row for job, row in run_sample(tiny_lm, sample, jobs, RunOptions(compress="prompt", seed=0, **kwargs))
+    }
 
 
 def sweep_jobs():

@@ -1,4 +1,4 @@
-"""GEAR, RotateKV and OCTOPUS-reconstructed on the packed store (kvbench.quant): reconstruction properties,
+"""GEAR, RotateKV and OCTOPUS-reconstructed on the packed store (kvbench.engine.quant): reconstruction properties,
 exact byte formulas, bad input and end-to-end rows on the tiny model."""
 
 from __future__ import annotations
@@ -6,16 +6,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvbench.generation import forward_tokens, prefill
-from kvbench.measure import Stopwatch
+from kvbench.engine.generation import forward_tokens, prefill
+from kvbench.engine.measure import Stopwatch
+from kvbench.engine.quant.gear import GearSegment, encode_gear, outlier_count
+from kvbench.engine.quant.octopus import (
+    codebooks,
+    encode_octopus,
+    lloyd_max,
+    nearest,
+    reconstruct,
+    rotated_unit_samples,
+)
+from kvbench.engine.quant.packing import packed_row_bytes
+from kvbench.engine.quant.rotation import ChannelTransform, RotatedSegment, check_transform
+from kvbench.engine.quant.segments import UniformSegment, uniform_nbytes
+from kvbench.harness.options import RunOptions
+from kvbench.harness.runner import Job, run_sample
 from kvbench.methods import build_method
 from kvbench.methods.base import CompressionContext
-from kvbench.quant.gear import GearSegment, encode_gear, outlier_count
-from kvbench.quant.octopus import codebooks, encode_octopus, lloyd_max, nearest, reconstruct, rotated_unit_samples
-from kvbench.quant.packing import packed_row_bytes
-from kvbench.quant.rotation import ChannelTransform, RotatedSegment, check_transform
-from kvbench.quant.segments import UniformSegment, uniform_nbytes
-from kvbench.runner import Job, run_sample
 from tests.helpers import needle_sample
 
 
@@ -155,7 +163,12 @@ def test_rotatekv_sinks_exact_round_trip_calibration_cache_and_eviction(tiny_lm,
     # decode-time eviction from rotated layers (StreamingLLM base), rows end to end
     evicting = build_method({"name": "rotatekv", "group_size": 16, "calibration_tokens": 128, "base": "streamingllm"})
     jobs = [Job(evicting, 24, "rot+stream"), Job(build_method({"name": "full"}), None, "full")]
-    rows = {job.key: row for job, row in run_sample(tiny_lm, needle_sample(12), jobs, "prompt", 0, True, tmp_path)}
+    rows = {
+        job.key: row
+        for job, row in run_sample(
+            tiny_lm, needle_sample(12), jobs, RunOptions(compress="prompt", seed=0, fail_fast=True, cache_dir=tmp_path)
+        )
+    }
     assert rows["rot+stream"]["status"] == "ok" and rows["rot+stream"]["max_layer_len_decode"] <= 24
 
 

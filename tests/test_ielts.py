@@ -10,9 +10,12 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
+from kvbench.harness.metrics import score
+from kvbench.harness.options import RunOptions
+from kvbench.harness.prompt import build_prompt
+from kvbench.harness.runner import Job, run_sample
 from kvbench.methods.base import build_method
-from kvbench.prompt import build_prompt
-from kvbench.runner import Job, run_sample
+from kvbench.report.task_figures import position_figure, task_figures
 from kvbench.tasks import build_task
 from kvbench.tasks.ielts import (
     DEFAULT_DATA,
@@ -21,9 +24,7 @@ from kvbench.tasks.ielts import (
     IeltsDataError,
     ielts_exact_match,
     load_passages,
-    position_figure,
 )
-from kvbench.tasks.metrics import score
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -263,7 +264,10 @@ def test_two_samples_end_to_end_full_and_snapkv(tiny_lm):
         Job(build_method({"name": "snapkv"}), 64, "snapkv64"),
     ]
     for sample in samples:
-        rows = {job.key: row for job, row in run_sample(tiny_lm, sample, jobs, "prompt", seed=0, fail_fast=True)}
+        rows = {
+            job.key: row
+            for job, row in run_sample(tiny_lm, sample, jobs, RunOptions(compress="prompt", seed=0, fail_fast=True))
+        }
         assert all(row["status"] == "ok" and 0.0 <= row["score"] <= 1.0 for row in rows.values())
         assert rows["full"]["compressed"] is False
         assert rows["snapkv64"]["compressed"] is True and rows["snapkv64"]["kept_per_layer_compressed"] == [64.0] * 4
@@ -297,4 +301,4 @@ def test_position_figure_writes_png_and_pdf(tmp_path):
     paths = position_figure(pd.DataFrame(rows), tmp_path)
     assert [p.name for p in paths] == ["ielts_position.png", "ielts_position.pdf"]
     assert all(p.stat().st_size > 1000 for p in paths)
-    assert Ielts().figures(pd.DataFrame(columns=["status"]), tmp_path / "empty") == []
+    assert task_figures("ielts", pd.DataFrame(columns=["status"]), tmp_path / "empty") == []

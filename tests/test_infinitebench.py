@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from kvbench.harness.options import RunOptions
+from kvbench.harness.prompt import build_prompt
+from kvbench.harness.runner import Job, run_sample
 from kvbench.methods.full import Full
-from kvbench.prompt import build_prompt
-from kvbench.runner import Job, run_sample
 from kvbench.tasks import build_task
 from kvbench.tasks.benchmark_data import DataUnavailableError
 from kvbench.tasks.infinitebench import PROTOCOL, SUBTASKS, record_builder
@@ -247,7 +248,11 @@ def test_every_task_runs_end_to_end(tiny_lm) -> None:
     assert len(samples) == 24 and {s.meta["subtask"] for s in samples} == set(SUBTASKS)
     for sample in samples:
         short = dataclasses.replace(sample, max_new_tokens=min(2, sample.max_new_tokens))
-        [(_, row)] = list(run_sample(tiny_lm, short, [Job(Full(), None, "full")], "prompt", 0, fail_fast=True))
+        [(_, row)] = list(
+            run_sample(
+                tiny_lm, short, [Job(Full(), None, "full")], RunOptions(compress="prompt", seed=0, fail_fast=True)
+            )
+        )
         assert row["status"] == "ok"
         assert 0.0 <= row["score"] <= 1.0
         assert row["truncated_tokens"] == 0

@@ -7,13 +7,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kvbench import attention
-from kvbench.generation import prefill
-from kvbench.measure import Stopwatch
+from kvbench.engine import attention
+from kvbench.engine.generation import prefill
+from kvbench.engine.measure import Stopwatch
+from kvbench.harness.options import RunOptions
+from kvbench.harness.runner import Job, run_sample
+from kvbench.harness.sample import Sample
 from kvbench.methods import build_method
 from kvbench.methods.kv_direct import PrefillResiduals, Recomputer, UnsupportedArchitecture, same_shape_projection
-from kvbench.runner import Job, run_sample
-from kvbench.sample import Sample
 
 # fp32 recomputation on CPU with a product shape other than the original (one row at a time instead of the prompt's
 # 40 rows): measured max-abs 1.7e-6 (tiny model) and 1.6e-5 (SmolLM2, keys of magnitude ~1-20); the bound leaves a
@@ -95,7 +96,12 @@ def run_methods(lm, methods: list[dict], budgets: list[int], compress: str, new_
     for config in methods:
         method = build_method(config)  # one object per config: the budget sweep shares its prefill observer
         jobs += [Job(method, budget, f"{config['checkpoint']}@{budget}") for budget in budgets]
-    rows = {job.key: row for job, row in run_sample(lm, story_sample(new_tokens), jobs, compress, 0, fail_fast=True)}
+    rows = {
+        job.key: row
+        for job, row in run_sample(
+            lm, story_sample(new_tokens), jobs, RunOptions(compress=compress, seed=0, fail_fast=True)
+        )
+    }
     return rows.pop("full"), rows
 
 

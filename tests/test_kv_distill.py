@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from kvbench.app import run
+from kvbench.engine.kernels.window_attention import window_attention
+from kvbench.harness.options import RunOptions
+from kvbench.harness.results import ResultsStore
+from kvbench.harness.runner import Job, run_sample
 from kvbench.methods import build_method
 from kvbench.methods.kv_distill import distill_layer, fit_bias, ridge_values, split_queries, valid_bases
-from kvbench.methods.scoring import window_attention
-from kvbench.results import ResultsStore
-from kvbench.runner import Job, run_sample
 from tests.helpers import needle_sample
 from tests.test_app import cli, composed
 
@@ -147,7 +148,12 @@ def test_over_a_base_entries_and_bytes_are_the_base_and_the_record_is_filled(tin
     jobs.append(Job(build_method({"name": "kv_distill", "base": "h2o"}), 32, "distill:h2o"))
     jobs.append(Job(build_method({"name": "adakv"}), 32, "adakv"))
     jobs.append(Job(build_method({"name": "kv_distill", "base": "adakv"}), 32, "distill:adakv"))
-    rows = {job.key: row for job, row in run_sample(tiny_lm, needle_sample(8), jobs, compress, 0, fail_fast=True)}
+    rows = {
+        job.key: row
+        for job, row in run_sample(
+            tiny_lm, needle_sample(8), jobs, RunOptions(compress=compress, seed=0, fail_fast=True)
+        )
+    }
     pairs = [(f"snapkv:{b}", f"{kind}:{b}") for b in (32, 48) for kind in ("distill", "inf", "bias")]
     pairs += [("h2o", "distill:h2o"), ("adakv", "distill:adakv")]
     for base, distill in pairs:

@@ -8,11 +8,12 @@ import random
 import pytest
 import torch
 
+from kvbench.harness.options import RunOptions
+from kvbench.harness.runner import Job, run_sample
+from kvbench.harness.sample import Sample
 from kvbench.methods import build_method
 from kvbench.methods.kvcrush import anchor, crush_pick, head_signatures
 from kvbench.methods.treekv import sweep_evict
-from kvbench.runner import Job, run_sample
-from kvbench.sample import Sample
 from tests.helpers import needle_sample
 
 # ---------------------------------------------------------------- KVCrush
@@ -68,7 +69,10 @@ def test_kvcrush_fraction_zero_is_the_base_and_budgets_are_exact(tiny_lm, base):
         jobs.append(
             Job(build_method({"name": "kvcrush", "base": base, "anchor": mode, "crush_fraction": 0.25}), 48, mode)
         )
-    rows = {job.key: row for job, row in run_sample(tiny_lm, sample, jobs, "prompt", 0, fail_fast=True)}
+    rows = {
+        job.key: row
+        for job, row in run_sample(tiny_lm, sample, jobs, RunOptions(compress="prompt", seed=0, fail_fast=True))
+    }
     assert rows["crush0"]["output_ids"] == rows["base"]["output_ids"]
     assert rows["crush0"]["kept_per_layer_compressed"] == rows["base"]["kept_per_layer_compressed"]
     assert rows["crush0"]["kv_bytes_compressed"] == rows["base"]["kv_bytes_compressed"]
@@ -151,7 +155,11 @@ def test_treekv_holds_exactly_the_budget_after_every_step(tiny_lm):
         cache.observers.insert(0, SizeProbe())
 
     method.setup = setup  # test-local probe on this one object
-    [(job, row)] = list(run_sample(tiny_lm, sample, [Job(method, budget, "treekv")], "prompt", 0, fail_fast=True))
+    [(job, row)] = list(
+        run_sample(
+            tiny_lm, sample, [Job(method, budget, "treekv")], RunOptions(compress="prompt", seed=0, fail_fast=True)
+        )
+    )
     layers = tiny_lm.config.num_hidden_layers
     assert row["kept_per_layer_compressed"] == [budget] * layers
     assert SizeProbe.sizes == [budget] * (layers * (steps - 1))

@@ -21,8 +21,8 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
+from kvbench.harness.results import read_jsonl  # noqa: E402
 from kvbench.integrations.lm_eval import AdapterArgError, KVBenchLM  # noqa: E402
-from kvbench.results import read_jsonl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "lm_eval"

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from kvbench.harness.options import RunOptions
+from kvbench.harness.prompt import build_prompt
+from kvbench.harness.runner import Job, run_sample
 from kvbench.methods.full import Full
-from kvbench.prompt import build_prompt
-from kvbench.runner import Job, run_sample
 from kvbench.tasks import build_task
 from kvbench.tasks import longbench as longbench_module
 from kvbench.tasks.benchmark_data import DataUnavailableError
@@ -192,7 +193,11 @@ def test_every_subtask_runs_end_to_end(tiny_lm) -> None:
     samples = list(task().samples(tiny_lm.tokenizer, tiny_lm.max_context))
     for sample in samples:
         short = dataclasses.replace(sample, max_new_tokens=2)
-        [(_, row)] = list(run_sample(tiny_lm, short, [Job(Full(), None, "full")], "context", 0, fail_fast=True))
+        [(_, row)] = list(
+            run_sample(
+                tiny_lm, short, [Job(Full(), None, "full")], RunOptions(compress="context", seed=0, fail_fast=True)
+            )
+        )
         assert row["status"] == "ok"
         assert 0.0 <= row["score"] <= 1.0
         assert row["truncated_tokens"] == 0 and row["output_tokens"] <= 2

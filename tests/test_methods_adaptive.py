@@ -9,10 +9,14 @@ import math
 import pytest
 import torch
 
-from kvbench.attention import attend
-from kvbench.cache import PAD_POSITION, KVCache, KVLayer
-from kvbench.generation import prefill
-from kvbench.measure import Stopwatch
+from kvbench.engine.attention import attend
+from kvbench.engine.cache import PAD_POSITION, KVCache, KVLayer
+from kvbench.engine.generation import prefill
+from kvbench.engine.kernels.window_attention import aggregate_gqa, window_attention
+from kvbench.engine.measure import Stopwatch
+from kvbench.engine.rope import rope_inv_freq, rotate_keys
+from kvbench.harness.options import RunOptions
+from kvbench.harness.runner import Job, run_sample
 from kvbench.methods import build_method
 from kvbench.methods.adakv import head_budgets
 from kvbench.methods.base import CompressionContext
@@ -20,9 +24,6 @@ from kvbench.methods.dapq import PseudoQueryScorer
 from kvbench.methods.hierarchical import COUNT, LEVEL, PopularityTracker, level_sizes, target_levels, topk_hits
 from kvbench.methods.kvzip import FIRST_REPEAT_PROMPT, NEXT_REPEAT_PROMPT, chat_template_parts, global_topk_mask
 from kvbench.methods.razor import compress_layer
-from kvbench.methods.scoring import aggregate_gqa, window_attention
-from kvbench.rope import rope_inv_freq, rotate_keys
-from kvbench.runner import Job, run_sample
 from tests.helpers import needle_sample
 
 NEW_METHODS = ["adakv", "kvzip", "razor", "dapq", "hierarchical"]
@@ -31,7 +32,9 @@ NEW_METHODS = ["adakv", "kvzip", "razor", "dapq", "hierarchical"]
 def run(lm, name_or_cfg, budget, compress="prompt", cache_dir=None, sample=None):
     cfg = {"name": name_or_cfg} if isinstance(name_or_cfg, str) else name_or_cfg
     jobs = [Job(build_method({"name": "full"}), None, "full"), Job(build_method(cfg), budget, "m")]
-    rows = run_sample(lm, sample or needle_sample(8), jobs, compress, 0, fail_fast=True, cache_dir=cache_dir)
+    rows = run_sample(
+        lm, sample or needle_sample(8), jobs, RunOptions(compress=compress, seed=0, fail_fast=True, cache_dir=cache_dir)
+    )
     return {job.key: row for job, row in rows}
 
 
@@ -381,7 +384,9 @@ def test_hierarchical_never_exceeds_the_budget_over_200_decode_steps(tiny_lm):
         seen.append(max(layer.get_seq_length() for layer in cache.layers) + num_new)
 
     method.before_forward = checked
-    ((_, row),) = list(run_sample(tiny_lm, sample, [Job(method, budget, "h")], "context", 0, fail_fast=True))
+    ((_, row),) = list(
+        run_sample(tiny_lm, sample, [Job(method, budget, "h")], RunOptions(compress="context", seed=0, fail_fast=True))
+    )
     assert row["output_tokens"] == 200 and len(seen) == 200  # the question tail + 199 decode steps
     assert max(seen) <= budget and row["max_layer_len_decode"] <= budget
     history = row["method_record"]["level_sizes"]
@@ -392,7 +397,7 @@ def test_hierarchical_never_exceeds_the_budget_over_200_decode_steps(tiny_lm):
 
 
 def sample_tail(lm, sample):
-    from kvbench.prompt import build_prompt
+    from kvbench.harness.prompt import build_prompt
 
     prompt = build_prompt(lm.tokenizer, sample)
     return prompt.input_ids[prompt.context_end :]
@@ -471,7 +476,12 @@ def test_budget_sweeps_score_once_per_sample(tiny_lm, name, monkeypatch):
     monkeypatch.setattr(cls, attr, counted)
     method = build_method({"name": name})
     jobs = [Job(method, budget, str(budget)) for budget in (24, 40)]
-    rows = {job.key: row for job, row in run_sample(tiny_lm, needle_sample(8), jobs, "context", 0, fail_fast=True)}
+    rows = {
+        job.key: row
+        for job, row in run_sample(
+            tiny_lm, needle_sample(8), jobs, RunOptions(compress="context", seed=0, fail_fast=True)
+        )
+    }
     assert calls == [24]
     assert rows["40"]["method_record"][f"{name}_scores_shared"] is True
     alone = run(tiny_lm, name, 40, "context")["m"]

@@ -9,12 +9,13 @@ import math
 import pytest
 import torch
 
-from kvbench.cache import KVCache, KVLayer
+from kvbench.engine.cache import KVCache, KVLayer
+from kvbench.engine.rope import rope_inv_freq, rotate_keys
+from kvbench.harness.options import RunOptions
+from kvbench.harness.runner import Job, run_sample
 from kvbench.methods import METHODS, build_method
 from kvbench.methods.base import CompressionContext
 from kvbench.methods.scoring import pyramid_layer_budgets
-from kvbench.rope import rope_inv_freq, rotate_keys
-from kvbench.runner import Job, run_sample
 from tests.helpers import needle_sample
 
 CORE_METHODS = ["full", "random", "window", "streamingllm", "snapkv", "pyramidkv"]
@@ -26,7 +27,10 @@ def test_budget_at_least_prompt_is_identical_to_full(tiny_lm, name):
     full = Job(build_method({"name": "full"}), None, "full")
     # decode-time methods cap the whole cache, so their "no eviction" budget covers the generated tokens too
     job = Job(build_method({"name": name}), 10_000, name)
-    rows = dict((j.key, row) for j, row in run_sample(tiny_lm, sample, [full, job], "prompt", 0, fail_fast=True))
+    rows = dict(
+        (j.key, row)
+        for j, row in run_sample(tiny_lm, sample, [full, job], RunOptions(compress="prompt", seed=0, fail_fast=True))
+    )
     assert rows[name]["compressed"] is False
     assert rows[name]["output_ids"] == rows["full"]["output_ids"]
     assert rows[name]["kv_bytes_compressed"] == rows["full"]["kv_bytes_full"]
@@ -37,7 +41,9 @@ def test_budget_at_least_prompt_is_identical_to_full(tiny_lm, name):
 def test_kept_counts_follow_the_budget_rule_and_memory_shrinks(tiny_lm, name, compress):
     budget = 48
     jobs = [Job(build_method({"name": name}), budget, name)]
-    ((_, row),) = list(run_sample(tiny_lm, needle_sample(), jobs, compress, 0, fail_fast=True))
+    ((_, row),) = list(
+        run_sample(tiny_lm, needle_sample(), jobs, RunOptions(compress=compress, seed=0, fail_fast=True))
+    )
     layers, heads = tiny_lm.config.num_hidden_layers, tiny_lm.config.num_key_value_heads
     assert row["compressed"] is True
     assert row["kept_entries_compressed"] == budget * layers * heads
@@ -53,7 +59,9 @@ def test_kept_counts_follow_the_budget_rule_and_memory_shrinks(tiny_lm, name, co
 
 def test_fractional_budget_keeps_that_fraction(tiny_lm):
     jobs = [Job(build_method({"name": "snapkv"}), 0.25, "s")]
-    ((_, row),) = list(run_sample(tiny_lm, needle_sample(), jobs, "prompt", 0, fail_fast=True))
+    ((_, row),) = list(
+        run_sample(tiny_lm, needle_sample(), jobs, RunOptions(compress="prompt", seed=0, fail_fast=True))
+    )
     assert row["budget_entries"] == round(0.25 * row["compressed_tokens"])
     assert abs(row["kept_fraction_compressed"] - 0.25) < 0.01
 
@@ -65,7 +73,7 @@ def test_every_sample_is_compressed_not_only_the_first(tiny_lm):
         sample = needle_sample()
         sample.sample_id = f"s{index}"
         sample.context = sample.context + " Extra sentence." * index
-        ((_, row),) = list(run_sample(tiny_lm, sample, jobs, "prompt", 0, fail_fast=True))
+        ((_, row),) = list(run_sample(tiny_lm, sample, jobs, RunOptions(compress="prompt", seed=0, fail_fast=True)))
         assert row["compressed"] and row["kept_entries_compressed"] == 40 * 4 * 2
 
 
@@ -231,7 +239,7 @@ def test_streamingllm_never_exceeds_budget_while_decoding(tiny_lm):
         original(cache, ctx, num_new)
 
     method.before_forward = attach_and_forward
-    ((_, row),) = list(run_sample(tiny_lm, sample, jobs, "prompt", 0, fail_fast=True))
+    ((_, row),) = list(run_sample(tiny_lm, sample, jobs, RunOptions(compress="prompt", seed=0, fail_fast=True)))
     assert row["output_tokens"] == 60
     assert log.sizes and max(log.sizes) <= 40
     assert row["max_layer_len_decode"] <= 40
@@ -257,7 +265,9 @@ def test_rerotation_moves_keys_to_new_positions(tiny_lm):
 
 def test_streamingllm_rerotate_mode_runs_with_contiguous_positions(tiny_lm):
     jobs = [Job(build_method({"name": "streamingllm", "rerotate": True}), 32, "s")]
-    ((_, row),) = list(run_sample(tiny_lm, needle_sample(20), jobs, "prompt", 0, fail_fast=True))
+    ((_, row),) = list(
+        run_sample(tiny_lm, needle_sample(20), jobs, RunOptions(compress="prompt", seed=0, fail_fast=True))
+    )
     assert row["status"] == "ok" and row["compressed"] and row["max_layer_len_decode"] <= 32
 
 

@@ -11,18 +11,19 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from kvbench.cache import KVCache, KVLayer
-from kvbench.generation import forward_tokens, prefill
-from kvbench.measure import Stopwatch
+from kvbench.engine.cache import KVCache, KVLayer
+from kvbench.engine.generation import forward_tokens, prefill
+from kvbench.engine.measure import Stopwatch
+from kvbench.engine.rope import rotary_embedding, unrotate
+from kvbench.harness.options import RunOptions
+from kvbench.harness.runner import Job, run_sample
+from kvbench.harness.sample import Sample
 from kvbench.methods import build_method
 from kvbench.methods.base import CompressionContext
 from kvbench.methods.decode_budget import RecentQueries
 from kvbench.methods.expected_attention import QueryStatistics
 from kvbench.methods.h2o import H2O_SCORE, DecodeAccumulator, accumulated_attention
 from kvbench.methods.tova import LastQueryEvictor
-from kvbench.rope import rotary_embedding, unrotate
-from kvbench.runner import Job, run_sample
-from kvbench.sample import Sample
 
 NEW_METHODS = ["h2o", "tova", "knorm", "expected_attention"]
 
@@ -77,7 +78,10 @@ def test_budget_never_reached_gives_full_output(tiny_lm):
     for compress in ("prompt", "context"):
         jobs = [Job(build_method({"name": "full"}), None, "full")]
         jobs += [Job(method, 400, method.label()) for method in methods]
-        rows = {job.key: row for job, row in run_sample(tiny_lm, sample, jobs, compress, seed=0, fail_fast=True)}
+        rows = {
+            job.key: row
+            for job, row in run_sample(tiny_lm, sample, jobs, RunOptions(compress=compress, seed=0, fail_fast=True))
+        }
         reference = rows.pop("full")
         assert reference["output_tokens"] == 24  # generation long enough to matter
         assert reference["prompt_tokens"] + 24 < 400
@@ -97,7 +101,7 @@ def test_kept_counts_follow_the_budget_and_bytes_shrink(tiny_lm, compress):
     jobs.append(Job(build_method({"name": "h2o", "decode_evict": False}), budget, "h2o_prefill_only"))
     layers, heads = tiny_lm.config.num_hidden_layers, tiny_lm.config.num_key_value_heads
     slot_bytes = 2 * tiny_lm.config.head_dim * 4  # K + V, fp32
-    for job, row in run_sample(tiny_lm, sample, jobs, compress, seed=0, fail_fast=True):
+    for job, row in run_sample(tiny_lm, sample, jobs, RunOptions(compress=compress, seed=0, fail_fast=True)):
         assert row["compressed"] and row["compressed_tokens"] > budget
         assert row["kept_per_layer_compressed"] == [budget] * layers, job.key
         assert (

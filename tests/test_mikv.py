@@ -6,15 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvbench.generation import forward_tokens, prefill
-from kvbench.measure import Stopwatch
+from kvbench.engine.generation import forward_tokens, prefill
+from kvbench.engine.measure import Stopwatch
+from kvbench.engine.quant.packing import packed_row_bytes
+from kvbench.engine.quant.segments import SegmentStore
+from kvbench.harness.options import RunOptions
+from kvbench.harness.runner import Job, run_sample
+from kvbench.harness.sample import Sample
 from kvbench.methods import build_method
 from kvbench.methods.base import CompressionContext
 from kvbench.methods.mikv import MiKVLayer, balancer
-from kvbench.quant.packing import packed_row_bytes
-from kvbench.quant.segments import SegmentStore
-from kvbench.runner import Job, run_sample
-from kvbench.sample import Sample
 
 BUDGET = 24
 BASES = ("h2o", "snapkv", "tova", "streamingllm", "adakv")  # adakv: per-head counts, padded slots
@@ -29,7 +30,10 @@ def story(new_tokens: int) -> Sample:
 def rows_for(lm, configs: dict[str, dict], compress: str, new_tokens: int = 24, budget: int = BUDGET):
     jobs = [Job(build_method({"name": "full"}), None, "full")]
     jobs += [Job(build_method(config), budget, key) for key, config in configs.items()]
-    return {job.key: row for job, row in run_sample(lm, story(new_tokens), jobs, compress, 0, fail_fast=True)}
+    return {
+        job.key: row
+        for job, row in run_sample(lm, story(new_tokens), jobs, RunOptions(compress=compress, seed=0, fail_fast=True))
+    }
 
 
 @pytest.mark.parametrize("compress", ["prompt", "context"])

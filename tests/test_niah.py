@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from kvbench.models import gguf_tokenizer
-from kvbench.prompt import build_prompt
+from kvbench.engine.models import gguf_tokenizer
+from kvbench.harness.metrics import string_match_all, string_match_part
+from kvbench.harness.prompt import build_prompt
 from kvbench.tasks import build_task
-from kvbench.tasks.metrics import string_match_all, string_match_part
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,16 @@ triton = pytest.importorskip("triton", reason="the triton package is not install
 if not torch.cuda.is_available() and not triton.knobs.runtime.interpret:
     pytest.skip("no GPU and TRITON_INTERPRET is not 1 (tests/conftest.py sets it)", allow_module_level=True)
 
-from kvbench.attention import KERNELS_ATTR  # noqa: E402
-from kvbench.cache import KVLayer  # noqa: E402
-from kvbench.generation import forward_tokens, prefill  # noqa: E402
-from kvbench.kernels.packed_decode import (  # noqa: E402
+from kvbench.engine.cache import KVLayer  # noqa: E402
+from kvbench.engine.generation import forward_tokens, prefill  # noqa: E402
+from kvbench.engine.kernels.packed_decode import (  # noqa: E402
     packed_decode_attention_torch,
     packed_decode_attention_triton,
 )
-from kvbench.measure import Stopwatch  # noqa: E402
+from kvbench.engine.measure import Stopwatch  # noqa: E402
+from kvbench.engine.quant import QuantKVLayer  # noqa: E402
 from kvbench.methods import build_method  # noqa: E402
 from kvbench.methods.base import CompressionContext  # noqa: E402
-from kvbench.quant import QuantKVLayer  # noqa: E402
 
 
 def quant_layer(heads, n, d, params, seed=0, dtype=torch.float32):
@@ -61,15 +60,9 @@ def test_packed_kernel_equals_the_torch_reference(params, heads, n, d, masked):
         torch.testing.assert_close(ref, dense.flatten(0, 1), rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture
-def kernels_reset(tiny_lm):
-    yield
-    setattr(tiny_lm.config, KERNELS_ATTR, "torch")
-
-
 @pytest.mark.parametrize("base", [None, "snapkv"])
-def test_decode_steps_of_a_quantised_cache_match_the_torch_path(tiny_lm, kernels_reset, monkeypatch, base):
-    import kvbench.kernels.packed_decode as packed_module
+def test_decode_steps_of_a_quantised_cache_match_the_torch_path(tiny_lm, monkeypatch, base):
+    import kvbench.engine.kernels.packed_decode as packed_module
 
     calls = []
     kernel = packed_module.packed_decode_attention_triton
@@ -89,7 +82,7 @@ def test_decode_steps_of_a_quantised_cache_match_the_torch_path(tiny_lm, kernels
             method.compress(cache, ctx)
         method.after_compress(cache, ctx)
         assert all(layer.packed_decode == (kernels == "triton") for layer in cache.layers)
-        setattr(tiny_lm.config, KERNELS_ATTR, kernels)
+        cache.decode_kernels = kernels
         logits[kernels] = torch.stack([forward_tokens(tiny_lm, cache, [token]) for token in (7, 8, 9)])
     assert len(calls) == 3 * tiny_lm.config.num_hidden_layers  # every triton step read the packed codes
     torch.testing.assert_close(logits["triton"], logits["torch"], rtol=1e-4, atol=1e-4)

@@ -10,9 +10,10 @@ import sys
 import pytest
 import torch
 
+from kvbench.harness.options import RunOptions
+from kvbench.harness.runner import Job, run_sample
 from kvbench.methods import build_method
 from kvbench.methods.prefixkv import allocate, calibration_path, importance_cdf, keep_fraction, write_calibration
-from kvbench.runner import Job, run_sample
 from tests.helpers import needle_sample
 
 TEXT = " ".join(f"Line {i}: the quick brown fox number {i * 7 % 13} jumps over the lazy dog." for i in range(60))
@@ -47,14 +48,20 @@ def test_calibration_is_deterministic_cached_and_used(tiny_lm, tmp_path):
     with pytest.raises(
         FileNotFoundError, match=r"python -m kvbench.calibrate prefixkv --model tiny_random --samples 2"
     ):
-        list(run_sample(tiny_lm, sample, [job], "prompt", 0, fail_fast=True, cache_dir=tmp_path))
+        list(
+            run_sample(
+                tiny_lm, sample, [job], RunOptions(compress="prompt", seed=0, fail_fast=True, cache_dir=tmp_path)
+            )
+        )
     path = write_calibration(tiny_lm, tmp_path, TEXT, "test text", 2, 64)
     first = path.read_text()
     assert path == calibration_path(tiny_lm, tmp_path, 2, 64)
     assert write_calibration(tiny_lm, tmp_path, TEXT, "test text", 2, 64).read_text() == first
     curves = json.loads(first)["cdf"]
     assert len(curves) == tiny_lm.config.num_hidden_layers and all(c[0] == 0 and abs(c[-1] - 1) < 1e-9 for c in curves)
-    [(_, row)] = list(run_sample(tiny_lm, sample, [job], "prompt", 0, fail_fast=True, cache_dir=tmp_path))
+    [(_, row)] = list(
+        run_sample(tiny_lm, sample, [job], RunOptions(compress="prompt", seed=0, fail_fast=True, cache_dir=tmp_path))
+    )
     budgets = row["method_record"]["prefixkv_layer_budgets"]
     assert sum(budgets) == 40 * tiny_lm.config.num_hidden_layers
     assert row["kept_per_layer_compressed"] == budgets

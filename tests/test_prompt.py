@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from kvbench.models import gguf_tokenizer
-from kvbench.prompt import build_prompt, middle_truncate
-from kvbench.sample import Sample
+from kvbench.engine.models import gguf_tokenizer
+from kvbench.harness.prompt import build_prompt, middle_truncate
+from kvbench.harness.sample import Sample
 
 
 @pytest.mark.parametrize(("length", "limit"), [(10, 4), (11, 5), (7, 7), (7, 10), (9, 1), (100, 33)])

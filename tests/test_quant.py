@@ -1,4 +1,4 @@
-"""Quantised KV storage (kvbench.quant): quantiser bounds, bit packing, segment bytes, KIVI's residual rules,
+"""Quantised KV storage (kvbench.engine.quant): quantiser bounds, bit packing, segment bytes, KIVI's residual rules,
 and the quantised methods end to end on the tiny model."""
 
 from __future__ import annotations
@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvbench.cache import KVCache, KVLayer
-from kvbench.methods import build_method
-from kvbench.quant import (
+from kvbench.engine.cache import KVCache, KVLayer
+from kvbench.engine.quant import (
     QuantKVLayer,
     SegmentStore,
     UniformSegment,
@@ -19,7 +18,9 @@ from kvbench.quant import (
     uniform_nbytes,
     unpack,
 )
-from kvbench.runner import Job, run_sample
+from kvbench.harness.options import RunOptions
+from kvbench.harness.runner import Job, run_sample
+from kvbench.methods import build_method
 from tests.helpers import needle_sample
 
 
@@ -194,7 +195,12 @@ def test_bad_quantiser_parameters_fail_in_one_line():
 
 
 def run_rows(lm, *jobs):
-    return {job.key: row for job, row in run_sample(lm, needle_sample(), list(jobs), "prompt", 0, fail_fast=True)}
+    return {
+        job.key: row
+        for job, row in run_sample(
+            lm, needle_sample(), list(jobs), RunOptions(compress="prompt", seed=0, fail_fast=True)
+        )
+    }
 
 
 def test_16_bit_storage_is_identical_to_full(tiny_lm):
@@ -256,7 +262,7 @@ def test_decode_time_eviction_from_quantised_layers(tiny_lm, base):
 
 def test_kivi_over_snapkv_composes_and_sweeps_budgets(tmp_path):
     from kvbench.app import run
-    from kvbench.results import ResultsStore
+    from kvbench.harness.results import ResultsStore
     from tests.test_app import composed
 
     overrides = ["method=kivi", "method.base=snapkv", "method.group_size=16", "method.residual_length=16"]
@@ -277,7 +283,7 @@ def test_cli_bit_sweep_records_the_bits(tmp_path):
     args.append("include_full=false")
     done = cli(tmp_path, "-m", *args, "method.k_bits=2,4")
     assert done.returncode == 0, done.stderr[-2000:]
-    from kvbench.results import read_jsonl
+    from kvbench.harness.results import read_jsonl
 
     rows = [row for path in tmp_path.rglob("samples.jsonl") for row in read_jsonl(path)]
     assert sorted(row["method_params"]["k_bits"] for row in rows) == [2, 4]
@@ -285,11 +291,11 @@ def test_cli_bit_sweep_records_the_bits(tmp_path):
 
 
 def test_group_size_not_dividing_the_head_dim_fails_before_any_forward(tmp_path, monkeypatch):
-    import kvbench.runner
+    import kvbench.harness.runner
     from kvbench.app import run
     from tests.test_app import composed
 
-    monkeypatch.setattr(kvbench.runner, "prefill", lambda *a, **k: pytest.fail("prefill ran"))
+    monkeypatch.setattr(kvbench.harness.runner, "prefill", lambda *a, **k: pytest.fail("prefill ran"))
     message = "group_size 12 does not divide the head dim 16. Valid group sizes: 1, 2, 4, 8, 16."
     with pytest.raises(ValueError, match=f"^{message}$"):
         run(composed(tmp_path, "method=kivi", "method.group_size=12", "method.residual_length=24"))

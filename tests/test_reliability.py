@@ -19,16 +19,17 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from kvbench.app import run
-from kvbench.budget import entries_for
 from kvbench.config import CONF_DIR, ConfigError, check_command_line, check_values
-from kvbench.generation import forward_tokens
-from kvbench.jsonl import read_jsonl
+from kvbench.engine.generation import forward_tokens
+from kvbench.harness.budget import entries_for
+from kvbench.harness.jsonl import read_jsonl
+from kvbench.harness.options import RunOptions
+from kvbench.harness.results import MalformedRowError, ResultsError, ResultsStore
+from kvbench.harness.runner import Job, run_sample
+from kvbench.harness.sample import Sample
 from kvbench.methods import build_method
 from kvbench.registry import FieldValueError
 from kvbench.report import format_table, summarize
-from kvbench.results import MalformedRowError, ResultsError, ResultsStore
-from kvbench.runner import Job, run_sample
-from kvbench.sample import Sample
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny_random", "model.device=cpu", "progress=false", "threads=1"]
@@ -258,7 +259,7 @@ def test_case10_valid_additions_and_sweeps_pass_the_key_check():
 def test_case11_model_hf_without_path_and_with_a_missing_path(tmp_path):
     with pytest.raises(ConfigError, match=r"model.name_or_path needs a local model directory.*model.name_or_path="):
         check_command_line(["model=hf"])
-    from kvbench.models import load_model
+    from kvbench.engine.models import load_model
 
     cfg = composed(tmp_path, "model=hf", "model.name_or_path=/nonexistent/model").model
     with pytest.raises(FileNotFoundError, match="'/nonexistent/model' does not exist; pass a local model directory"):
@@ -266,8 +267,8 @@ def test_case11_model_hf_without_path_and_with_a_missing_path(tmp_path):
 
 
 def test_case11_hub_id_without_network_fails_fast_with_how_to_pass_a_local_path(tmp_path, monkeypatch):
-    from kvbench import hub
-    from kvbench.models import load_model
+    from kvbench.engine import hub
+    from kvbench.engine.models import load_model
 
     monkeypatch.setattr(hub, "hub_reachable", lambda: False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -280,7 +281,7 @@ def test_case11_hub_id_without_network_fails_fast_with_how_to_pass_a_local_path(
 
 
 def test_case11_hub_dataset_without_network_fails_fast(tmp_path, monkeypatch):
-    from kvbench import hub
+    from kvbench.engine import hub
     from kvbench.tasks.benchmark_data import DataUnavailableError, hub_dataset_file
 
     monkeypatch.setattr(hub, "hub_reachable", lambda: False)
@@ -374,7 +375,7 @@ def test_case14_rows_report_the_cache_at_the_end_of_the_row_and_its_peak(tiny_lm
     """compress=context: the question tail and decoding keep evicting; the row says what is held at the end."""
     budget = 40
     jobs = [Job(build_method({"name": name}), budget, name)]
-    ((_, row),) = list(run_sample(tiny_lm, needle(), jobs, "context", 0, fail_fast=True))
+    ((_, row),) = list(run_sample(tiny_lm, needle(), jobs, RunOptions(compress="context", seed=0, fail_fast=True)))
     layers, heads = tiny_lm.config.num_hidden_layers, tiny_lm.config.num_key_value_heads
     per_token = layers * heads * slot_bytes(tiny_lm)
     split = row["compressed_tokens"]
@@ -396,7 +397,7 @@ def test_case14_rows_report_the_cache_at_the_end_of_the_row_and_its_peak(tiny_lm
 def test_case15_prefill_only_switch_appends_later_tokens(tiny_lm, name):
     budget = 40
     jobs = [Job(build_method({"name": name, "decode_evict": False}), budget, name)]
-    ((_, row),) = list(run_sample(tiny_lm, needle(), jobs, "context", 0, fail_fast=True))
+    ((_, row),) = list(run_sample(tiny_lm, needle(), jobs, RunOptions(compress="context", seed=0, fail_fast=True)))
     layers, heads = tiny_lm.config.num_hidden_layers, tiny_lm.config.num_key_value_heads
     appended = row["prompt_tokens"] - row["compressed_tokens"] + row["output_tokens"] - 1  # tail + decoded
     assert row["kept_entries_compressed"] == budget * layers * heads
@@ -444,7 +445,7 @@ def test_case16_float_budget_rounding_rule_and_integer_entries_in_the_summary():
 
 
 def test_case17_forward_does_not_use_the_deprecated_past_key_values_argument(tiny_lm):
-    from kvbench.cache import KVCache
+    from kvbench.engine.cache import KVCache
 
     cache = KVCache(tiny_lm.config.num_hidden_layers)
     with warnings.catch_warnings():
@@ -454,7 +455,7 @@ def test_case17_forward_does_not_use_the_deprecated_past_key_values_argument(tin
 
 
 def test_case17_the_cache_keyword_follows_the_model_signature():
-    from kvbench.generation import cache_argument
+    from kvbench.engine.generation import cache_argument
 
     class Recent:
         def forward(self, input_ids=None, cache=None, use_cache=None): ...

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from kvbench.engine.models import gguf_tokenizer
+from kvbench.harness.options import RunOptions
+from kvbench.harness.prompt import build_prompt
+from kvbench.harness.runner import Job, run_sample
 from kvbench.methods import build_method
-from kvbench.models import gguf_tokenizer
-from kvbench.prompt import build_prompt
-from kvbench.runner import Job, run_sample
 from kvbench.tasks import build_task
 from kvbench.tasks.ruler import RulerTask, fit_size
 from kvbench.tasks.ruler_generators import (
@@ -332,7 +333,9 @@ def test_every_subtask_runs_end_to_end_with_full_cache(tiny_lm, qa_files):
     for sample in samples:
         # The full prompt is prefilled; decoding is cut to 2 tokens to keep the test fast on a shared CPU.
         short = dataclasses.replace(sample, max_new_tokens=2)
-        ((_, row),) = list(run_sample(tiny_lm, short, [Job(full, None, "full")], "prompt", 0, fail_fast=True))
+        ((_, row),) = list(
+            run_sample(tiny_lm, short, [Job(full, None, "full")], RunOptions(compress="prompt", seed=0, fail_fast=True))
+        )
         assert row["status"] == "ok", sample.sample_id
         assert row["prompt_tokens"] == sample.meta["prompt_tokens"] and row["truncated_tokens"] == 0
         assert row["output_tokens"] <= 2 and 0.0 <= row["score"] <= 1.0

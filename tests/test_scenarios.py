@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from kvbench import api
-from kvbench.results import ResultsStore
+from kvbench.harness.results import ResultsStore
 from kvbench.scenarios import register_scenario, scenario_runner
 from tests.helpers import needle_sample
 

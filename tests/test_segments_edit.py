@@ -9,13 +9,14 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from kvbench import api, rope
-from kvbench.attention import ATTN_IMPLEMENTATION
-from kvbench.generation import cache_argument, forward_tokens, prefill
-from kvbench.measure import Stopwatch
+from kvbench import api
+from kvbench.engine import rope
+from kvbench.engine.attention import ATTN_IMPLEMENTATION
+from kvbench.engine.generation import cache_argument, forward_tokens, prefill
+from kvbench.engine.measure import Stopwatch
+from kvbench.harness.sample import Sample
 from kvbench.methods.base import CompressionContext
 from kvbench.methods.streamingllm import StreamingLLM
-from kvbench.sample import Sample
 from kvbench.scenarios.edit import Edit, edit_builders, edit_layout
 from kvbench.scenarios.segments import SegmentStore, reuse_builder, segment_layout
 from kvbench.tasks.edit import EditTask

@@ -5,16 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvbench.harness.options import RunOptions
+from kvbench.harness.runner import Job, run_sample
 from kvbench.methods import build_method
-from kvbench.runner import Job, run_sample
 from kvbench.tasks import build_task
 
 pytestmark = pytest.mark.slow
 
 
 def test_full_decoding_matches_model_generate_on_smollm2(smollm2_lm):
-    from kvbench.generation import greedy_decode, prefill
-    from kvbench.measure import Stopwatch
+    from kvbench.engine.generation import greedy_decode, prefill
+    from kvbench.engine.measure import Stopwatch
     from tests.test_cache_decode import reference_generate
 
     tokenizer = smollm2_lm.tokenizer
@@ -48,7 +49,7 @@ def test_niah_1k_full_retrieves_snapkv_keeps_it_streamingllm_loses_the_middle(sm
     ]
     scores: dict[str, list[float]] = {job.key: [] for job in jobs}
     for sample in task.samples(smollm2_lm.tokenizer, smollm2_lm.max_context):
-        for job, row in run_sample(smollm2_lm, sample, jobs, "prompt", 42, fail_fast=True):
+        for job, row in run_sample(smollm2_lm, sample, jobs, RunOptions(compress="prompt", seed=42, fail_fast=True)):
             scores[job.key].append(row["score"])
             if job.key != "full":
                 assert row["compressed"] and row["kept_entries_compressed"] == 128 * 30 * 3

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 import kvbench.api as api
 import kvbench.app as app
 from kvbench.config import CONF_DIR
-from kvbench.results import ResultsStore
+from kvbench.harness.results import ResultsStore
 from kvbench.tasks.base import PlannedSample
 from kvbench.tasks.niah import NIAH
 from kvbench.tasks.synthetic_length import SyntheticLength

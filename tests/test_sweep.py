@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 from test_app import cli
 
+from kvbench.harness.results import ResultsStore
 from kvbench.report.paper import build_report
-from kvbench.results import ResultsStore
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from kvbench.harness.metrics import METRICS, score
 from kvbench.registry import UnknownNameError
-from kvbench.tasks.metrics import METRICS, score
 from kvbench.tasks.text_metrics import bind_metric, first_line_of, normalize_answer, normalize_zh_answer
 
 CLASSES = ["Date", "City", "Date of birth"]

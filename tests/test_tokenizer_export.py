@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kvbench.models import load_model, smollm2_tokenizer
+from kvbench.engine.models import load_model, smollm2_tokenizer
 from tests.conftest import model_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvbench.generation import prefill
-from kvbench.measure import Stopwatch
-from kvbench.quant.lowrank import extract_outliers, power_iteration
-from kvbench.quant.transforms import hadamard, octahedral_decode, octahedral_encode, random_signs
-from kvbench.rope import rope_keys, rotary_embedding, rotate_keys, unrotate_keys
+from kvbench.engine.generation import prefill
+from kvbench.engine.measure import Stopwatch
+from kvbench.engine.quant.lowrank import extract_outliers, power_iteration
+from kvbench.engine.quant.transforms import hadamard, octahedral_decode, octahedral_encode, random_signs
+from kvbench.engine.rope import rope_keys, rotary_embedding, rotate_keys, unrotate_keys
 
 
 @pytest.mark.parametrize("size", [1, 2, 4, 64, 128, 512])

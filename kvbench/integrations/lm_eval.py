@@ -10,7 +10,7 @@ or from Python: `import kvbench.integrations.lm_eval` (registers "kvbench"), the
 Requests, all greedy and batch 1 (kvbench caches hold one sequence):
 - `generate_until`: the context is tokenised as lm-eval's HF wrapper does, prefilled once, compressed by the
   method at the budget, greedily decoded at original positions until a stop string (`until`, plus EOS) or
-  `max_gen_toks`, and cut at the first stop string: the same `kvbench.runner.run_sample` path as every
+  `max_gen_toks`, and cut at the first stop string: the same `kvbench.harness.runner.run_sample` path as every
   kvbench task, so the side row is a complete kvbench row.
 - `loglikelihood`: requests are grouped by context; each context is prefilled ONCE without its last token
   (`ctx[:-1]`), and every continuation gets its own compressed copy of that cache, then
@@ -46,16 +46,16 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 
 from kvbench import api
-from kvbench.budget import parse_budget
-from kvbench.cache import KVCache
-from kvbench.generation import forward_tokens
-from kvbench.kernels.dispatch import resolve_kernels
-from kvbench.measure import Stopwatch
-from kvbench.models import LoadedModel
-from kvbench.prompt import Prompt
-from kvbench.results import ResultsStore, manifest, stable_hash
-from kvbench.runner import COMPRESS_MODES, cache_state, compress_copy, run_sample, shared_prefill, split_point
-from kvbench.sample import Sample
+from kvbench.engine.cache import KVCache
+from kvbench.engine.generation import forward_tokens
+from kvbench.engine.measure import Stopwatch
+from kvbench.engine.models import LoadedModel
+from kvbench.harness.budget import parse_budget
+from kvbench.harness.options import COMPRESS_MODES
+from kvbench.harness.prompt import Prompt
+from kvbench.harness.results import ResultsStore, manifest, stable_hash
+from kvbench.harness.runner import cache_state, compress_copy, run_sample, shared_prefill, split_point
+from kvbench.harness.sample import Sample
 
 log = logging.getLogger("kvbench")
 METHOD_PREFIX = "method."
@@ -96,7 +96,7 @@ class KVBenchLM(TemplateLM):
                 f"unknown kvbench model arg '{unknown[0]}'. Valid args: {', '.join(valid_args())}, "
                 f"method.<hyperparameter>."
             )
-        if compress not in COMPRESS_MODES:
+        if compress not in COMPRESS_MODES:  # before loading the model
             raise AdapterArgError(f"unknown compress '{compress}'. Valid compress modes: {', '.join(COMPRESS_MODES)}.")
         batch_size = extra.get("batch_size")
         if batch_size not in (None, 1, "1"):
@@ -115,8 +115,7 @@ class KVBenchLM(TemplateLM):
         self.options = api.RunOptions(
             budgets=(self.budget,), compress=compress, seed=self.seed, fail_fast=True, kernels=kernels,
             run_name="lm_eval", task_name="lm_eval",
-        )  # fmt: skip
-        self.kernels = resolve_kernels(kernels, self.lm.device)
+        ).resolved(self.lm.device)  # fmt: skip
         self.store = ResultsStore(Path(rows_path)) if rows_path else None
         if self.store is not None:
             extra_manifest = {"lm_eval": {"method": self.method.label(), "budget": self.budget, "compress": compress}}
@@ -200,9 +199,7 @@ class KVBenchLM(TemplateLM):
             sample = self._sample(sample_id, context, max_new, meta)
             prompt = Prompt(ids, max(1, len(ids) - self.protect_tail), truncated)
             job = self._job(sample)
-            _, row = next(
-                run_sample(self.lm, sample, [job], self.compress, self.seed, True, None, self.kernels, prompt=prompt)
-            )
+            _, row = next(run_sample(self.lm, sample, [job], self.options, prompt=prompt))
             identity = api.row_identity(job, sample, self.lm, self.options)
             self._write({**identity, "subtask": request.task_name, **row})
             results.append(row["prediction"])
@@ -270,9 +267,7 @@ class KVBenchLM(TemplateLM):
             continuation = list(requests[index][2])
             if pre is not None:
                 stats = observers.get(id(self.method))
-                job_cache = compress_copy(
-                    self.lm, pre, job, prefix[:split], self.seed, stopwatch, stats, None, self.kernels
-                )
+                job_cache = compress_copy(self.lm, pre, job, prefix[:split], self.options, stopwatch, stats)
                 cache, before_forward, compressed = job_cache.cache, job_cache.before_forward, job_cache.compressed
             else:
                 cache, before_forward, compressed = KVCache(self.lm.config.num_hidden_layers), (lambda n: None), False

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.cache import KVCache
+from kvbench.engine.cache import KVCache
 from kvbench.methods.base import CompressionContext, register_method
 from kvbench.methods.scoring import mask_to_indices, round_preserving_sum
 from kvbench.methods.wrapped import ScorerWrapper
@@ -39,7 +39,7 @@ def adaptive_keep_mask(scores: torch.Tensor, budgets: list[int], protected: int)
 @dataclass
 class AdaKV(ScorerWrapper):
     """Ada-KV (Feng et al., 2024, "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for
-    Efficient LLM Inference"), as a wrapper over any scoring method (`kvbench.methods.base.ScoringMethod`).
+    Efficient LLM Inference"), as a wrapper over any scoring method (`kvbench.methods.scorer.ScoringMethod`).
 
     Per layer, the base method's scores of all KV heads compete for the layer's Hkv * B' selectable slots
     (B' = layer budget - the base's protected tail, e.g. SnapKV's window); head h wins n_h of them and keeps

@@ -17,7 +17,7 @@ For each budget of the sweep, on a fresh copy of the prefilled cache:
 Methods may write numbers worth keeping (e.g. level sizes over time) into `ctx.record`; they land in the
 row under `method_record`.
 
-Chunked prefill (`prefill_chunk=n`, see `kvbench.chunked`): methods that set `supports_chunked_prefill = True`
+Chunked prefill (`prefill_chunk=n`, see `kvbench.harness.chunked`): methods that set `supports_chunked_prefill = True`
 in their own class body (not inherited: a subclass may change what `compress` needs) are compressed after
 every chunk that leaves the cache over budget, with a context whose `prompt_len` is the tokens seen so far and
 whose window queries are the latest ones; `chunked_prefill_observer()` watches every chunk, and `setup` runs
@@ -32,9 +32,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvbench.cache import KVCache, KVLayer
-from kvbench.methods.decode_budget import attach_recent_queries, check_decode_budget, enforce_decode_budget
-from kvbench.methods.scoring import keep_with_window
+from kvbench.engine.cache import KVCache
 from kvbench.registry import Registry, build_registered
 
 
@@ -51,7 +49,7 @@ class CompressionContext:
     window_positions: torch.Tensor | None = None
     scaling: float = 1.0
     seed: int = 0
-    lm: Any = None  # kvbench.models.LoadedModel: model, tokenizer, device (methods that run extra forwards)
+    lm: Any = None  # kvbench.engine.models.LoadedModel: model, tokenizer, device (methods that run extra forwards)
     input_ids: list[int] = field(default_factory=list)  # the compressed segment's tokens
     prefill_stats: Any = None  # this method's prefill observer, after the prefill
     cache_dir: Any = None  # pathlib.Path for per-model artefacts (e.g. head profiles), outside the repo
@@ -113,7 +111,7 @@ class Method:
 
     def after_compress(self, cache: KVCache, ctx: CompressionContext) -> None:
         """Called after `compress` (also when the prompt fit the budget), e.g. to store the kept slots quantised
-        (`kvbench.quant`). Default: nothing."""
+        (`kvbench.engine.quant`). Default: nothing."""
 
     def before_forward(self, cache: KVCache, ctx: CompressionContext, num_new: int) -> None:
         """Called before each forward after compression. Default: the cache only grows."""
@@ -128,60 +126,6 @@ class Method:
         if not changed:
             return self.name
         return f"{self.name}(" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + ")"
-
-
-@dataclass
-class LayerScores:
-    """A scorer's verdict on one layer: higher = more worth keeping."""
-
-    scores: torch.Tensor  # [Hkv, n] for slots 0..n-1
-    protected: int = 0  # the trailing slots n..L-1 (e.g. the observation window) are always kept
-
-
-@dataclass
-class ScoringMethod(Method):
-    """A method that ranks each layer's slots; `compress` keeps, per KV head, the protected tail plus the
-    top-(budget - protected) scored slots. Wrappers (AdaKV, decode-time budgets) reuse `layer_scores`.
-
-    Every scorer also takes `decode_budget` (null: generated tokens are appended uncompressed) and
-    `decode_interval`: during generation each layer stays within `decode_budget` slots per KV head, re-scored
-    down to `decode_budget - decode_interval` when full (see `kvbench.methods.decode_budget`). Subclasses that
-    override `setup` or `before_forward` call the parent's.
-    """
-
-    # Keyword-only so that subclasses' own fields keep their positional order.
-    decode_budget: int | None = field(default=None, kw_only=True)
-    decode_interval: int = field(default=16, kw_only=True)
-
-    def __post_init__(self) -> None:
-        check_decode_budget(self.decode_budget, self.decode_interval)
-
-    def setup(self, cache: KVCache, ctx: CompressionContext) -> None:
-        if self.decode_budget is not None:
-            attach_recent_queries(cache, ctx, self.window_queries_needed())
-
-    def before_forward(self, cache: KVCache, ctx: CompressionContext, num_new: int) -> None:
-        if self.decode_budget is not None:
-            enforce_decode_budget(self, cache, ctx, num_new, self.decode_budget, self.decode_interval)
-
-    def layer_scores(self, layer_idx: int, layer: KVLayer, budget: int, ctx: CompressionContext) -> LayerScores:
-        raise TypeError(f"{type(self).__name__} must implement layer_scores")
-
-    def layer_budgets(self, ctx: CompressionContext, num_layers: int) -> list[int]:
-        """Entries per KV head for each layer (uniform by default)."""
-        return [ctx.budget] * num_layers
-
-    def compress(self, cache: KVCache, ctx: CompressionContext) -> None:
-        budgets = self.layer_budgets(ctx, len(cache.layers))
-        for layer_idx, (layer, budget) in enumerate(zip(cache.layers, budgets, strict=True)):
-            if budget >= layer.get_seq_length():
-                continue
-            verdict = self.layer_scores(layer_idx, layer, budget, ctx)
-            layer.keep(self.select(verdict, budget, ctx, layer_idx))
-
-    def select(self, verdict: LayerScores, budget: int, ctx: CompressionContext, layer_idx: int) -> torch.Tensor:
-        """Kept slots `[Hkv, n]` of one layer from its scores (top-k plus the protected tail by default)."""
-        return keep_with_window(verdict.scores, budget, verdict.protected)
 
 
 METHODS: Registry[type[Method]] = Registry("method")

@@ -5,12 +5,14 @@ from typing import ClassVar
 
 import torch
 
-from kvbench.cache import KVCache, KVLayer
-from kvbench.generation import forward_tokens
-from kvbench.methods.base import CompressionContext, LayerScores, register_method
-from kvbench.methods.scoring import SweepShared, aggregate_gqa, pool_scores, shared_slot, window_attention
+from kvbench.engine.cache import KVCache, KVLayer
+from kvbench.engine.generation import forward_tokens
+from kvbench.engine.kernels.window_attention import aggregate_gqa, window_attention
+from kvbench.engine.rope import rope_inv_freq, rotate_keys
+from kvbench.methods.base import CompressionContext, register_method
+from kvbench.methods.scorer import LayerScores
+from kvbench.methods.scoring import SweepShared, pool_scores, shared_slot
 from kvbench.methods.snapkv import SnapKV
-from kvbench.rope import rope_inv_freq, rotate_keys
 
 PSEUDO_MODES = ("forward", "rotate")
 PSEUDO_EXTRA = "dapq_pseudo_attention"

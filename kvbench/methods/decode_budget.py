@@ -16,14 +16,12 @@ per-layer prefill budgets are not rescaled).
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from kvbench.cache import KVCache
-from kvbench.generation import QueryRecorder
+from kvbench.engine.cache import KVCache
+from kvbench.engine.generation import QueryRecorder
+from kvbench.methods.base import CompressionContext
 from kvbench.methods.scoring import keep_with_window
-
-if TYPE_CHECKING:
-    from kvbench.methods.base import CompressionContext
 
 DECODE_RESCORES = "decode_rescores"  # ctx.record key: layer re-scorings done at decode time
 

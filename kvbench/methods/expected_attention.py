@@ -5,9 +5,10 @@ from typing import Any
 
 import torch
 
-from kvbench.cache import PAD_POSITION, KVLayer
-from kvbench.methods.base import CompressionContext, LayerScores, ScoringMethod, register_method
-from kvbench.rope import rope_cos_sin, rotary_embedding, unrotate
+from kvbench.engine.cache import PAD_POSITION, KVLayer
+from kvbench.engine.rope import rope_cos_sin, rotary_embedding, unrotate
+from kvbench.methods.base import CompressionContext, register_method
+from kvbench.methods.scorer import LayerScores, ScoringMethod
 
 
 def average_rotation(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -2,16 +2,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvbench.engine.quant.gear import GearCodec, GearTensorCodec
 from kvbench.methods.base import register_method
-from kvbench.quant.gear import GearCodec, GearTensorCodec
-from kvbench.quant.method import QuantizedMethod
+from kvbench.methods.quantized import QuantizedMethod
 
 
 @register_method("gear")
 @dataclass
 class GEAR(QuantizedMethod):
     """GEAR (Kang et al., 2024, "GEAR: An Efficient KV Cache Compression Recipe for Near-Lossless Generative
-    Inference of LLM", arXiv 2403.05527), the GEAR-KIVI variant, stored packed (`kvbench.quant.gear`).
+    Inference of LLM", arXiv 2403.05527), the GEAR-KIVI variant, stored packed (`kvbench.engine.quant.gear`).
 
     Each block of slots is stored as quantised backbone (keys per channel in groups of `group_size` slots, values
     per slot in groups of `group_size` channels) + sparse outliers kept exactly (`outlier_ratio` s: floor(s*Hkv*d/2)
@@ -25,7 +25,7 @@ class GEAR(QuantizedMethod):
     prefill_rank=4, decode_rank=2, loops=3, streaming_gap=64 (a multiple of group_size), seed=0 (the official
     power iteration is unseeded: [QUIRK] fixed). Official reported accuracies come from a simulated (fake-quant)
     path; kvbench stores the packed data. `base` / `base_params`: an eviction method whose kept slots are stored
-    this way (`kvbench.quant.method`); decode-time eviction re-encodes the kept slots.
+    this way (`kvbench.methods.quantized`); decode-time eviction re-encodes the kept slots.
     """
 
     k_bits: int = 2

@@ -5,9 +5,10 @@ from typing import ClassVar
 
 import torch
 
-from kvbench.cache import KVCache, KVLayer
+from kvbench.engine.cache import KVCache, KVLayer
+from kvbench.engine.kernels.window_attention import GQA_AGGREGATIONS, aggregate_gqa, window_attention
 from kvbench.methods.base import CompressionContext, Method, register_method
-from kvbench.methods.scoring import GQA_AGGREGATIONS, aggregate_gqa, keep_with_window, window_attention
+from kvbench.methods.scoring import keep_with_window
 
 H2O_SCORE = "h2o_score"  # layer.extras key: attention accumulated per slot, follows the slot through evictions
 # fp32 attention probabilities materialised per chunk of query rows (64 MiB): bounds prefill memory.

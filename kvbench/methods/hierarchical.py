@@ -4,9 +4,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.cache import PAD_POSITION, KVCache, KVLayer
+from kvbench.engine.cache import PAD_POSITION, KVCache, KVLayer
+from kvbench.engine.kernels.window_attention import aggregate_gqa, window_attention
 from kvbench.methods.base import CompressionContext, Method, register_method
-from kvbench.methods.scoring import aggregate_gqa, topk_keep, window_attention
+from kvbench.methods.scoring import topk_keep
 
 LEVEL = "hier_level"
 COUNT = "hier_count"

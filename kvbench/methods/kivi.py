@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvbench.engine.quant.codecs import TensorCodec, UniformCodec
 from kvbench.methods.base import register_method
-from kvbench.quant.codecs import TensorCodec, UniformCodec
-from kvbench.quant.method import QuantizedMethod
+from kvbench.methods.quantized import QuantizedMethod
 
 
 @register_method("kivi")
@@ -12,7 +12,7 @@ from kvbench.quant.method import QuantizedMethod
 class KIVI(QuantizedMethod):
     """KIVI (Liu et al., ICML 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache").
 
-    Asymmetric round-to-nearest codes packed into bytes (`kvbench.quant`): keys per channel (one fp16 scale and
+    Asymmetric round-to-nearest codes packed into bytes (`kvbench.engine.quant`): keys per channel (one fp16 scale and
     minimum per channel per G consecutive slots, post-RoPE keys), values per token (per G consecutive channels).
     Full-precision residuals as in the official code (jy-yuan/KIVI, `models/llama_kivi.py`): after a prefill of T
     tokens the last T mod R keys and the last min(T, R) values stay fp; while decoding, the fp key buffer is
@@ -23,7 +23,7 @@ class KIVI(QuantizedMethod):
     group_size=32, residual_length=128 (paper LongBench runs; `example.py` uses 32). Bits in {2, 3, 4, 8, 16}
     (16: that tensor unquantised); residual_length must be a positive multiple of group_size, group_size must
     divide the head dim. `base` / `base_params`: an eviction method whose kept slots are stored this way
-    (`kvbench.quant.method`). A constant group stores scale 0 (the official code divides by zero: [QUIRK] fixed).
+    (`kvbench.methods.quantized`). A constant group stores scale 0 (the official code divides by zero: [QUIRK] fixed).
     """
 
     k_bits: int = 2

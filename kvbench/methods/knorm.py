@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvbench.cache import PAD_POSITION, KVLayer
-from kvbench.methods.base import CompressionContext, LayerScores, ScoringMethod, register_method
+from kvbench.engine.cache import PAD_POSITION, KVLayer
+from kvbench.methods.base import CompressionContext, register_method
+from kvbench.methods.scorer import LayerScores, ScoringMethod
 
 
 @register_method("knorm")

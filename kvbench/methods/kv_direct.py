@@ -40,9 +40,9 @@ from typing import Any
 
 import torch
 
-from kvbench.attention import CACHE_KWARG
-from kvbench.cache import KVCache, KVLayer
-from kvbench.generation import cache_argument
+from kvbench.engine.attention import CACHE_KWARG
+from kvbench.engine.cache import KVCache, KVLayer
+from kvbench.engine.generation import cache_argument
 from kvbench.methods.base import CompressionContext, Method, register_method
 
 CHECKPOINTS = ("per_layer", "ids")

@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
-from kvbench.cache import KVCache
+from kvbench.engine.cache import KVCache
+from kvbench.engine.kernels.window_attention import window_attention
 from kvbench.methods.base import METHODS, CompressionContext, Method, register_method
-from kvbench.methods.scoring import window_attention
+from kvbench.methods.quantized import QuantizedMethod
 from kvbench.methods.wrapped import build_base, normalise_params
-from kvbench.quant.method import QuantizedMethod
 
 HOLDOUTS = ("alternate", "last", "none")
 MIN_WINDOW = 32  # window=null: the base's observation window, at least this many queries

@@ -4,7 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.methods.base import CompressionContext, LayerScores, register_method
+from kvbench.methods.base import CompressionContext, register_method
+from kvbench.methods.scorer import LayerScores
 from kvbench.methods.scoring import keep_with_window
 from kvbench.methods.wrapped import ScorerWrapper
 

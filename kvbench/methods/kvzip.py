@@ -6,8 +6,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvbench.cache import KVCache, KVLayer
-from kvbench.generation import forward_tokens
+from kvbench.engine.cache import KVCache, KVLayer
+from kvbench.engine.generation import forward_tokens
 from kvbench.methods.base import CompressionContext, Method, register_method
 from kvbench.methods.scoring import SweepShared, mask_to_indices, shared_slot
 

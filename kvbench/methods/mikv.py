@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from kvbench.cache import PAD_POSITION, KVCache, KVLayer
+from kvbench.engine.cache import PAD_POSITION, KVCache, KVLayer
+from kvbench.engine.quant.segments import SegmentStore, UniformSegment
 from kvbench.methods.base import CompressionContext, Method, register_method
 from kvbench.methods.wrapped import build_base, normalise_params
-from kvbench.quant.segments import SegmentStore, UniformSegment
 
 LO_BITS = (2, 3, 4, 8, 16)
 # Methods that do not only choose slots (`KVLayer.keep`): their caches cannot be split into kept/demoted sets.
@@ -211,7 +211,7 @@ class MiKV(Method):
     The base runs unchanged on the high-precision cache; every slot it evicts, at the end of prefill or during
     decoding (H2O's and TOVA's per-step evictions), is demoted instead: kept at `lo_bits` with asymmetric
     round-to-nearest per token and KV head (one 16-bit scale and minimum per slot and head; kvbench's packed
-    `UniformSegment`, 3-bit codes packed as stored by `kvbench.quant`). No token is dropped: every layer holds
+    `UniformSegment`, 3-bit codes packed as stored by `kvbench.engine.quant`). No token is dropped: every layer holds
     T + generated slots. The key outlier balancer beta (per layer, KV head and channel, from the prompt's max |q|
     and max |k|, see `balancer`) scales keys before quantisation and is undone on read, equivalent to dividing
     queries by beta; its fp16 vectors are counted in the bytes.

@@ -3,10 +3,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kvbench.cache import KVCache
+from kvbench.engine.cache import KVCache
+from kvbench.engine.quant.octopus import OctopusCodec, codebooks
 from kvbench.methods.base import CompressionContext, register_method
-from kvbench.quant.method import QuantizedMethod, head_dim_of
-from kvbench.quant.octopus import OctopusCodec, codebooks
+from kvbench.methods.quantized import QuantizedMethod, head_dim_of
 
 LABEL = "octopus-reconstructed"
 
@@ -17,7 +17,7 @@ class Octopus(QuantizedMethod):
     """OCTOPUS-reconstructed: kvbench's documented reconstruction of OCTOPUS ("octahedral parametrisation under
     optimal squared-error quantisation", Stability AI, arXiv 2605.21226, May 2026), from the abstract and project
     page only: no code is public, and the bit split, codebooks, value handling, d mod 3 leftovers and norm storage
-    are [UNVERIFIED] (see `kvbench.quant.octopus` and the compression spec). Rows are labelled
+    are [UNVERIFIED] (see `kvbench.engine.quant.octopus` and the compression spec). Rows are labelled
     "octopus-reconstructed".
 
     Every cached key and value vector (per head) is stored as a 16-bit norm plus, after a seeded randomized

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from kvbench.cache import KVCache
-from kvbench.generation import forward_tokens
+from kvbench.engine.cache import KVCache
+from kvbench.engine.generation import forward_tokens
+from kvbench.engine.hub import default_cache_dir
 from kvbench.methods.base import CompressionContext, register_method
 from kvbench.methods.h2o import PromptAttentionSums
-from kvbench.methods.razor import default_cache_dir
 from kvbench.methods.scoring import round_preserving_sum
 from kvbench.methods.wrapped import ScorerWrapper
 

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.cache import KVCache
+from kvbench.engine.cache import KVCache
 from kvbench.methods.base import CompressionContext, Method, register_method
 from kvbench.methods.scoring import keep_with_window
 

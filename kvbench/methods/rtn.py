@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvbench.engine.quant.codecs import TensorCodec, UniformCodec
 from kvbench.methods.base import register_method
-from kvbench.quant.codecs import TensorCodec, UniformCodec
-from kvbench.quant.method import QuantizedMethod
+from kvbench.methods.quantized import QuantizedMethod
 
 
 @register_method("rtn")
@@ -19,7 +19,7 @@ class RTN(QuantizedMethod):
 
     Hyperparameters: k_bits=4, v_bits=4, group_size=32, residual_length=0. Bits in {2, 3, 4, 8, 16} (16: that
     tensor unquantised); group_size must divide the head dim. `base` / `base_params`: an eviction method whose
-    kept slots are stored this way (`kvbench.quant.method`).
+    kept slots are stored this way (`kvbench.methods.quantized`).
     """
 
     k_bits: int = 4

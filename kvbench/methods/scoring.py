@@ -1,5 +1,6 @@
-"""Helpers shared by the scoring methods, written once: GQA aggregation, observation-window attention,
-pooling, top-k keep and per-layer budget allocation. All softmax statistics are fp32."""
+"""Helpers shared by the scoring methods, written once: pooling, top-k keep and per-layer budget allocation.
+GQA aggregation and observation-window attention are engine functions (`kvbench.engine.kernels.window_attention`),
+shared with the fused kernels whose torch reference they are. All softmax statistics are fp32."""
 
 from __future__ import annotations
 
@@ -8,43 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-GQA_AGGREGATIONS = ("mean", "max")
 POOLINGS = ("max", "avg", "none")
-
-
-def aggregate_gqa(scores: torch.Tensor, num_kv_heads: int, how: str = "mean") -> torch.Tensor:
-    """Reduce per-query-head scores `[H, ...]` to per-KV-head scores `[Hkv, ...]` over each GQA group."""
-    grouped = scores.unflatten(0, (num_kv_heads, scores.shape[0] // num_kv_heads))
-    if how == "mean":
-        return grouped.mean(dim=1)
-    if how == "max":
-        return grouped.amax(dim=1)
-    raise ValueError(f"unknown gqa_agg '{how}'. Valid gqa_aggs: {', '.join(GQA_AGGREGATIONS)}.")
-
-
-def window_attention(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    query_positions: torch.Tensor,
-    key_positions: torch.Tensor,
-    scaling: float,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Softmax attention probabilities of window queries `[H, w, d]` over keys `[Hkv, T, d]`, `[H, w, T]`.
-
-    Causal by original position (key visible iff key position <= query position), fp32. Query head h
-    attends with KV head h // g, the cache is never expanded. `bias` `[Hkv, T]`: a per-slot logit bias added
-    to every query's logit (a cache's `extras["logit_bias"]`).
-    """
-    num_heads, num_kv_heads = queries.shape[0], keys.shape[0]
-    group = num_heads // num_kv_heads
-    q = queries.float().unflatten(0, (num_kv_heads, group))
-    logits = torch.einsum("hgwd,htd->hgwt", q, keys.float()) * scaling
-    if bias is not None:
-        logits = logits + bias.float()[:, None, None, :]
-    visible = key_positions[:, None, None, :] <= query_positions[None, None, :, None]
-    logits = logits.masked_fill(~visible, float("-inf"))
-    return logits.softmax(dim=-1).flatten(0, 1)
 
 
 def pool_scores(scores: torch.Tensor, kernel: int, kind: str) -> torch.Tensor:

@@ -3,10 +3,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvbench.cache import KVLayer
-from kvbench.kernels import window_scores
-from kvbench.methods.base import CompressionContext, LayerScores, ScoringMethod, register_method
-from kvbench.methods.scoring import GQA_AGGREGATIONS, POOLINGS, pool_scores
+from kvbench.engine.cache import KVLayer
+from kvbench.engine.kernels import window_scores
+from kvbench.engine.kernels.window_attention import GQA_AGGREGATIONS
+from kvbench.methods.base import CompressionContext, register_method
+from kvbench.methods.scorer import LayerScores, ScoringMethod
+from kvbench.methods.scoring import POOLINGS, pool_scores
 
 
 @register_method("snapkv")

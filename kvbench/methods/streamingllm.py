@@ -5,8 +5,8 @@ from typing import ClassVar
 
 import torch
 
-from kvbench import rope
-from kvbench.cache import KVCache
+from kvbench.engine import rope
+from kvbench.engine.cache import KVCache
 from kvbench.methods.base import CompressionContext, Method, register_method
 from kvbench.methods.window import keep_recent
 

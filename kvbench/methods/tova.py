@@ -4,9 +4,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.cache import KVCache, KVLayer
+from kvbench.engine.cache import KVCache, KVLayer
+from kvbench.engine.kernels.window_attention import window_attention
 from kvbench.methods.base import CompressionContext, Method, register_method
-from kvbench.methods.scoring import topk_keep, window_attention
+from kvbench.methods.scoring import topk_keep
 
 
 def keep_top_by_last_query(

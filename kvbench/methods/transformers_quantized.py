@@ -4,9 +4,9 @@ import importlib.util
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvbench.cache import KVCache
+from kvbench.engine.cache import KVCache
+from kvbench.engine.quant.transformers_layer import TransformersQuantizedLayer
 from kvbench.methods.base import CompressionContext, Method, register_method
-from kvbench.quant.transformers_layer import TransformersQuantizedLayer
 
 BACKENDS = {"quanto": "optimum.quanto", "hqq": "hqq"}
 PACKAGES = {"quanto": "optimum-quanto", "hqq": "hqq"}
@@ -25,7 +25,7 @@ def backend_available(backend: str) -> bool:
 class TransformersQuantized(Method):
     """transformers' own quantised KV cache (`QuantizedCache` layers, quanto or HQQ backend) inside kvbench's
     decode loop: an independent "KIVI-like" reference on the same prompts, not the KIVI implementation
-    (`kvbench.quant.transformers_layer` says what transformers does). Optional extra: `pip install
+    (`kvbench.engine.quant.transformers_layer` says what transformers does). Optional extra: `pip install
     'kvbench[quantized]'` (optimum-quanto); without the backend the method fails in one line.
 
     Hyperparameters (transformers' defaults): backend=quanto (quanto | hqq), nbits=4 (quanto: 2 | 4; hqq: 1-4, 8),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.cache import KVCache, KVLayer
+from kvbench.engine.cache import KVCache, KVLayer
 from kvbench.methods.base import CompressionContext, Method, register_method
 from kvbench.methods.h2o import PromptAttentionSums, accumulated_attention
 

@@ -5,7 +5,7 @@ from typing import ClassVar
 
 import torch
 
-from kvbench.cache import KVCache
+from kvbench.engine.cache import KVCache
 from kvbench.methods.base import CompressionContext, Method, register_method
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvbench.cache import KVCache, KVLayer
-from kvbench.methods.base import METHODS, CompressionContext, LayerScores, Method, ScoringMethod, build_method
+from kvbench.engine.cache import KVCache, KVLayer
+from kvbench.methods.base import METHODS, CompressionContext, Method, build_method
+from kvbench.methods.scorer import LayerScores, ScoringMethod
 
 
 def normalise_params(params: Any) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Cross-run figures: accuracy vs budget and accuracy vs KV bytes, one panel per task, one line per method
-(colour fixed per method across every figure, `kvbench.plots.method_colors`), setting and compress mode
+(colour fixed per method across every figure, `kvbench.report.plots.method_colors`), setting and compress mode
 (line style); the full cache as a dashed line (budget axis) or a star (bytes axis). Plus each task's own
-figures (`Task.figures`) on the rows of that task."""
+figures (`kvbench.report.task_figures`) on the rows of that task."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Any
 
 import pandas as pd
 
-from kvbench.plots import BYTE_AXES, FULL_COLOR, method_colors, plt, save
+from kvbench.report.plots import BYTE_AXES, FULL_COLOR, method_colors, plt, save
 from kvbench.report.summary import MB, check_x_axis
+from kvbench.report.task_figures import task_figures
 
 log = logging.getLogger("kvbench")
 LINESTYLES = ("-", "--", ":", "-.")
@@ -97,12 +98,9 @@ def accuracy_figure(frame: pd.DataFrame, out_dir: Path, x: str, colors: dict[str
     return save(fig, out_dir, f"accuracy_vs_{x}")  # the single-run figure's names
 
 
-def task_figures(frame: pd.DataFrame, tasks: dict[str, Any], out_dir: Path) -> list[Path]:
+def every_task_figure(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
     """Each task's own figures (e.g. the NIAH heatmap) from its rows, in `<out>/<task>/`."""
     paths: list[Path] = []
-    for name, task in tasks.items():
-        rows = frame[frame["task"] == name]
-        if task is None or rows.empty:
-            continue
-        paths += task.figures(rows, out_dir / name)
+    for name in sorted(frame["task"].dropna().unique()) if "task" in frame else []:
+        paths += task_figures(str(name), frame[frame["task"] == name], out_dir / str(name))
     return paths

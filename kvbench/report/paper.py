@@ -7,31 +7,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
-from kvbench.plots import method_colors
-from kvbench.report.figures import accuracy_figure, task_figures
-from kvbench.report.runs import Run, load_runs
+from kvbench.report.figures import accuracy_figure, every_task_figure
+from kvbench.report.plots import method_colors
+from kvbench.report.runs import load_runs
 from kvbench.report.summary import X_AXES
 from kvbench.report.tables import paper_table, to_latex, to_markdown
 
 log = logging.getLogger("kvbench")
-
-
-def run_tasks(runs: list[Run]) -> dict[str, Any]:
-    """A task object per task name (for its figures), built from the first run's config that has it."""
-    from kvbench.tasks import build_task
-
-    tasks: dict[str, Any] = {}
-    for run in runs:
-        cfg = run.config.get("task")
-        if not cfg or cfg.get("name") in tasks:
-            continue
-        try:
-            tasks[cfg["name"]] = build_task(OmegaConf.create(cfg))
-        except (ValueError, FileNotFoundError) as err:  # e.g. its data moved: the table still gets written
-            log.warning("no %s figures: %s", cfg.get("name"), err)
-    return tasks
 
 
 def build_report(runs: list[str | Path], out: str | Path, label_by_setting: bool = False) -> dict[str, Any]:
@@ -49,5 +31,5 @@ def build_report(runs: list[str | Path], out: str | Path, label_by_setting: bool
     colors = method_colors(frame["method_label"])
     for x_axis in X_AXES:  # budget, kv_mib, bits_per_element (only when rows have it)
         files += accuracy_figure(frame, out, x_axis, colors)
-    files += task_figures(frame, run_tasks(loaded), out)
+    files += every_task_figure(frame, out)
     return {"table": table, "markdown": markdown, "files": files, "frame": frame}

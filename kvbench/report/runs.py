@@ -17,8 +17,8 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
+from kvbench.harness.results import SAMPLES_FILE, ResultsStore
 from kvbench.report.summary import rows_frame
-from kvbench.results import SAMPLES_FILE, ResultsStore
 
 # Top-level config keys that choose what is run inside a setting (methods, budgets) or how (progress, paths).
 NOT_SETTING = {"method", "budget", "budgets", "include_full", "run_name", "results_dir", "progress", "threads",

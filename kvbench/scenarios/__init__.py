@@ -2,45 +2,40 @@
 
 A multi-turn conversation appends turn after turn to one cache, a segment-reuse prompt is assembled from
 separately encoded pieces, an edited context patches a cached prompt. Such a task marks its samples with
-`sample.meta["scenario"] = <name>`; `kvbench.runner.run_sample` hands them to the runner registered here under
-that name. Everything else (planning, row identity, the results store, resume, summaries) is shared.
+`sample.meta["scenario"] = <name>`; the API (`kvbench.api.iter_rows`) hands them to the runner registered here
+under that name (`SCENARIO_MODULES` says which module registers it). Everything else (planning, row identity,
+the results store, resume, summaries) is shared.
 
-A scenario runner is called as `runner(lm, sample, jobs, settings)` and yields `(job, row)` pairs like
-`run_sample`. It may yield SEVERAL rows per job (one per turn, per mode, ...): each such row carries a `part`
-(a short string, unique within the job), its key becomes `<job key>/<part>`, and the job's LAST row carries
-`"job_complete": True`, which marks the job done for resume (a job interrupted half-way is re-run whole; its
-rows already written are not duplicated, see `ResultsStore.append(once=True)`). A row may set `subtask` to
-report its part separately in summaries (e.g. `segments/reuse`).
-"""
+A scenario runner is called as `runner(lm, sample, jobs, options)` (the run's `RunOptions`, kernels resolved) and
+yields `(job, row)` pairs like `kvbench.harness.runner.run_sample`, built from the runner's public pieces
+(`shared_prefill`, `compress_copy`, `run_job`, `error_fields`). It may yield SEVERAL rows per job (one per turn, per
+mode, ...): each such row carries a `part` (a short string, unique within the job), its key becomes `<job
+key>/<part>`, and the job's LAST row carries `"job_complete": True`, which marks the job done for resume (a job
+interrupted half-way is re-run whole; its rows already written are not duplicated, see
+`ResultsStore.append(once=True)`). A row may set `subtask` to report its part separately in summaries (e.g.
+`segments/reuse`)."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from kvbench.models import LoadedModel
-    from kvbench.runner import Job
-    from kvbench.sample import Sample
+from kvbench.engine.models import LoadedModel
+from kvbench.harness.options import RunOptions
+from kvbench.harness.runner import Job
+from kvbench.harness.sample import Sample
 
 SCENARIO_KEY = "scenario"
+# Scenario name -> the module that registers its runner, imported on first use (a run of plain samples never
+# loads a scenario).
+SCENARIO_MODULES = {
+    "conversation": "kvbench.scenarios.conversation",
+    "segments": "kvbench.scenarios.segments",
+    "edit": "kvbench.scenarios.edit",
+}
 
-
-@dataclass(frozen=True)
-class ScenarioSettings:
-    """The run options a scenario runner needs (those `run_sample` takes)."""
-
-    compress: str
-    seed: int
-    fail_fast: bool = False
-    cache_dir: Path | None = None
-    kernels: str = "torch"
-    prefill_chunk: int | None = None
-
-
-ScenarioRunner = Callable[["LoadedModel", "Sample", list["Job"], ScenarioSettings], Iterator[tuple["Job", dict]]]
+ScenarioRunner = Callable[[LoadedModel, Sample, list[Job], RunOptions], Iterator[tuple[Job, dict]]]
 SCENARIOS: dict[str, ScenarioRunner] = {}
 
 
@@ -62,11 +57,10 @@ def scenario_of(sample: Sample) -> str | None:
 
 
 def scenario_runner(name: str) -> ScenarioRunner:
+    if name not in SCENARIOS and name in SCENARIO_MODULES:
+        importlib.import_module(SCENARIO_MODULES[name])
     if name not in SCENARIOS:
-        import kvbench.tasks  # noqa: F401  (tasks import the scenario runners they need)
-
-    if name not in SCENARIOS:
-        valid = ", ".join(sorted(SCENARIOS)) or "none"
+        valid = ", ".join(sorted(SCENARIO_MODULES))
         raise ValueError(f"unknown scenario '{name}'. Registered scenarios: {valid}.")
     return SCENARIOS[name]
 

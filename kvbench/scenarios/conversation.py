@@ -1,8 +1,8 @@
 """The conversation scenario: one KV cache per dialogue and job, grown turn by turn, one row per turn.
 
-For every (method, budget) job the cache starts as a copy of the dialogue's first user turn, prefilled once for
-all jobs (a budget sweep shares that prefill), set up and compressed by `kvbench.runner.compress_copy` exactly as
-the single-prompt runner does, so turn 1 is the single-prompt setting. Every later turn appends, in one forward,
+For every (method, budget) job the cache starts as a copy of the dialogue's first user turn, prefilled once for all
+jobs (a budget sweep shares that prefill), set up and compressed by `kvbench.harness.runner.compress_copy` exactly
+as the single-prompt runner does, so turn 1 is the single-prompt setting. Every later turn appends, in one forward,
 the last token of the previous answer, the template's end-of-turn tokens and the new user message (chat-templated,
 up to the assistant turn start and the turn's answer prefix); the answer is decoded greedily with the method's
 decode-time rule (`before_forward` before every forward, so streamingllm / h2o / scorers with `decode_budget` keep
@@ -38,22 +38,21 @@ import concurrent.futures
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from kvbench.cache import PAD_POSITION, KVCache
-from kvbench.generation import QueryRecorder, forward_tokens, greedy_decode
-from kvbench.measure import Stopwatch
-from kvbench.scenarios import ScenarioSettings, register_scenario
+from kvbench.engine.cache import PAD_POSITION, KVCache
+from kvbench.engine.generation import Prefill, QueryRecorder, forward_tokens, greedy_decode
+from kvbench.engine.measure import Stopwatch
+from kvbench.engine.models import LoadedModel
+from kvbench.harness.metrics import score
+from kvbench.harness.options import RunOptions
+from kvbench.harness.runner import Job, JobCache, PeakBytes, compress_copy, error_fields, shared_prefill
+from kvbench.harness.sample import Sample
+from kvbench.methods.base import CompressionContext, Method
+from kvbench.scenarios import register_scenario
 from kvbench.scenarios.dialogue import POLICIES, SCENARIO, Pieces, Turn, dialogue_pieces, overflow_turn
-
-if TYPE_CHECKING:
-    from kvbench.generation import Prefill
-    from kvbench.methods.base import CompressionContext, Method
-    from kvbench.models import LoadedModel
-    from kvbench.runner import Job, JobCache
-    from kvbench.sample import Sample
 
 __all__ = ["POLICIES", "SCENARIO", "run_conversation"]
 
@@ -210,16 +209,13 @@ def run_dialogue_job(
     pre: Prefill,
     prefill_stats: Any,
     job: Job,
-    settings: ScenarioSettings,
+    settings: RunOptions,
     policy: str,
     older: int | None,
     on_turn_end: Callable[[int, KVCache, TurnState], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The rows of one job, one per turn (the last one with job_complete). `on_turn_end(turn index, cache, state)`
     sees the cache at the end of every turn (tests check what it holds)."""
-    from kvbench.runner import PeakBytes, compress_copy
-    from kvbench.tasks.metrics import score
-
     stopwatch = Stopwatch(lm.device)
     layers, heads, head_dim = layer_heads_dim(lm)
     per_token = layers * heads * 2 * head_dim * torch.empty((), dtype=lm.dtype).element_size()
@@ -233,11 +229,9 @@ def run_dialogue_job(
         source,
         job,
         first,
-        settings.seed,
+        settings,
         stopwatch,
         prefill_stats,
-        settings.cache_dir,
-        settings.kernels,
         copy=not defer,
         reserve=turns[0].max_new_tokens,
     )
@@ -369,11 +363,9 @@ def start_older(
 
 @register_scenario(SCENARIO)
 def run_conversation(
-    lm: LoadedModel, sample: Sample, jobs: list[Job], settings: ScenarioSettings
+    lm: LoadedModel, sample: Sample, jobs: list[Job], settings: RunOptions
 ) -> Iterator[tuple[Job, dict[str, Any]]]:
     """Every job's turns (`kvbench.scenarios` runner protocol); a failing job yields one error row for its turn."""
-    from kvbench.runner import error_fields, shared_prefill
-
     turns = [Turn.from_dict(t) for t in sample.meta["turns"]]
     policy, older = sample.meta.get("policy", POLICIES[0]), sample.meta.get("compress_older_than")
     runnable: list[Job] = []

@@ -100,7 +100,7 @@ def dialogue_pieces(tokenizer: Any, turns: list[Turn], use_chat_template: bool =
         closed = render(history, False)
         end_text = closed[closed.rindex(ANSWER_MARKER) + len(ANSWER_MARKER) :]
         rendered = closed
-    # Chat templates spell BOS and special tokens as text: no tokenizer specials (as `kvbench.prompt` does).
+    # Chat templates spell BOS and special tokens as text: no tokenizer specials (as `kvbench.harness.prompt` does).
     user = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     return Pieces(user, tokenizer(end_text or "", add_special_tokens=False)["input_ids"])
 

@@ -8,7 +8,7 @@ ids. Modes (rows `edit/<mode>`), each starting from the original's cache:
 
 * `recompute`: keep the cache of the opening + `pre`, re-encode `new` + `post` (the reference, exact);
 * `pie`: delete the `old` slots, re-rotate every later key by its position shift delta = |new| - |old|
-  (R(delta) k with the shared helper `kvbench.rope.rerotate`; values unchanged), encode `new` at its positions
+  (R(delta) k with the shared helper `kvbench.engine.rope.rerotate`; values unchanged), encode `new` at its positions
   attending to the opening + `pre` only, and splice it in position order. Later tokens keep K/V computed in the
   old context (semantic staleness) and cannot see `new`: PIE's accepted approximation;
 * `no_rerotate`: as `pie` without the re-rotation (later keys keep the rotation of their old positions while
@@ -28,19 +28,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from kvbench.generation import forward_tokens, prefill
-from kvbench.measure import Stopwatch
-from kvbench.models import LoadedModel
-from kvbench.rope import check_shiftable_rope, rope_inv_freq
-from kvbench.sample import Sample
-from kvbench.scenarios import ScenarioSettings, register_scenario
+from kvbench.engine.generation import forward_tokens, prefill
+from kvbench.engine.measure import Stopwatch
+from kvbench.engine.models import LoadedModel
+from kvbench.engine.rope import check_shiftable_rope, rope_inv_freq
+from kvbench.harness.options import RunOptions
+from kvbench.harness.runner import Job
+from kvbench.harness.sample import Sample
+from kvbench.scenarios import register_scenario
 from kvbench.scenarios.kv_pieces import assemble, encode_piece, take
 from kvbench.scenarios.modes import Built, error_rows, render_around_context, run_modes
-
-if TYPE_CHECKING:
-    from kvbench.runner import Job
 
 SCENARIO = "edit"
 MODES: tuple[str, ...] = ("recompute", "pie", "no_rerotate")
@@ -159,9 +158,7 @@ def edit_builders(lm: LoadedModel, layout: EditLayout, original: Any, modes: lis
 
 
 @register_scenario(SCENARIO)
-def run_edit(
-    lm: LoadedModel, sample: Sample, jobs: list[Job], settings: ScenarioSettings
-) -> Iterator[tuple[Job, dict]]:
+def run_edit(lm: LoadedModel, sample: Sample, jobs: list[Job], settings: RunOptions) -> Iterator[tuple[Job, dict]]:
     modes = list(sample.meta.get("modes") or MODES)
     stopwatch = Stopwatch(lm.device)
     try:

@@ -2,7 +2,7 @@
 
 Segment reuse and edited contexts build the cache of a prompt from pieces encoded at other times or positions
 instead of one prefill. A piece holds post-RoPE keys rotated at `positions`; `moved` gives it new positions
-and, with the model's `inv_freq`, re-rotates its keys there with the shared helper `kvbench.rope.rerotate`
+and, with the model's `inv_freq`, re-rotates its keys there with the shared helper `kvbench.engine.rope.rerotate`
 (without it the keys keep their old rotation: the ablations `reuse_norotate` / `no_rerotate`). `assemble`
 concatenates pieces into a `KVCache` whose slot positions are the pieces' positions, so masks and the positions
 of later tokens follow the assembled layout.
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench import rope
-from kvbench.cache import KVCache
-from kvbench.generation import forward_tokens
-from kvbench.models import LoadedModel
+from kvbench.engine import rope
+from kvbench.engine.cache import KVCache
+from kvbench.engine.generation import forward_tokens
+from kvbench.engine.models import LoadedModel
 
 
 @dataclass

@@ -13,7 +13,7 @@ prefill statistics then cover only those last tokens (the pieces were encoded wi
   `ttft_s`, `prefill_tokens` (tokens forwarded through the model for this prompt, build included) and
   `prefill_tokens_saved` (prompt tokens NOT forwarded);
 * `reference_mode`, `exact_match_ref` (1.0 when the greedy output equals the reference mode's output of the same
-  job), `token_match_ref` and `first_divergence_ref` (`kvbench.fidelity`'s definitions) against it;
+  job), `token_match_ref` and `first_divergence_ref` (`kvbench.harness.fidelity`'s definitions) against it;
 * the mode's own fields from its builder.
 """
 
@@ -21,19 +21,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from kvbench import fidelity
-from kvbench.cache import KVCache
-from kvbench.generation import Prefill
-from kvbench.measure import Stopwatch
-from kvbench.models import LoadedModel
-from kvbench.prompt import Prompt
-from kvbench.sample import Sample
-from kvbench.scenarios import ScenarioSettings
-
-if TYPE_CHECKING:
-    from kvbench.runner import Job
+from kvbench.engine.cache import KVCache
+from kvbench.engine.generation import Prefill
+from kvbench.engine.measure import Stopwatch
+from kvbench.engine.models import LoadedModel
+from kvbench.harness import fidelity
+from kvbench.harness.options import RunOptions
+from kvbench.harness.prompt import Prompt
+from kvbench.harness.runner import Job, error_fields, run_job, shared_prefill
+from kvbench.harness.sample import Sample
 
 MARK = "\u0000KVBENCH-CONTEXT\u0000"  # stands for the context while the chat template is rendered
 
@@ -67,7 +65,7 @@ def render_around_context(tokenizer: Any, sample: Sample) -> tuple[list[int], li
     return head, tail
 
 
-def check_compress_setting(settings: ScenarioSettings, jobs: list[Job], scenario: str) -> None:
+def check_compress_setting(settings: RunOptions, jobs: list[Job], scenario: str) -> None:
     """Reused/patched caches are compressed after the question (compress=prompt); compress=context would need the
     context's own last queries, which a cache assembled from pieces never computed."""
     if settings.compress != "prompt" and any(job.method.compresses for job in jobs):
@@ -81,15 +79,13 @@ def run_modes(
     lm: LoadedModel,
     sample: Sample,
     jobs: list[Job],
-    settings: ScenarioSettings,
+    settings: RunOptions,
     scenario: str,
     prompt_ids: list[int],
     builders: dict[str, Callable[[], Built]],
     reference_mode: str,
 ) -> Iterator[tuple[Job, dict]]:
     """Build every mode's cache once, then yield (job, row) for every job and mode (the reference mode first)."""
-    from kvbench.runner import error_fields, run_job, shared_prefill  # the runner imports the tasks, which import us
-
     modes = sorted(builders, key=lambda mode: mode != reference_mode)
     prompt = Prompt(list(prompt_ids), len(prompt_ids), 0)
     split = len(prompt_ids)
@@ -137,11 +133,9 @@ def run_modes(
                     split,
                     pre,
                     job,
-                    settings.seed,
+                    settings,
                     stopwatch,
                     observers.get(id(job.method)),
-                    settings.cache_dir,
-                    settings.kernels,
                 )
             except Exception as err:
                 if settings.fail_fast:
@@ -159,8 +153,6 @@ def error_rows(
     jobs: list[Job], modes: list[str], scenario: str, err: BaseException, fail_fast: bool
 ) -> Iterator[tuple[Job, dict]]:
     """An error row for every job and mode when a sample cannot be set up (or raise with fail_fast)."""
-    from kvbench.runner import error_fields
-
     if fail_fast:
         raise err
     for job in jobs:

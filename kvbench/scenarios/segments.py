@@ -7,7 +7,7 @@ the segments being a system instruction block, a memory list, tool descriptions 
 * `joint`: the whole prompt prefilled at once (the reference);
 * `reuse`: each segment's K/V encoded ONCE, alone, and kept in an in-process store (`SEGMENT_STORE`) shared by
   all samples of the process; then spliced after the opening and re-rotated to its global position with the
-  shared helper (`kvbench.rope.rerotate`); only missing segments and the question are forwarded;
+  shared helper (`kvbench.engine.rope.rerotate`); only missing segments and the question are forwarded;
 * `reuse_norotate`: the same pieces spliced at their global positions in the cache (masks, later positions)
   but with keys still rotated at their encoding positions (the ablation: wrong relative positions).
 
@@ -33,17 +33,16 @@ import json
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from kvbench.models import LoadedModel
-from kvbench.rope import check_shiftable_rope, rope_inv_freq
-from kvbench.sample import Sample
-from kvbench.scenarios import ScenarioSettings, register_scenario
+from kvbench.engine.models import LoadedModel
+from kvbench.engine.rope import check_shiftable_rope, rope_inv_freq
+from kvbench.harness.options import RunOptions
+from kvbench.harness.runner import Job
+from kvbench.harness.sample import Sample
+from kvbench.scenarios import register_scenario
 from kvbench.scenarios.kv_pieces import KVPiece, assemble, encode_piece
 from kvbench.scenarios.modes import Built, error_rows, render_around_context, run_modes
-
-if TYPE_CHECKING:
-    from kvbench.runner import Job
 
 SCENARIO = "segments"
 MODES: tuple[str, ...] = ("joint", "reuse", "reuse_norotate")
@@ -150,9 +149,7 @@ def reuse_builder(lm: LoadedModel, layout: SegmentLayout, rotate: bool, store: S
 
 
 @register_scenario(SCENARIO)
-def run_segments(
-    lm: LoadedModel, sample: Sample, jobs: list[Job], settings: ScenarioSettings
-) -> Iterator[tuple[Job, dict]]:
+def run_segments(lm: LoadedModel, sample: Sample, jobs: list[Job], settings: RunOptions) -> Iterator[tuple[Job, dict]]:
     modes = list(sample.meta.get("modes") or MODES)
     try:
         unknown = [mode for mode in modes if mode not in MODES]

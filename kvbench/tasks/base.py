@@ -6,11 +6,10 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
+from kvbench.harness.sample import QUESTION_POSITIONS, QuestionPosition, Sample
 from kvbench.registry import Registry, build_registered
-from kvbench.sample import QUESTION_POSITIONS, QuestionPosition, Sample
 
 __all__ = [
     "QUESTION_POSITIONS",
@@ -59,15 +58,6 @@ class Task(ABC):
         fields = asdict(self) if hasattr(self, "__dataclass_fields__") else {}
         payload = {"task": self.name, "fields": fields, "sample": coordinates}
         return json.dumps(payload, sort_keys=True, default=str)
-
-    def figures(self, rows: Any, out_dir: Path) -> list[Path]:
-        """Draw task-specific figures (PNG + PDF) from the run's rows; returns the files written.
-
-        `rows` is a pandas DataFrame with one row per sample x method x budget: columns `method`,
-        `method_label`, `budget`, `compress`, `question_position`, `score`, `status`, ... and the sample's
-        meta flattened as `meta.<key>`.
-        """
-        return []
 
 
 TASKS: Registry[type[Task]] = Registry("task")

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from kvbench.hub import hub_offline, local_files_only, why_no_hub
-from kvbench.jsonl import iter_jsonl
+from kvbench.engine.hub import hub_offline, local_files_only, why_no_hub
+from kvbench.harness.jsonl import iter_jsonl
 
 CONTEXT_FIELD = "{context}"
 

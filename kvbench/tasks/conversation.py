@@ -15,11 +15,10 @@ import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from kvbench.harness.sample import Sample
 from kvbench.registry import AT_LEAST_ONE
-from kvbench.sample import Sample
 from kvbench.scenarios import SCENARIO_KEY
 from kvbench.scenarios import conversation as _runner  # noqa: F401  (registers the scenario runner)
 from kvbench.scenarios.dialogue import POLICIES, SCENARIO, Turn, dialogue_pieces, overflow_turn
@@ -278,8 +277,3 @@ class Conversation(Task):
                 "max_conversation_tokens": pieces.tokens_by_turn(turns)[-1],
             },
         )
-
-    def figures(self, rows: Any, out_dir: Path) -> list[Path]:
-        from kvbench.plots import memory_vs_turn
-
-        return memory_vs_turn(rows, out_dir)

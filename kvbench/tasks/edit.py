@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvbench.engine.rope import check_shiftable_rope
+from kvbench.harness.sample import Sample
 from kvbench.registry import AT_LEAST_ONE
-from kvbench.rope import check_shiftable_rope
-from kvbench.sample import Sample
 from kvbench.scenarios.edit import EDIT_KINDS, MODES, SCENARIO, Edit, check_fits, edit_layout
 from kvbench.tasks.base import Task, as_list, register_task
 from kvbench.tasks.ielts import DEFAULT_DATA, load_passages

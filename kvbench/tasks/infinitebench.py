@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvbench.prompt import build_prompt
+from kvbench.harness.prompt import build_prompt
 from kvbench.registry import AT_LEAST_ONE
 from kvbench.tasks.base import Sample, Task, as_list, register_task
 from kvbench.tasks.benchmark_data import (

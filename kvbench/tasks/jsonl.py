@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvbench.jsonl import MalformedRowError, iter_jsonl
+from kvbench.harness.jsonl import MalformedRowError, iter_jsonl
+from kvbench.harness.metrics import METRICS
 from kvbench.tasks.base import QUESTION_POSITIONS, Sample, Task, register_task
-from kvbench.tasks.metrics import METRICS
 
 REQUIRED = ("context", "question", "answers")
 OPTIONAL = ("answer_prefix", "metric", "id", "max_new_tokens", "meta")

@@ -12,10 +12,9 @@ import functools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from kvbench.prompt import build_prompt
+from kvbench.harness.prompt import build_prompt
 from kvbench.registry import AT_LEAST_ONE
 from kvbench.tasks.base import (
     QUESTION_POSITIONS,
@@ -126,8 +125,3 @@ class NIAH(Task):
             budget = max(0, budget - (total - limit))
         sample.meta["prompt_tokens"] = total
         return sample
-
-    def figures(self, rows: Any, out_dir: Path) -> list[Path]:
-        from kvbench.plots import niah_heatmap
-
-        return niah_heatmap(rows, out_dir)

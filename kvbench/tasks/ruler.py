@@ -7,7 +7,7 @@ list), `squad_path` / `hotpotqa_path` (qa_1 / qa_2 data: local file or hub id; s
 `use_chat_template`.
 
 Every sample is generated with the model's own tokenizer: for each sample a search over the haystack size
-finds the largest size whose prompt (as `kvbench.prompt.build_prompt` builds it, chat template included) plus
+finds the largest size whose prompt (as `kvbench.harness.prompt.build_prompt` builds it, chat template included) plus
 the subtask's generation length fits the target length, so the sample is within one haystack unit of it.
 Samples depend only on (seed, subtask, length, index) and the tokenizer: selecting fewer subtasks or samples
 gives the same samples. The generators live in `kvbench.tasks.ruler_generators`.
@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvbench.prompt import build_prompt
+from kvbench.harness.prompt import build_prompt
 from kvbench.registry import AT_LEAST_ONE, unknown_name_message
 from kvbench.tasks.base import QUESTION_POSITIONS, Sample, Task, as_list, register_task
 from kvbench.tasks.ruler_generators import (

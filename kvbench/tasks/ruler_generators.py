@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from kvbench.models import package_dir
-from kvbench.tasks.haystack import NOISE_SENTENCES, essay_text, random_key, random_number
+from kvbench.engine.hub import essay_text, package_dir
+from kvbench.tasks.haystack import NOISE_SENTENCES, random_key, random_number
 
 # RULER draws needle depths (percent of the haystack) from 40 evenly spaced values.
 DEPTHS: tuple[int, ...] = tuple(int(d) for d in np.round(np.linspace(0, 100, num=40, endpoint=True)))

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kvbench.jsonl import decode_utf8, read_jsonl
+from kvbench.harness.jsonl import decode_utf8, read_jsonl
 from kvbench.tasks.ruler_generators import QAData, QAItem
 
 T = TypeVar("T")

@@ -20,9 +20,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvbench.engine.rope import check_shiftable_rope
+from kvbench.harness.sample import Sample
 from kvbench.registry import AT_LEAST_ONE
-from kvbench.rope import check_shiftable_rope
-from kvbench.sample import Sample
 from kvbench.scenarios.segments import MODES, SCENARIO, check_fits, segment_layout
 from kvbench.tasks.base import Task, as_list, register_task
 from kvbench.tasks.ielts import DEFAULT_DATA, load_passages

@@ -13,14 +13,13 @@ import functools
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from kvbench.prompt import build_prompt
+from kvbench.harness.metrics import METRICS
+from kvbench.harness.prompt import build_prompt
 from kvbench.registry import AT_LEAST_ONE
 from kvbench.tasks.base import PlannedSample, Sample, Task, check_lengths, register_task
 from kvbench.tasks.haystack import haystack_text
-from kvbench.tasks.metrics import METRICS
 
 CONTENTS = ("noise", "random")
 
@@ -115,8 +114,3 @@ class SyntheticLength(Task):
         ids = content_ids(tokenizer, self.content, target, self.seed * 1_000_003 + length * 101 + index)
         sample.meta["prompt_tokens"] = fit_context(tokenizer, sample, ids, target)
         return sample
-
-    def figures(self, rows: Any, out_dir: Path) -> list[Path]:
-        from kvbench.efficiency import efficiency_report
-
-        return efficiency_report(rows, out_dir)

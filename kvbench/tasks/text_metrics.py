@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kvbench.tasks.metrics import METRICS
+from kvbench.harness.metrics import METRICS
 
 ZH_PUNCTUATION = (
     "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼"

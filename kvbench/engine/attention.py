@@ -1,0 +1,159 @@
+"""kvbench's attention function, registered with transformers' `AttentionInterface` as "kvbench".
+
+A model loaded with `attn_implementation="kvbench"` calls `kvbench_attention` in every layer with the
+post-RoPE queries and the layer's cached keys/values. Because "kvbench" has no entry in transformers'
+mask interface, transformers builds no mask; this function builds it from the original positions the
+`KVCache` stores, so layers and heads of different lengths need no special casing.
+
+Runs pass their cache as the keyword argument `kvbench_cache=` of the model's forward; transformers
+forwards it here. Without it (e.g. `model.generate`), the function is plain causal attention.
+Registered once at import; no model class is modified.
+
+Single-token decode steps use the split-K Triton kernel (`kvbench.engine.kernels.decode_attention`) instead of
+SDPA when the cache says `decode_kernels = "triton"` (the runner sets it on every job's cache from the run's
+resolved `kernels`); its mask is the same (visible slots as `valid`, a logit bias as `bias`).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from kvbench.engine.cache import KVCache, KVLayer
+
+CACHE_KWARG = "kvbench_cache"
+ATTN_IMPLEMENTATION = "kvbench"
+
+
+class AttentionObserver(Protocol):
+    """Sees every layer's attention inputs; methods use it to collect queries or attention statistics."""
+
+    def on_attention(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        layer: KVLayer,
+        query_positions: torch.Tensor,
+        scaling: float,
+    ) -> None: ...
+
+
+def _bottom_right_causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    rows = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    return (torch.arange(k_len, device=device)[None, :] <= rows)[None, None]
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scaling: float,
+    backend: str = "sdpa",
+) -> torch.Tensor:
+    """Attention for `query [1, H, q, d]` over `key/value [1, Hkv, L, d]` (GQA without expanding the cache).
+
+    `mask` is boolean (True = attend) or additive float, broadcastable to `[1, Hkv or 1, q, L]`.
+    Returns `[1, H, q, d]`.
+    """
+    num_heads, num_kv_heads = query.shape[1], key.shape[1]
+    group = num_heads // num_kv_heads
+    if mask is not None and mask.shape[1] > 1 and group > 1:
+        mask = mask.repeat_interleave(group, dim=1)
+    if backend == "eager":
+        q = query.float().unflatten(1, (num_kv_heads, group))
+        scores = torch.einsum("bhgqd,bhkd->bhgqk", q, key.float()) * scaling
+        if is_causal:
+            mask = _bottom_right_causal_mask(query.shape[2], key.shape[2], query.device)
+        if mask is not None:
+            per_head = mask.shape[1] == num_heads
+            mask = mask.unflatten(1, (num_kv_heads, group)) if per_head else mask[:, :, None]
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        probs = scores.softmax(dim=-1)
+        out = torch.einsum("bhgqk,bhkd->bhgqd", probs, value.float())
+        return out.flatten(1, 2).to(query.dtype)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(query.dtype)
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=group > 1
+    )
+
+
+def decode_step_triton(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """One query token `[1, H, 1, d]` over `key/value [1, Hkv, L, d]` with the Triton decode kernel.
+
+    `mask` is what `KVLayer.attention_mask` returns for one query (`[1, Hkv or 1, 1, L]`, boolean or additive
+    float with -inf for hidden slots) or None. Returns `[1, H, 1, d]`.
+    """
+    from kvbench.engine.kernels.decode_attention import decode_attention_triton
+
+    valid, bias = decode_mask_rows(mask, key.shape[1])
+    out = decode_attention_triton(query[0, :, 0], key[0], value[0], scaling, valid=valid, bias=bias)
+    return out[None, :, None]
+
+
+def decode_mask_rows(mask: torch.Tensor | None, num_kv_heads: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A one-query mask (`[1, Hkv or 1, 1, L]`) as the decode kernels' `valid` (boolean) or `bias` (additive)."""
+    if mask is None:
+        return None, None
+    rows = mask[0, :, 0].expand(num_kv_heads, -1)
+    return (rows, None) if mask.dtype == torch.bool else (None, rows)
+
+
+def decode_step_packed(query: torch.Tensor, layer: KVLayer, operands: tuple, mask: torch.Tensor | None, scaling: float):
+    """One query token over a quantised layer's packed codes (`kernels.packed_decode`), `[1, H, 1, d]`."""
+    from kvbench.engine.kernels.packed_decode import packed_decode_attention_triton
+
+    valid, bias = decode_mask_rows(mask, layer.num_heads)
+    return packed_decode_attention_triton(query[0, :, 0], operands, scaling, valid=valid, bias=bias)[None, :, None]
+
+
+def kvbench_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    backend = getattr(module.config, "kvbench_attn_backend", "sdpa")
+    cache: KVCache | None = kwargs.get(CACHE_KWARG)
+    if cache is None:
+        q_len, k_len = query.shape[2], key.shape[2]
+        mask = attention_mask if attention_mask is not None and attention_mask.dtype == torch.bool else None
+        if mask is None and q_len > 1 and q_len != k_len:
+            mask = _bottom_right_causal_mask(q_len, k_len, query.device)
+        is_causal = mask is None and q_len > 1
+        out = attend(query, key, value, mask, is_causal, scaling, backend)
+        return out.transpose(1, 2).contiguous(), None
+
+    layer = cache.layers[module.layer_idx]
+    mask, is_causal = layer.attention_mask(cache.step_positions)
+    triton_step = query.shape[2] == 1 and cache.decode_kernels == "triton"
+    # Quantised layers (kvbench.engine.quant) with one packed segment + fp tail per tensor: the kernel reads the codes.
+    packed = layer.packed_operands() if triton_step and hasattr(layer, "packed_operands") else None
+    # A packed-decode layer returned no K/V: read them dequantised. (Only an EMPTY return means that: layers such as
+    # kv_direct's and mikv's return more slots than `get_seq_length()` counts, recomputed or low-precision ones.)
+    if packed is None and key.shape[-2] == 0 and layer.get_seq_length() > 0:
+        key, value = layer.keys, layer.values
+    if packed is not None:
+        out = decode_step_packed(query, layer, packed, mask, scaling)
+    elif triton_step:
+        out = decode_step_triton(query, key, value, mask, scaling)
+    else:
+        out = attend(query, key, value, mask, is_causal, scaling, backend)
+    for observer in cache.observers:
+        observer.on_attention(module.layer_idx, query, layer, cache.step_positions, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, kvbench_attention)

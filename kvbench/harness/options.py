@@ -1,0 +1,46 @@
+"""`RunOptions`: how samples are run, one object from the CLI / Python API / lm-eval adapter down to the
+runner and the scenarios (nothing re-packs it into positional arguments on the way)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvbench.engine.kernels.dispatch import resolve_kernels
+
+COMPRESS_MODES = ("prompt", "context")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How samples are run; the CLI fills this from the validated Hydra config (`kvbench.config`).
+
+    `kernels` is what was asked (`auto`, `triton`, `torch`) until `resolved(device)` turns it into what runs
+    (`triton` or `torch`): the API resolves it once per run, and the runner hands the resolved value to every
+    job's cache and compression context.
+    """
+
+    budgets: tuple[int | float | None, ...] = (None,)
+    compress: str = "prompt"
+    seed: int = 0
+    fail_fast: bool = False
+    kernels: str = "auto"
+    prefill_chunk: int | None = None
+    cache_dir: Path | None = None  # per-model artefacts (razor head profiles); None: $KVBENCH_CACHE/<model>
+    run_name: str = "api"
+    task_name: str = "custom"
+
+    def __post_init__(self) -> None:
+        check_compress(self.compress)
+
+    def resolved(self, device: torch.device | str) -> RunOptions:
+        """These options with `kernels` resolved for `device` (one-line error when triton cannot run there)."""
+        return dataclasses.replace(self, kernels=resolve_kernels(self.kernels, device))
+
+
+def check_compress(compress: str) -> None:
+    if compress not in COMPRESS_MODES:
+        raise ValueError(f"unknown compress '{compress}'. Valid compress modes: {', '.join(COMPRESS_MODES)}.")
