@@ -19,7 +19,6 @@ from kvbench.harness.results import ResultsStore
 from kvbench.harness.runner import run_sample, shared_prefill
 from kvbench.report import summarize
 from kvbench.report.plots import memory_vs_turn
-from kvbench.scenarios import ScenarioSettings
 from kvbench.scenarios.conversation import run_dialogue_job
 from kvbench.scenarios.dialogue import Turn, dialogue_pieces
 
@@ -60,7 +59,7 @@ def run_turns(lm, sample, method, budget, policy="over_budget", older=None):
         starts[:] = state.starts
         assert cache.seen_tokens == len(state.ids)
 
-    settings = ScenarioSettings("prompt", 0)
+    settings = RunOptions(compress="prompt", seed=0, kernels="torch")
     rows = list(
         run_dialogue_job(
             lm, turns, pieces, pre, observers.get(id(job.method)), job, settings, policy, older, on_turn_end
