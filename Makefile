@@ -15,7 +15,7 @@ run: setup
 	$(PY) -m kvbench $(ARGS)
 
 test: setup-dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 test-fast:
 	$(PY) -m pytest -q -m "not slow"
