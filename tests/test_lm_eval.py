@@ -15,12 +15,14 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
+import torch  # noqa: E402
 from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
+from kvbench.harness import runner  # noqa: E402
 from kvbench.harness.results import read_jsonl  # noqa: E402
 from kvbench.integrations.lm_eval import AdapterArgError, KVBenchLM  # noqa: E402
 
@@ -102,11 +104,9 @@ def test_full_method_equals_lm_eval_hf_wrapper_and_window_changes_outputs(tmp_pa
 
 
 def test_loglikelihood_prefills_each_shared_context_once(monkeypatch):
-    import kvbench.integrations.lm_eval as adapter_module
-
     calls = []
-    original = adapter_module.shared_prefill
-    monkeypatch.setattr(adapter_module, "shared_prefill", lambda *a, **k: calls.append(len(a[1])) or original(*a, **k))
+    original = runner.shared_prefill
+    monkeypatch.setattr(runner, "shared_prefill", lambda *a, **k: calls.append(len(a[1])) or original(*a, **k))
     adapter = KVBenchLM.create_from_arg_string(f"{TINY},method=snapkv,budget=4,method.window=2")
     assert adapter.method.window == 2
     requests = [
@@ -159,3 +159,98 @@ def test_offline_cli_runs_a_local_task_and_rejects_bad_args(tmp_path):
     assert (
         bad.stderr.strip().splitlines()[-1].startswith("kvbench: error: unknown kvbench model arg 'bogus'. Valid args:")
     )
+
+
+def direct_logprob(adapter: KVBenchLM, context_ids: list[int], continuation_ids: list[int]) -> float:
+    """log p(continuation | context) from one transformers forward over context + continuation (sdpa attention,
+    transformers' own cache handling: nothing of kvbench)."""
+    model = reference_hflm(adapter).model
+    ids = torch.tensor([context_ids + continuation_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()
+    logprobs = torch.log_softmax(logits[len(context_ids) - 1 : -1], dim=-1)
+    return float(logprobs.gather(1, torch.tensor(continuation_ids)[:, None]).sum())
+
+
+@pytest.mark.parametrize("args", ["method=full", "method=full,compress=context,protect_tail=3"])
+def test_full_cache_loglikelihood_equals_the_models_own_forward(args):
+    adapter = KVBenchLM.create_from_arg_string(f"{TINY},{args}")
+    requests = [
+        Instance("loglikelihood", {}, (context, continuation), 0, ("t", 0, 1))
+        for context, continuation in [
+            ("The sky is blue and the grass is", " green and lush"),
+            ("", "Hello there, world"),
+        ]
+    ]
+    scored = adapter.loglikelihood(requests)
+    for request, (logprob, _) in zip(requests, scored, strict=True):
+        context, continuation = request.args
+        if context:
+            context_ids, continuation_ids = adapter._encode_pair(context, continuation)
+        else:  # lm-eval's empty context: the prefix token alone, nothing for kvbench to prefill
+            context_ids, continuation_ids = [adapter.prefix_token_id], adapter.tok_encode(continuation, False)
+        assert len(continuation_ids) >= 2
+        assert abs(logprob - direct_logprob(adapter, context_ids, continuation_ids)) < 1e-4
+
+
+# Fields only one kind of row has: what decoding measures, and what scoring does.
+GENERATION_ONLY = {
+    "max_layer_len_decode", "decode_s", "tpot_s", "output_tokens", "output_ids", "prediction",
+    "peak_mem_decode_bytes", "token_match", "first_divergence", "kl_full", "fidelity_reference",
+}  # fmt: skip
+SCORING_ONLY = {"continuation_tokens", "score_s", "logprob", "is_greedy"}
+
+
+def test_scoring_rows_carry_the_generation_rows_measurements():
+    adapter = KVBenchLM.create_from_arg_string(f"{TINY},method=window,budget=4,compress=context,protect_tail=3")
+    ids = adapter.tok_encode("The grass is green and the sky is blue, said the farmer to the child")
+    sample = adapter._sample("s", "", 4, {})
+    job = adapter._job(sample)
+    # The same tokens prefilled and compressed (ids[:-3]) and fed as the protected tail (ids[-3:]); the scoring
+    # context holds one more token, which scoring feeds after the tail.
+    _, generated = next(runner.run_sample(adapter.lm, sample, [job], adapter.options, prompt=adapter._prompt(ids)))
+    split = len(ids) - 3
+    scored = list(runner.score_continuations(adapter.lm, ids + [ids[0]], [ids[1:4]], job, adapter.options, split))
+    row = scored[0].row
+    assert set(row) - SCORING_ONLY == set(generated) - GENERATION_ONLY
+    assert row["compressed_tokens"] == generated["compressed_tokens"] == split
+    assert row["prompt_tokens"] == len(ids) + 1 and row["continuation_tokens"] == 3
+    for name in (
+        "compressed", "budget_entries", "kept_entries_compressed", "kept_per_layer_compressed",
+        "kept_fraction_compressed", "kv_bytes_compressed", "kv_bytes_logical_compressed", "bits_per_element",
+        "kv_bytes_full", "kept_entries_tail", "kv_bytes_tail", "prefill_mode", "prefill_max_cache_len",
+    ):  # fmt: skip
+        assert row[name] == generated[name], name
+    layers, kv_heads = 4, 2
+    assert row["kept_entries_compressed"] == 4 * layers * kv_heads
+    assert row["kept_entries_tail"] == (4 + 3) * layers * kv_heads
+    # End of the row: the tail and the 3 scored tokens ([ctx[-1]] + 2 continuation tokens) appended.
+    assert row["kept_entries"] == (4 + 3 + 3) * layers * kv_heads
+    assert row["kv_bytes_full"] == 2 * layers * kv_heads * split * 16 * 4  # K and V, head_dim 16, fp32
+
+
+def test_rows_path_resume_answers_done_requests_from_their_rows(tmp_path, monkeypatch):
+    args = f"{TINY},method=snapkv,budget=4,rows_path={tmp_path}"
+    requests = [
+        Instance("loglikelihood", {}, ("The sky is blue and the grass is", choice), idx, ("t", 0, 1))
+        for idx, choice in enumerate([" green", " red"])
+    ]
+    generate = [Instance("generate_until", {}, ("The sky is", {"until": ["\n"], "max_gen_toks": 4}), 0, ("g", 0, 1))]
+    first = KVBenchLM.create_from_arg_string(args)
+    scored, generated = first.loglikelihood(requests[:1]), first.generate_until(generate)
+    rows = read_jsonl(tmp_path / "samples.jsonl")
+    assert len(rows) == 2 and len({r["key"] for r in rows}) == 2
+
+    calls = []
+    original = runner.shared_prefill
+    monkeypatch.setattr(runner, "shared_prefill", lambda *a, **k: calls.append(len(a[1])) or original(*a, **k))
+    again = KVBenchLM.create_from_arg_string(args)
+    assert again.generate_until(generate) == generated and calls == []
+    both = again.loglikelihood(requests)
+    assert both[0] == scored[0] and len(calls) == 1  # only " red" was scored: one prefill
+    rows = read_jsonl(tmp_path / "samples.jsonl")
+    assert len(rows) == 3 and len({r["key"] for r in rows}) == 3
+    assert [r["logprob"] for r in rows if r["meta"]["request"] == "loglikelihood"] == [b[0] for b in both]
+
+    with pytest.raises(AdapterArgError, match=r"^rows_path .* holds rows of another setting"):
+        KVBenchLM.create_from_arg_string(f"{TINY},method=snapkv,budget=8,rows_path={tmp_path}")

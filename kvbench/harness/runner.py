@@ -1,4 +1,7 @@
-"""One sample through every (method, budget) job: prefill once, then copy -> compress -> decode -> score."""
+"""One sample through every (method, budget) job: prefill once, then copy -> compress -> decode -> score
+(`run_sample`); and continuations scored after a shared context on compressed copies of its cache
+(`score_continuations`, the lm-eval adapter's loglikelihood). Both kinds of rows get their measurement fields
+from one builder, `RowMeter.fields`."""
 
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ class JobCache:
     """One job's cache after compression, with what later forwards need."""
 
     cache: Any
-    ctx: CompressionContext
+    ctx: CompressionContext | None  # None: nothing was cached to compress (`score_continuations`, split=0)
     method: Method
     entries: int | None  # the budget in KV entries per KV head per layer for this prompt (None: keep all)
     applies: bool  # the method acts on this cache (it compresses and a budget is set, or it takes no budget)
@@ -160,69 +163,104 @@ def run_job(
         copy=not chunked,
         reserve=len(tail) + max(sample.max_new_tokens - 1, 0),
     )
-    cache, ctx, compressed, entries = job_cache.cache, job_cache.ctx, job_cache.compressed, job_cache.entries
-    compress_phase = job_cache.phase
-    config = lm.config
-    layers, heads = config.num_hidden_layers, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    compressed_state = cache_state(cache, split, layers * heads, "_compressed")
-    # One new token adds a K and a V vector of the model's dtype per KV head per layer (from the config: a
-    # quantised layer would have to materialise its tensors to tell).
-    peak = PeakBytes(cache, layers * heads * 2 * head_dim * torch.empty((), dtype=lm.dtype).element_size())
-
-    def before_forward(num_new: int) -> None:
-        peak.observe()  # after the previous forward's evictions (some methods evict inside the forward)
-        job_cache.before_forward(num_new)
-        peak.observe(num_new)  # this forward appends num_new slots per head before any eviction inside it
-
+    cache, meter = job_cache.cache, RowMeter(lm, job_cache, split)
     with stopwatch.phase("tail") as tail_phase:
         if tail:
-            before_forward(len(tail))
+            meter.before_forward(len(tail))
             logits = forward_tokens(lm, cache, tail)
         else:
             logits = pre.last_logits
-    tail_state = cache_state(cache, split, layers * heads, "_tail", logical=False) if tail else {}
+    if tail:
+        meter.after_tail()
     kl_full = fidelity.kl_to_reference(lm, cache, logits, reference)  # on a copy, before decoding (not timed)
     stop_at_eos, stop, stop_strings = stop_rule(lm, sample)
-    decoded = greedy_decode(lm, cache, logits, sample.max_new_tokens, before_forward, stopwatch, stop_at_eos, stop)
-    peak.observe()
+    decoded = greedy_decode(
+        lm, cache, logits, sample.max_new_tokens, meter.before_forward, stopwatch, stop_at_eos, stop
+    )
     prediction = cut_at_stop(lm.tokenizer.decode(decoded.tokens, skip_special_tokens=True), stop_strings)
-    compress_s = compress_phase.seconds + (pre.compress_seconds if chunked else 0.0)  # chunked: between chunks too
     return {
-        "status": "ok",
-        "compressed": compressed,
-        "budget_entries": entries,
-        # What the cache holds at the END of the row (after the question tail and decoding, during which
-        # decode-time methods keep evicting); `kept_fraction` is the share of the compressed segment's entries
-        # still held. `*_compressed`: right after the prefill compression; `*_tail`: after the question tail
-        # (compress=context); `kv_bytes_peak`: the most held at any point after compression.
-        **cache_state(cache, split, layers * heads),
-        **compressed_state,
-        **tail_state,
-        "kv_bytes_peak": peak.bytes,
-        # Bits held per element of the uncompressed prompt cache (2 L Hkv T d elements) right after compression:
-        # eviction and quantisation compare at equal bytes (16 for a full fp16/bf16 cache, 32 for fp32).
-        "bits_per_element": 8 * compressed_state["kv_bytes_compressed"] / (2 * layers * heads * split * head_dim),
-        "kv_bytes_full": pre.kv_bytes_full if chunked else pre.cache.kv_bytes(),
-        "kv_bytes_reserved": cache.reserved_kv_bytes(),  # held + capacity reserved for appends, at the end
+        **meter.fields(pre, tail_phase.seconds, stopwatch),
         "max_layer_len_decode": decoded.max_layer_len,
-        "prefill_s": pre.seconds,
-        "compress_s": compress_s,
-        "tail_s": tail_phase.seconds,
-        "ttft_s": pre.seconds + compress_s + tail_phase.seconds,
         "decode_s": decoded.seconds,
         "tpot_s": decoded.seconds / decoded.steps if decoded.steps else None,
         "output_tokens": len(decoded.tokens),
         "output_ids": decoded.tokens,
         "prediction": prediction,
         "score": score(sample.metric, prediction, sample.answers),
-        "peak_mem_prefill_bytes": pre.peak_mem_bytes,
         "peak_mem_decode_bytes": decoded.peak_mem_bytes,
-        "peak_mem_kind": stopwatch.memory_kind,
-        "method_record": ctx.record or None,
-        **prefill_fields(pre, split),
         **fidelity.row_fields(reference, decoded.tokens, kl_full),
     }
+
+
+class RowMeter:
+    """Measures one job's cache from its compression to the end of its row: the state right after compression,
+    the most bytes held (`PeakBytes`), and, in `fields`, the measurement fields every row of a compressed prompt
+    carries. Generation rows (`run_job`) and scoring rows (`score_continuations`) both build them here, so the
+    two kinds of rows name and compute their entries, bytes and times alike."""
+
+    def __init__(self, lm: LoadedModel, job_cache: JobCache, split: int) -> None:
+        config = lm.config
+        self.job_cache = job_cache
+        self.split = split
+        self.layer_heads = config.num_hidden_layers * config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.compressed_state = cache_state(job_cache.cache, split, self.layer_heads, "_compressed")
+        # One new token adds a K and a V vector of the model's dtype per KV head per layer (from the config: a
+        # quantised layer would have to materialise its tensors to tell).
+        element = torch.empty((), dtype=lm.dtype).element_size()
+        self.peak = PeakBytes(job_cache.cache, self.layer_heads * 2 * self.head_dim * element)
+        self.tail_state: dict[str, Any] = {}  # no question tail fed: no `*_tail` fields
+
+    def before_forward(self, num_new: int) -> None:
+        """Call before every forward after compression: the job's method may evict, the peak is tracked."""
+        self.peak.observe()  # after the previous forward's evictions (some methods evict inside the forward)
+        self.job_cache.before_forward(num_new)
+        self.peak.observe(num_new)  # this forward appends num_new slots per head before any eviction inside it
+
+    def after_tail(self) -> None:
+        """Call right after feeding a question tail (compress=context): the row gets its `*_tail` fields."""
+        self.tail_state = cache_state(self.job_cache.cache, self.split, self.layer_heads, "_tail", logical=False)
+
+    def fields(self, pre: Prefill, tail_seconds: float, stopwatch: Stopwatch) -> dict[str, Any]:
+        """The row's measurement fields, at the end of the row (after everything it fed to the cache)."""
+        job_cache, split = self.job_cache, self.split
+        cache = job_cache.cache
+        self.peak.observe()
+        chunked = isinstance(pre, ChunkedPrefill)
+        compress_s = job_cache.phase.seconds + (pre.compress_seconds if chunked else 0.0)  # chunked: between chunks
+        # Bits held per element of the uncompressed prompt cache (2 L Hkv T d elements) right after compression:
+        # eviction and quantisation compare at equal bytes (16 for a full fp16/bf16 cache, 32 for fp32).
+        elements = 2 * self.layer_heads * split * self.head_dim
+        bits = 8 * self.compressed_state["kv_bytes_compressed"] / elements if split else None
+        return {
+            "status": "ok",
+            "compressed": job_cache.compressed,
+            "budget_entries": job_cache.entries,
+            # What the cache holds at the END of the row (after the question tail and decoding or scoring, during
+            # which decode-time methods keep evicting); `kept_fraction` is the share of the compressed segment's
+            # entries still held. `*_compressed`: right after the prefill compression; `*_tail`: after the
+            # question tail (compress=context); `kv_bytes_peak`: the most held at any point after compression.
+            **cache_state(cache, split, self.layer_heads),
+            **self.compressed_state,
+            **self.tail_state,
+            "kv_bytes_peak": self.peak.bytes,
+            "bits_per_element": bits,
+            "kv_bytes_full": pre.kv_bytes_full if chunked else pre.cache.kv_bytes(),
+            "kv_bytes_reserved": cache.reserved_kv_bytes(),  # held + capacity reserved for appends, at the end
+            "prefill_s": pre.seconds,
+            "compress_s": compress_s,
+            "tail_s": tail_seconds,
+            "ttft_s": pre.seconds + compress_s + tail_seconds,
+            "peak_mem_prefill_bytes": pre.peak_mem_bytes,
+            "peak_mem_kind": stopwatch.memory_kind,
+            "method_record": (job_cache.ctx.record or None) if job_cache.ctx is not None else None,
+            **prefill_fields(pre, split),
+        }
+
+
+def prompt_fields(prompt_tokens: int | None, split: int | None, truncated_tokens: int | None) -> dict[str, Any]:
+    """The row fields that say how long the prompt was and how much of it was compressed or truncated."""
+    return {"prompt_tokens": prompt_tokens, "compressed_tokens": split, "truncated_tokens": truncated_tokens}
 
 
 def shared_prefill(
@@ -247,14 +285,17 @@ def shared_prefill(
 def cache_state(cache: KVCache, split: int, layer_heads: int, suffix: str = "", logical: bool = True) -> dict:
     """Entries and bytes `cache` holds now, as row fields named with `suffix`. `kept_fraction` counts only the
     slots of the compressed segment (original position < split), so appended tokens never inflate it."""
-    kept = cache.kept_per_layer()
-    in_context = sum(
-        int(((layer.positions < split) & (layer.positions != PAD_POSITION)).sum()) for layer in cache.layers
-    )
+    if not any(layer.is_initialized for layer in cache.layers):  # nothing cached yet (an empty scoring context)
+        kept, in_context = [[0] for _ in cache.layers], 0
+    else:
+        kept = cache.kept_per_layer()
+        in_context = sum(
+            int(((layer.positions < split) & (layer.positions != PAD_POSITION)).sum()) for layer in cache.layers
+        )
     state = {
         "kept_entries": sum(sum(h) for h in kept),
         "kept_per_layer": [sum(h) / len(h) for h in kept],
-        "kept_fraction": in_context / (split * layer_heads),
+        "kept_fraction": in_context / (split * layer_heads) if split else 0.0,
         "kv_bytes": cache.kv_bytes(),
     }
     if logical:
@@ -294,18 +335,14 @@ def run_sample(
         options = options.resolved(lm.device)
     compress, fail_fast, prefill_chunk = options.compress, options.fail_fast, options.prefill_chunk
     stopwatch = Stopwatch(lm.device)
-    base = {"prompt_tokens": None, "compressed_tokens": None, "truncated_tokens": None}
+    base = prompt_fields(None, None, None)
     pre: Prefill | None = None
     observers: dict[int, Any] = {}
     try:
         if prompt is None:
             prompt = build_prompt(lm.tokenizer, sample, lm.max_context - sample.max_new_tokens)
         split = split_point(prompt, compress)
-        base = {
-            "prompt_tokens": len(prompt),
-            "compressed_tokens": split,
-            "truncated_tokens": prompt.truncated_tokens,
-        }
+        base = prompt_fields(len(prompt), split, prompt.truncated_tokens)
         if prefill_chunk is None:
             pre, observers = shared_prefill(lm, prompt.input_ids[:split], [job.method for job in jobs], stopwatch)
     except Exception as err:
@@ -353,6 +390,92 @@ def run_sample(
                 raise
             row = error_fields(err)
         yield job, {**base, **row}
+
+
+@dataclass
+class ScoredContinuation:
+    """One continuation scored after its context: the summed log-probability of its tokens, whether each was
+    the argmax, and the row's measurements (`prompt_fields` + `RowMeter.fields`, as a generation row's, plus
+    `continuation_tokens`, `score_s`, `logprob`, `is_greedy`)."""
+
+    logprob: float
+    is_greedy: bool
+    row: dict[str, Any]
+
+
+def empty_prefill(lm: LoadedModel) -> Prefill:
+    """The prefill of no tokens: an empty cache, nothing timed."""
+    cache = KVCache(lm.config.num_hidden_layers)
+    return Prefill(cache, torch.empty(0), [], None, 1.0, 0.0, None)
+
+
+def score_continuations(
+    lm: LoadedModel,
+    context_ids: list[int],
+    continuations: list[list[int]],
+    job: Job,
+    options: RunOptions,
+    split: int,
+    truncated_tokens: int = 0,
+) -> Iterator[ScoredContinuation]:
+    """Score every continuation of `context_ids` on its own compressed copy of the context's cache.
+
+    `context_ids[:split]` is prefilled once (`shared_prefill`); per continuation, `compress_copy` compresses a copy
+    at the job's budget, `context_ids[split:-1]` (the protected tail, compress=context) is fed as the row's tail,
+    then `[context_ids[-1]] + continuation[:-1]` at the original positions, whose logits score the continuation.
+    `split` is at most `len(context_ids) - 1`: the last context token is never compressed, so the first continuation
+    token, too, is scored on the compressed cache (prefilling all of the context would score it on the full one).
+    `split=0` (a one-token context, e.g. a beginning-of-text token): nothing is prefilled or compressed.
+    `job` gives the method and the budget (the rows' identity is the caller's); `truncated_tokens`: context tokens
+    the caller cut, recorded in the rows. Continuations are scored lazily, one copy at a time; errors raise (no
+    error rows)."""
+    if not 0 <= split < len(context_ids):
+        raise ValueError(f"split must be in [0, {len(context_ids) - 1}] for a context of {len(context_ids)} tokens")
+    if options.kernels not in ("torch", "triton"):  # a caller that did not resolve them (the API does, once)
+        options = options.resolved(lm.device)
+    stopwatch = Stopwatch(lm.device)
+    compressed_ids, tail = context_ids[:split], context_ids[split:-1]
+    stats = None
+    if split:
+        pre, observers = shared_prefill(lm, compressed_ids, [job.method], stopwatch)
+        stats = observers.get(id(job.method))
+    else:
+        pre = empty_prefill(lm)
+    for continuation in continuations:
+        if not continuation:
+            raise ValueError("an empty continuation has nothing to score")
+        feed = [context_ids[-1], *continuation[:-1]]
+        if split:
+            reserve = len(tail) + len(feed)
+            job_cache = compress_copy(lm, pre, job, compressed_ids, options, stopwatch, stats, reserve=reserve)
+        else:
+            with stopwatch.phase("compress") as phase:  # nothing cached: nothing for the method to compress
+                cache = pre.cache.copy()
+            job_cache = JobCache(cache, None, job.method, None, False, False, phase)
+        meter = RowMeter(lm, job_cache, split)
+        with stopwatch.phase("tail") as tail_phase:
+            if tail:
+                meter.before_forward(len(tail))
+                forward_tokens(lm, job_cache.cache, tail)
+        if tail:
+            meter.after_tail()
+        meter.before_forward(len(feed))
+        with stopwatch.phase("score") as score_phase:
+            logits = forward_tokens(lm, job_cache.cache, feed, logits_to_keep=len(feed))
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        target = torch.tensor(continuation, device=logprobs.device)
+        logprob = float(logprobs.gather(1, target[:, None]).sum())
+        greedy = bool((logprobs.argmax(dim=-1) == target).all())
+        row = {
+            **prompt_fields(len(context_ids), split, truncated_tokens),
+            **meter.fields(pre, tail_phase.seconds, stopwatch),
+            "continuation_tokens": len(continuation),
+            "score_s": score_phase.seconds,
+            "logprob": logprob,
+            "is_greedy": greedy,
+            "score": None,
+        }
+        yield ScoredContinuation(logprob, greedy, row)
 
 
 def build_reference(
