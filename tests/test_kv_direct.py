@@ -9,12 +9,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvbench.engine import attention
 from kvbench.engine.generation import prefill
+from kvbench.engine.layers.checkpoint import Recomputer, UnsupportedArchitecture, same_shape_projection
 from kvbench.engine.measure import Stopwatch
 from kvbench.harness.options import RunOptions
 from kvbench.harness.runner import Job, run_sample
 from kvbench.harness.sample import Sample
 from kvbench.methods import build_method
-from kvbench.methods.kv_direct import PrefillResiduals, Recomputer, UnsupportedArchitecture, same_shape_projection
+from kvbench.methods.kv_direct import PrefillResiduals
 
 # fp32 recomputation on CPU with a product shape other than the original (one row at a time instead of the prompt's
 # 40 rows): measured max-abs 1.7e-6 (tiny model) and 1.6e-5 (SmolLM2, keys of magnitude ~1-20); the bound leaves a

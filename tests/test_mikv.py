@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kvbench.engine.generation import forward_tokens, prefill
+from kvbench.engine.layers.mixed_precision import MiKVLayer
 from kvbench.engine.measure import Stopwatch
 from kvbench.engine.quant.packing import packed_row_bytes
 from kvbench.engine.quant.segments import SegmentStore
@@ -15,7 +16,7 @@ from kvbench.harness.runner import Job, run_sample
 from kvbench.harness.sample import Sample
 from kvbench.methods import build_method
 from kvbench.methods.base import CompressionContext
-from kvbench.methods.mikv import MiKVLayer, balancer
+from kvbench.methods.mikv import balancer
 
 BUDGET = 24
 BASES = ("h2o", "snapkv", "tova", "streamingllm", "adakv")  # adakv: per-head counts, padded slots

@@ -89,6 +89,17 @@ class Method:
     # or over pseudo queries): such a method compresses once per prompt and cannot re-compress a growing cache
     # (a conversation).
     needs_fresh_prefill: ClassVar[bool] = False
+    # Whether the method evicts only by keeping a subset of each layer's slots (`KVLayer.keep`), their K/V and
+    # positions unchanged, in plain `KVLayer`s: wrappers that work on the kept set (kv_distill corrects it, mikv
+    # demotes the rest) accept such a base (`kvbench.methods.compose`). Declared by every registered method.
+    keeps_slot_subset: ClassVar[bool] = False
+    # Whether the compressed cache is held in plain `KVLayer`s (K/V tensors and per-slot extras), as every slot-subset
+    # method's is, and also the caches of methods that rewrite kept values or add slots: quantised storage can take
+    # such a cache over (`kvbench.methods.quantized`). Declared by every registered method.
+    plain_kv_layers: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        """Check or normalise the fields after construction (subclasses call the parent's). Default: nothing."""
 
     def window_queries_needed(self) -> int:
         """How many trailing prompt queries per layer `compress` needs (recorded during the one prefill)."""

@@ -12,3 +12,5 @@ class Full(Method):
     """No compression: the full KV cache, the reference every method is compared with."""
 
     compresses: ClassVar[bool] = False
+    keeps_slot_subset: ClassVar[bool] = False  # never evicts: nothing for a slot-subset wrapper to work on
+    plain_kv_layers: ClassVar[bool] = True

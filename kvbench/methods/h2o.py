@@ -115,6 +115,8 @@ class H2O(Method):
     """
 
     supports_chunked_prefill: ClassVar[bool] = True
+    keeps_slot_subset: ClassVar[bool] = True
+    plain_kv_layers: ClassVar[bool] = True
 
     recent_ratio: float = 0.5
     decode_evict: bool = True

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -102,6 +103,9 @@ class Hierarchical(Method):
     record_every=10, decode_evict=true (false: only the prompt is reduced, by its prefill-profile levels;
     later tokens are appended).
     """
+
+    keeps_slot_subset: ClassVar[bool] = True
+    plain_kv_layers: ClassVar[bool] = True
 
     topk: int = 32
     period: int = 40

@@ -4,36 +4,21 @@ attention outputs over observed queries match the full cache's."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import ClassVar
 
 import torch
 
 from kvbench.engine.cache import KVCache
 from kvbench.engine.kernels.window_attention import window_attention
-from kvbench.methods.base import METHODS, CompressionContext, Method, register_method
-from kvbench.methods.quantized import QuantizedMethod
-from kvbench.methods.wrapped import build_base, normalise_params
+from kvbench.engine.layers.distilled import write_distilled
+from kvbench.methods.base import CompressionContext, register_method
+from kvbench.methods.compose import SLOT_SUBSET, BaseKind, Composed
 
 HOLDOUTS = ("alternate", "last", "none")
 MIN_WINDOW = 32  # window=null: the base's observation window, at least this many queries
-# Methods whose cache is not "the base's kept subset of the original slots, as plain K/V": nothing to correct
-# (full), storage that is not plain values (quantisers, mikv's demoted stores, kv_direct's checkpoints) or slots
-# that already carry a logit bias (razor's compensation token).
-NOT_SELECTORS = ("full", "kv_direct", "kv_distill", "mikv", "razor")
-
-
-def valid_bases() -> list[str]:
-    """Registered methods kv_distill can wrap: they evict by keeping slots of a plain cache."""
-    return [
-        name
-        for name in METHODS.names()
-        if name not in NOT_SELECTORS
-        and not issubclass(METHODS.get(name), QuantizedMethod)
-        and METHODS.get(name).compresses
-        and METHODS.get(name).takes_budget is True
-    ]
 
 
 def ridge_values(weights: torch.Tensor, target: torch.Tensor, values: torch.Tensor, lam: float) -> torch.Tensor:
@@ -187,7 +172,7 @@ def distill_layer(
 
 @register_method("kv_distill")
 @dataclass
-class KVDistill(Method):
+class KVDistill(Composed):
     """KV distillation: least-squares correction of the kept values after any slot-keeping eviction method
     (`method=kv_distill method.base=snapkv`; h2o, pyramidkv, streamingllm, tova, adakv, kvzip, ... too). The seed
     study's own research direction, in the spirit of GPTQ/OBS (closed-form compensation of what was removed);
@@ -237,25 +222,17 @@ class KVDistill(Method):
     queries while fitting the base's 32 lowered it; lam 1 generalised better than 0.1 there.
     """
 
-    base: str = "snapkv"
-    base_params: dict[str, Any] = field(default_factory=dict)
+    # Only a base whose cache is its kept subset of the original slots, as plain K/V, leaves values to correct.
+    base_kind: ClassVar[BaseKind] = SLOT_SUBSET
+    keeps_slot_subset: ClassVar[bool] = False  # the kept values are rewritten
+    plain_kv_layers: ClassVar[bool] = True  # plain values (+ a logit bias in `extras`): quantisers can store them
+
+    base: str = field(default="snapkv", kw_only=True)
     lam: float = 1.0
     window: int | None = None
     holdout: str = "alternate"
     bias: bool = False
     bias_steps: int = 5
-
-    def __post_init__(self) -> None:
-        self.base_params = normalise_params(self.base_params)
-        valid = valid_bases()
-        if self.base in NOT_SELECTORS or (self.base in METHODS and self.base not in valid):
-            raise ValueError(
-                f"kv_distill cannot wrap '{self.base}' (it does not keep a subset of the cache's slots as plain K/V). "
-                f"Valid bases: {', '.join(valid)}."
-            )
-        if self.base not in METHODS:
-            raise ValueError(f"unknown kv_distill base '{self.base}'. Valid bases: {', '.join(valid)}.")
-        self.inner = build_base(self.name, self.base, self.base_params, kind=Method)
 
     def validate(self) -> None:
         if not self.lam >= 0:
@@ -267,18 +244,13 @@ class KVDistill(Method):
         if self.bias_steps < 0:
             raise ValueError(f"kv_distill bias_steps must be >= 0, got {self.bias_steps}")
 
-    def params(self) -> dict[str, Any]:
-        return {**super().params(), "base_params": dict(self.base_params)}
-
-    def label(self) -> str:
+    def label_extras(self) -> list[str]:
         defaults = type(self)()
-        extras = [
+        return [
             f"{key}={getattr(self, key)}"
             for key in ("lam", "window", "holdout", "bias", "bias_steps")
             if getattr(self, key) != getattr(defaults, key)
         ]
-        extras += [f"{key}={value}" for key, value in sorted(self.base_params.items())]
-        return f"{self.name}[{self.base}]" + (f"({','.join(extras)})" if extras else "")
 
     def fit_window(self) -> int:
         """Window queries used for the fit and the held-out check."""
@@ -288,28 +260,23 @@ class KVDistill(Method):
     def window_queries_needed(self) -> int:
         return max(self.fit_window(), self.inner.window_queries_needed())
 
-    def prefill_observer(self) -> Any:
-        return self.inner.prefill_observer()
-
-    def inner_ctx(self, ctx: CompressionContext) -> CompressionContext:
+    def base_context(self, ctx: CompressionContext) -> CompressionContext:
         """The context the base sees: the window queries it asked for (the prefill records more for the fit), the
         same `record` dict."""
+        ctx = super().base_context(ctx)
         need = self.inner.window_queries_needed()
         recorded = ctx.window_queries[0].shape[1] if ctx.window_queries else 0
         if need >= recorded:
             return ctx
-        fields = {**vars(ctx), "window_queries": [q[:, recorded - need :] for q in ctx.window_queries]}
+        fields = {"window_queries": [q[:, recorded - need :] for q in ctx.window_queries]}
         if ctx.window_positions is not None:
             fields["window_positions"] = ctx.window_positions[recorded - need :]
-        return CompressionContext(**fields)
-
-    def setup(self, cache: KVCache, ctx: CompressionContext) -> None:
-        self.inner.setup(cache, self.inner_ctx(ctx))
+        return dataclasses.replace(ctx, **fields)
 
     def compress(self, cache: KVCache, ctx: CompressionContext) -> None:
         # The full cache's tensors: the base's `keep` compacts into fresh buffers, these stay as they were.
         full = [(layer.keys[0], layer.values[0], layer.positions) for layer in cache.layers]
-        self.inner.compress(cache, self.inner_ctx(ctx))
+        super().compress(cache, ctx)
         self.correct(cache, ctx, full)
 
     def correct(self, cache: KVCache, ctx: CompressionContext, full: list[tuple]) -> None:
@@ -335,11 +302,7 @@ class KVDistill(Method):
             )
             for key, value in fit.errors.items():
                 totals[key] = totals.get(key, 0.0) + value
-            layer.values = fit.values.to(layer.values.dtype)[None]
-            layer.reserve(layer.pending)  # the adopted tensor holds no room for the announced appends
-            if fit.bias is not None:
-                layer.extras["logit_bias"] = fit.bias.float()
-                bias_bytes += fit.bias.numel() * 4
+            bias_bytes += write_distilled(layer, fit.values, fit.bias)
         ctx.record["kv_distill_solve_s"] = time.perf_counter() - start
         if not totals:
             return
@@ -355,8 +318,7 @@ class KVDistill(Method):
         if self.bias:
             ctx.record["kv_distill_bias_bytes"] = bias_bytes
 
-    def after_compress(self, cache: KVCache, ctx: CompressionContext) -> None:
-        self.inner.after_compress(cache, self.inner_ctx(ctx))
 
-    def before_forward(self, cache: KVCache, ctx: CompressionContext, num_new: int) -> None:
-        self.inner.before_forward(cache, self.inner_ctx(ctx), num_new)
+def valid_bases() -> list[str]:
+    """Registered methods kv_distill can wrap: they evict by keeping slots of a plain cache."""
+    return SLOT_SUBSET.valid(KVDistill.name)

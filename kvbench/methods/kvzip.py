@@ -105,6 +105,8 @@ class KVzip(Method):
     """
 
     needs_fresh_prefill: ClassVar[bool] = True
+    keeps_slot_subset: ClassVar[bool] = True
+    plain_kv_layers: ClassVar[bool] = True
 
     chunk_size: int = 2048
     prev_tokens: int = 8

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from kvbench.engine.cache import KVCache
 from kvbench.engine.quant.octopus import OctopusCodec, codebooks
@@ -38,9 +37,6 @@ class Octopus(QuantizedMethod):
 
     def codec(self) -> OctopusCodec:
         return OctopusCodec(self.bits, self.seed)
-
-    def check_model(self, config: Any) -> None:
-        self.codec().check_head_dim(head_dim_of(config))
 
     def label(self) -> str:
         return LABEL + super().label().removeprefix(self.name)

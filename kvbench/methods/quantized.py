@@ -1,4 +1,5 @@
-"""`QuantizedMethod`: the base of quantised-storage methods (kivi, rtn), optionally over an eviction method.
+"""`QuantizedMethod`: the base of quantised-storage methods (kivi, rtn, gear, rotatekv, octopus), optionally over
+an eviction method.
 
 Composition (one way): an eviction method chooses the slots, the quantiser decides how the kept slots are
 stored. `method=kivi method.base=snapkv budget=128` runs SnapKV's selection at its budget (`method.base_params`
@@ -9,20 +10,29 @@ own fields (`-m method.k_bits=2,4`). A base that evicts during decoding (h2o, to
 `decode_budget`) evicts from the quantised layers: kept slots are dequantised, gathered and re-encoded
 (`kvbench.engine.quant.layer`).
 
-Life cycle: the base's `setup`/`compress`/`before_forward` run as they would alone (on the fp prefill cache, so
-its scores are those of the unquantised keys), then `after_compress` converts every layer to a `QuantKVLayer`.
+Life cycle (`kvbench.methods.compose`): the base's `setup`/`compress`/`after_compress`/`before_forward` run as they
+would alone (on the fp prefill cache, so its scores are those of the unquantised keys), then `store` converts every
+layer to quantised storage (`QuantKVLayer`). Accepted bases: every eviction method whose cache stays plain K/V
+layers (`Method.plain_kv_layers`: the slot-subset methods, kv_distill, razor).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from kvbench.engine.cache import KVCache
 from kvbench.engine.quant.codecs import UniformCodec
 from kvbench.engine.quant.layer import quantize_cache
-from kvbench.methods.base import CompressionContext, Method, build_method
+from kvbench.methods.base import CompressionContext, Method
+from kvbench.methods.compose import BaseKind, Composed
+
+# A base whose compressed cache is plain K/V layers, which the quantiser can take over.
+EVICTOR = BaseKind(
+    lambda cls: cls.compresses and cls.plain_kv_layers,
+    "method.base must be an eviction method that leaves plain K/V layers",
+)
 
 
 def head_dim_of(config: Any) -> int:
@@ -31,55 +41,37 @@ def head_dim_of(config: Any) -> int:
 
 
 @dataclass
-class QuantizedMethod(Method, ABC):
-    compresses: ClassVar[bool] = True  # the stored cache differs from the full one: a full-cache row is added
+class QuantizedMethod(Composed, ABC):
+    """A quantiser of the kept slots, optionally over an eviction method (`base`, see the module docstring); the
+    base's life cycle is forwarded by `Composed`, `after_compress` then stores every layer quantised."""
 
-    base: str | None = field(default=None, kw_only=True)
-    base_params: dict[str, Any] = field(default_factory=dict, kw_only=True)
+    compresses: ClassVar[bool] = True  # the stored cache differs from the full one: a full-cache row is added
+    keeps_slot_subset: ClassVar[bool] = False  # the kept slots are stored quantised, not as plain K/V
+    plain_kv_layers: ClassVar[bool] = False
+    base_kind: ClassVar[BaseKind] = EVICTOR
+    base_optional: ClassVar[bool] = True  # alone, a quantiser keeps every token (rows record `budget: null`)
 
     @abstractmethod
     def codec(self) -> UniformCodec: ...
 
     def __post_init__(self) -> None:
         self.codec().check()
-        self.base_params = {str(key): value for key, value in dict(self.base_params or {}).items()}
-        self.evictor: Method | None = None
-        if self.base is not None:
-            self.evictor = build_method({"name": self.base, **self.base_params})
-            if isinstance(self.evictor, QuantizedMethod) or not self.evictor.compresses:
-                raise ValueError(
-                    f"method.base must be an eviction method (e.g. snapkv, pyramidkv, h2o), got '{self.base}'"
-                )
-        elif self.base_params:
-            raise ValueError("method.base_params needs method.base (an eviction method, e.g. snapkv)")
+        super().__post_init__()
 
-    @property
-    def takes_budget(self) -> bool:
-        """Budgets apply to the base eviction method; a quantiser alone keeps every token."""
-        return self.evictor is not None
+    def label(self) -> str:
+        # Quantisers keep the generic label (`kivi(base=snapkv,...)`): their rows have always been labelled so.
+        return Method.label(self)
 
     def check_model(self, config: Any) -> None:
         self.codec().check_head_dim(head_dim_of(config))
-
-    def window_queries_needed(self) -> int:
-        return self.evictor.window_queries_needed() if self.evictor else 0
-
-    def prefill_observer(self) -> Any:
-        return self.evictor.prefill_observer() if self.evictor else None
-
-    def setup(self, cache: KVCache, ctx: CompressionContext) -> None:
-        if self.evictor:
-            self.evictor.setup(cache, ctx)
-
-    def compress(self, cache: KVCache, ctx: CompressionContext) -> None:
-        if self.evictor:
-            self.evictor.compress(cache, ctx)
+        super().check_model(config)
 
     def after_compress(self, cache: KVCache, ctx: CompressionContext) -> None:
+        super().after_compress(cache, ctx)
+        self.store(cache, ctx)
+
+    def store(self, cache: KVCache, ctx: CompressionContext) -> None:
+        """Store every layer's kept slots with this method's codec (after the base compressed)."""
         codec = self.codec()
         quantize_cache(cache, codec, packed_decode=ctx.kernels == "triton")
         ctx.record["quant"] = codec.describe()
-
-    def before_forward(self, cache: KVCache, ctx: CompressionContext, num_new: int) -> None:
-        if self.evictor:
-            self.evictor.before_forward(cache, ctx, num_new)

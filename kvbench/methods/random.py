@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -19,6 +20,9 @@ class RandomKeep(Method):
 
     Hyperparameters: window=32 (recent slots always kept).
     """
+
+    keeps_slot_subset: ClassVar[bool] = True
+    plain_kv_layers: ClassVar[bool] = True
 
     window: int = 32
 

@@ -6,7 +6,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -103,6 +103,9 @@ class RazorAttention(Method):
     the remote slots without a compensation token, the paper's ablation), profile_tokens=256,
     profile_samples=4, profile_seed=0.
     """
+
+    keeps_slot_subset: ClassVar[bool] = False  # adds a compensation slot and a logit bias to plain layers
+    plain_kv_layers: ClassVar[bool] = True
 
     induction_fraction: float = 0.14
     echo_fraction: float = 0.01

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -33,17 +32,15 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 class MassiveActivations:
     """Prefill observer: per layer, the positions of the tokens holding the `count` largest |entries| of the
     layer's input hidden states (RotateKV's attention sinks, <= count distinct tokens). Forward pre-hooks on the
-    decoder layers, each removed after the first forward it sees (the one-shot prefill). Wraps the base eviction
-    method's own observer (`inner`), which sees every attention call as it would alone."""
+    decoder layers, each removed after the first forward it sees (the one-shot prefill). It sits beside the base
+    eviction method's own observer (`kvbench.methods.compose.ComposedObserver`)."""
 
-    def __init__(self, count: int, inner: Any = None) -> None:
-        self.count, self.inner = count, inner
+    def __init__(self, count: int) -> None:
+        self.count = count
         self.sinks: dict[int, torch.Tensor] = {}
         self.handles: list[Any] = []
 
     def bind_model(self, lm: Any) -> None:
-        if self.inner is not None and hasattr(self.inner, "bind_model"):
-            self.inner.bind_model(lm)
         for index, layer in enumerate(decoder_layers(lm.model)):
             self.handles.append(layer.register_forward_pre_hook(self._hook(index), with_kwargs=True))
 
@@ -57,10 +54,6 @@ class MassiveActivations:
             self.handles[index].remove()
 
         return hook
-
-    def on_attention(self, *args: Any) -> None:
-        if self.inner is not None:
-            self.inner.on_attention(*args)
 
 
 @register_method("rotatekv")
@@ -108,33 +101,19 @@ class RotateKV(QuantizedMethod):
         return RotatedCodec(self.k_bits, self.v_bits, self.group_size, self.k_clip, self.v_clip)
 
     def check_model(self, config: Any) -> None:
-        head_dim = head_dim_of(config)
-        check_transform(config.num_key_value_heads, head_dim, self.head_group)
-        self.codec().check_head_dim(head_dim)
+        check_transform(config.num_key_value_heads, head_dim_of(config), self.head_group)
+        super().check_model(config)
 
-    def prefill_observer(self) -> Any:
-        return MassiveActivations(self.n_sinks, super().prefill_observer())
+    def own_prefill_observer(self) -> MassiveActivations:
+        return MassiveActivations(self.n_sinks)
 
-    def base_context(self, ctx: CompressionContext) -> CompressionContext:
-        """The context the base eviction method sees: its own prefill observer."""
-        stats = ctx.prefill_stats
-        return dataclasses.replace(ctx, prefill_stats=stats.inner if isinstance(stats, MassiveActivations) else stats)
-
-    def setup(self, cache: KVCache, ctx: CompressionContext) -> None:
-        super().setup(cache, self.base_context(ctx))
-
-    def compress(self, cache: KVCache, ctx: CompressionContext) -> None:
-        super().compress(cache, self.base_context(ctx))
-
-    def before_forward(self, cache: KVCache, ctx: CompressionContext, num_new: int) -> None:
-        super().before_forward(cache, self.base_context(ctx), num_new)
-
-    def after_compress(self, cache: KVCache, ctx: CompressionContext) -> None:
+    def store(self, cache: KVCache, ctx: CompressionContext) -> None:
         config = ctx.lm.config
         heads, head_dim = config.num_key_value_heads, head_dim_of(config)
         rotary = rotary_embedding(ctx.model)
         orders = self.channel_orders(ctx.lm, ctx.cache_dir) if self.reorder else None
-        sinks = ctx.prefill_stats.sinks if isinstance(ctx.prefill_stats, MassiveActivations) else {}
+        found_sinks = self.own_stats(ctx)
+        sinks = found_sinks.sinks if isinstance(found_sinks, MassiveActivations) else {}
         template = self.codec()
         values = ChannelTransform(heads, head_dim, 1)
         for index, layer in enumerate(cache.layers):

@@ -4,6 +4,7 @@ verdict type (`LayerScores`). Decode-time budgets for every scorer live in `kvbe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -31,6 +32,9 @@ class ScoringMethod(Method):
     down to `decode_budget - decode_interval` when full (see `kvbench.methods.decode_budget`). Subclasses that
     override `setup` or `before_forward` call the parent's.
     """
+
+    keeps_slot_subset: ClassVar[bool] = True  # keeps the top-scored slots (`keep`), unchanged
+    plain_kv_layers: ClassVar[bool] = True
 
     # Keyword-only so that subclasses' own fields keep their positional order.
     decode_budget: int | None = field(default=None, kw_only=True)

@@ -32,6 +32,9 @@ class StreamingLLM(Method):
     """
 
     supports_chunked_prefill: ClassVar[bool] = True
+    # rerotate=true renumbers the kept keys to contiguous positions: a wrapper sees them as StreamingLLM leaves them.
+    keeps_slot_subset: ClassVar[bool] = True
+    plain_kv_layers: ClassVar[bool] = True
 
     n_sink: int = 4
     rerotate: bool = False

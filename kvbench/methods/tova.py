@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -51,6 +52,9 @@ class TOVA(Method):
     Hyperparameters: decode_evict=true (false: prefill only, the question tail and generated tokens are
     appended, as in harnesses that compress the context once).
     """
+
+    keeps_slot_subset: ClassVar[bool] = True
+    plain_kv_layers: ClassVar[bool] = True
 
     decode_evict: bool = True
 

@@ -35,6 +35,8 @@ class TransformersQuantized(Method):
 
     compresses: ClassVar[bool] = True  # the stored cache differs from the full one: a full-cache row is added
     takes_budget: ClassVar[bool] = False
+    keeps_slot_subset: ClassVar[bool] = False  # transformers' quantised layers hold the K/V
+    plain_kv_layers: ClassVar[bool] = False
 
     backend: str = "quanto"
     nbits: int = 4

@@ -4,6 +4,7 @@ paper's code (none was released; the spec's rule is implemented, see `TreeKV`)."
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -65,6 +66,9 @@ class TreeKV(Method):
 
     Hyperparameters: n_sink=4, window=null (B // 4), tie_break=newer (newer | older).
     """
+
+    keeps_slot_subset: ClassVar[bool] = True
+    plain_kv_layers: ClassVar[bool] = True
 
     n_sink: int = 4
     window: int | None = None
