@@ -17,9 +17,10 @@ import torch
 
 import kvbench.api as kv
 from kvbench.engine.generation import prefill
+from kvbench.engine.layers.checkpoint import Recomputer
 from kvbench.engine.measure import Stopwatch
 from kvbench.harness.sample import Sample
-from kvbench.methods.kv_direct import PrefillResiduals, Recomputer
+from kvbench.methods.kv_direct import PrefillResiduals
 from kvbench.tasks.haystack import haystack_text
 
 BASELINES = ["window", "streamingllm", "h2o", "snapkv", "tova"]
