@@ -1,4 +1,4 @@
-"""The README's kv_distill table from result runs: per task, method label and budget, accuracy, fidelity to the full
+"""The table of docs/results/kv-distill.md from runs: per task, method label and budget, accuracy, fidelity to the full
 cache (token_match, kl_full), the attention-output errors before/after the correction (kv_distill's method_record)
 and the solve time. Means over samples, the solve time a median.
 

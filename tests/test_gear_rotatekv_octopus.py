@@ -184,7 +184,7 @@ def test_bad_input_is_one_line(tiny_lm):
     build_method({"name": "rotatekv", "head_group": 2, "group_size": 16}).check_model(tiny_lm.config)
 
 
-@pytest.mark.xfail(strict=True, reason="OCTOPUS-reconstructed does not reach the paper's claim (README)")
+@pytest.mark.xfail(strict=True, reason="OCTOPUS-reconstructed does not reach the paper's claim (docs/quantisation.md)")
 def test_octopus_reconstruction_beats_per_coordinate_lloyd_max_like_the_paper_claims():
     """The paper's falsifiable claim: at equal bits, lower MSE on rotated vectors than TurboQuant-MSE (one
     Lloyd-Max codebook per coordinate). kvbench's reconstruction fails it (d=64: 0.166 vs 0.114 at 2 bits, 0.040 vs

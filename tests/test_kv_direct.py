@@ -156,7 +156,7 @@ def test_bytes_are_window_kv_plus_checkpoints(tiny_lm):
         assert row["kv_bytes"] == window_kv + checkpoint
         assert record["kv_direct_full_kv_bytes"] == layers * heads * seen * 2 * dim * 4
     per_layer = rows[f"per_layer@{budget}"]["method_record"]
-    # tiny model: D = 64 vs 2 * Hkv * d = 64 per layer: equal; SmolLM2 (576 vs 384) is 1.5x, see README.
+    # tiny model: D = 64 vs 2 * Hkv * d = 64 per layer: equal; SmolLM2 (576 vs 384) is 1.5x, see docs/methods.md.
     assert per_layer["kv_direct_checkpoint_bytes"] == per_layer["kv_direct_full_kv_bytes"] * hidden / (2 * heads * dim)
 
 

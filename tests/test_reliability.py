@@ -5,8 +5,10 @@ One test (or parametrised group) per numbered case of the issue; each reproduces
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -27,7 +29,7 @@ from kvbench.harness.options import RunOptions
 from kvbench.harness.results import MalformedRowError, ResultsError, ResultsStore
 from kvbench.harness.runner import Job, run_sample
 from kvbench.harness.sample import Sample
-from kvbench.methods import build_method
+from kvbench.methods import METHODS, build_method
 from kvbench.registry import FieldValueError
 from kvbench.report import format_table, summarize
 
@@ -406,11 +408,41 @@ def test_case15_prefill_only_switch_appends_later_tokens(tiny_lm, name):
     assert row["kv_bytes_peak"] == row["kv_bytes"]  # the cache only grows after compression
 
 
-def test_case15_readme_does_not_call_compress_context_the_kvpress_setting_without_the_caveat():
-    readme = (ROOT / "README.md").read_text()
-    for line in readme.splitlines():
-        if "kvpress setting" in line:
-            assert "decode_evict=false" in line, line
+def text_units(markdown: str) -> list[str]:
+    """Table rows one by one, every other paragraph with its wrapped lines joined."""
+    units: list[str] = []
+    paragraph: list[str] = []
+    for line in [*markdown.splitlines(), ""]:
+        if line.strip() and not line.startswith("|"):
+            paragraph.append(line.strip())
+            continue
+        if paragraph:
+            units.append(" ".join(paragraph))
+            paragraph = []
+        if line.startswith("|"):
+            units.append(line)
+    return units
+
+
+def test_case15_docs_call_compress_context_the_kvpress_setting_only_with_the_decode_evicting_methods_named():
+    # The methods that keep evicting after the prefill compression, from the code: a `decode_evict` field on by
+    # default. The README's `compress` row (and any docs page repeating it) must name exactly these.
+    evicting = sorted(
+        name
+        for name in METHODS.names()
+        if any(f.name == "decode_evict" and f.default is True for f in dataclasses.fields(METHODS.get(name)))
+    )
+    assert evicting == ["h2o", "hierarchical", "streamingllm", "tova"]
+    readme = ROOT / "README.md"
+    pages = [readme, *sorted((ROOT / "docs").rglob("*.md"))]
+    lines = [(p, unit) for p in pages for unit in text_units(p.read_text()) if "kvpress setting" in unit]
+    assert any(p == readme and line.startswith("| `compress` |") for p, line in lines), "README compress row"
+    for page, line in lines:
+        claim = re.search(r"`?context`?[^|]*the kvpress setting only for methods that compress once: (.+?) keep", line)
+        assert claim, f"{page.name}: {line}"
+        named = sorted(re.split(r",\s*|\s+and\s+", claim.group(1).strip()))
+        assert named == evicting, f"{page.name}: {line}"
+        assert "decode_evict=false" in line, f"{page.name}: {line}"
 
 
 def test_case16_float_budget_rounding_rule_and_integer_entries_in_the_summary():

@@ -1,4 +1,4 @@
-"""The README's cluster sweep through hydra-submitit-launcher's local executor (the SLURM path without a
+"""The cluster sweep of docs/cluster.md through hydra-submitit-launcher's local executor (the SLURM path without a
 cluster): several jobs in parallel processes, one results directory, no duplicate rows, then the report."""
 
 from __future__ import annotations
