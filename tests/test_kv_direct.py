@@ -124,8 +124,11 @@ def test_greedy_tokens_identical_to_full_on_the_tiny_model(tiny_lm, compress):
 
 @pytest.mark.slow
 def test_greedy_tokens_identical_to_full_on_smollm2(smollm2_lm):
-    full, rows = run_methods(smollm2_lm, VARIANTS, [16, 64], "prompt", 64)
-    assert full["output_tokens"] == 64
+    """Real weights: what only they show is that recomputation stays bit-identical where logits are close (the
+    tiny model's budget sweep covers the budgets; one tight budget and 32 tokens keep the ids replay affordable,
+    since it re-prefills the evicted prefix before every forward)."""
+    full, rows = run_methods(smollm2_lm, VARIANTS, [16], "prompt", 32)
+    assert full["output_tokens"] == 32
     for key, row in rows.items():
         assert row["output_ids"] == full["output_ids"], key
 
