@@ -1,8 +1,26 @@
-"""Small hand-made inputs shared by several test modules."""
+"""Small hand-made inputs and helpers shared by several test modules."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from kvbench.config import CONF_DIR
+from kvbench.engine.cache import PAD_POSITION, KVCache
+from kvbench.engine.generation import prefill
+from kvbench.engine.measure import Stopwatch
 from kvbench.harness.sample import Sample
+from kvbench.methods.base import CompressionContext
+
+ROOT = Path(__file__).resolve().parents[1]
+# Command-line overrides of a small run on the tiny model: one NIAH sample, 4 new tokens, one budget.
+TINY = ["model=tiny_random", "model.device=cpu", "progress=false", "threads=1"]
+SMALL_NIAH = ["task.lengths=[256]", "task.depths=[50]", "task.max_new_tokens=4", "budget=[16]"]
 
 
 def needle_sample(max_new_tokens: int = 10) -> Sample:
@@ -18,3 +36,48 @@ def needle_sample(max_new_tokens: int = 10) -> Sample:
         metric="string_match_all",
         max_new_tokens=max_new_tokens,
     )
+
+
+def composed(results_dir: Path, *overrides: str, task: list[str] = SMALL_NIAH):
+    """The Hydra config of a small tiny-model run writing under `results_dir`, with `overrides`."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[*TINY, *task, f"results_dir={results_dir}", *overrides])
+
+
+def cli(cwd: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m kvbench *args` in a subprocess (this checkout's kvbench), its output captured."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "kvbench", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def prefilled(lm, budget: int, window: int, cache_dir=None) -> tuple[KVCache, CompressionContext]:
+    """A short numbered-items prompt prefilled on `lm` (the last `window` queries recorded), and its context."""
+    text = " ".join(f"Item {i} is {i * 7 % 13}." for i in range(40))
+    ids = lm.tokenizer(text)["input_ids"]
+    pre = prefill(lm, ids, window, Stopwatch(lm.device))
+    ctx = CompressionContext.for_prompt(lm, budget, len(ids), pre, input_ids=ids, cache_dir=cache_dir)
+    return pre.cache, ctx
+
+
+def assert_kept_slots_are_untouched(original: KVCache, compressed: KVCache, skip_biased: bool = False) -> None:
+    """Every kept (non-padding) slot holds exactly the original K/V of its position."""
+    for full, layer in zip(original.layers, compressed.layers, strict=True):
+        for head in range(layer.num_heads):
+            real = layer.positions[head] != PAD_POSITION
+            if skip_biased and "logit_bias" in layer.extras:
+                real &= layer.extras["logit_bias"][head] == 0
+            positions = layer.positions[head, real]
+            assert torch.equal(layer.keys[0, head, real], full.keys[0, head, positions])
+            assert torch.equal(layer.values[0, head, real], full.values[0, head, positions])
+
+
+def one_hot(index: int, dim: int) -> torch.Tensor:
+    """e_index * 10: as a query against one-hot keys it puts (almost) all attention on one slot."""
+    return torch.nn.functional.one_hot(torch.tensor(index), dim).float() * 10

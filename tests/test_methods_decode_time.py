@@ -1,7 +1,10 @@
-"""H2O, TOVA, Knorm, Expected Attention and decode-time budgets for any scorer.
+"""Decode-time eviction: H2O, TOVA, the hierarchical popularity policy and decode-time budgets for any scorer (Knorm,
+Expected Attention, SnapKV, ...), with Knorm's and Expected Attention's prompt scores.
 
-Hand-made cases with known answers, equality with the full cache when the budget is never reached, exact
-kept counts and physical shrinkage, and the budget held at every step of a 200-token generation."""
+Hand-made cases with known answers, the decode-time variants equal to the full cache when their budget is never
+reached, what the cache holds at the end of a row (at the budget, or the budget plus the appended tokens), exact
+per-head counts, and the budget held at every step of a 200-token generation. The budget rule and the identity with
+the full cache for every method's defaults are in test_method_contract.py."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from kvbench.engine.generation import forward_tokens, prefill
 from kvbench.engine.measure import Stopwatch
 from kvbench.engine.rope import rotary_embedding, unrotate
 from kvbench.harness.options import RunOptions
+from kvbench.harness.prompt import build_prompt
 from kvbench.harness.runner import Job, run_sample
 from kvbench.harness.sample import Sample
 from kvbench.methods import build_method
@@ -23,9 +27,9 @@ from kvbench.methods.base import CompressionContext
 from kvbench.methods.decode_budget import RecentQueries
 from kvbench.methods.expected_attention import QueryStatistics
 from kvbench.methods.h2o import H2O_SCORE, DecodeAccumulator, accumulated_attention
+from kvbench.methods.hierarchical import COUNT, LEVEL, PopularityTracker, level_sizes, target_levels, topk_hits
 from kvbench.methods.tova import LastQueryEvictor
-
-NEW_METHODS = ["h2o", "tova", "knorm", "expected_attention"]
+from tests.helpers import needle_sample, one_hot
 
 
 def random_ids(n: int, seed: int = 0, vocab: int = 49152) -> list[int]:
@@ -68,9 +72,9 @@ def context_for(lm, method, ids: list[int], budget: int):
 # ---------------------------------------------------------------- end to end on the tiny model
 
 
-def test_budget_never_reached_gives_full_output(tiny_lm):
+def test_decode_time_variants_whose_budget_is_never_reached_give_full_output(tiny_lm):
     sample = Sample("s", "alpha beta gamma delta " * 12, "Which word?", "Answer:", ["x"], "string_match_all", 24)
-    methods = [build_method({"name": name}) for name in NEW_METHODS] + [
+    methods = [
         build_method({"name": "h2o", "decode_evict": False}),
         build_method({"name": "snapkv", "decode_budget": 400}),
         build_method({"name": "knorm", "decode_budget": 400, "decode_interval": 1}),
@@ -92,12 +96,12 @@ def test_budget_never_reached_gives_full_output(tiny_lm):
 
 
 @pytest.mark.parametrize("compress", ["prompt", "context"])
-def test_kept_counts_follow_the_budget_and_bytes_shrink(tiny_lm, compress):
-    """Every (layer, KV head) keeps exactly the budget after compression (and, for the decode-time methods,
-    after generation too); kv_bytes are the tensors' bytes and smaller than the full cache's."""
+def test_decode_time_methods_end_at_the_budget_and_prefill_only_ones_append(tiny_lm, compress):
+    """Every (layer, KV head) keeps exactly the budget after compression and, for the decode-time methods,
+    after generation too; prefill-only scorers append the question tail and the generated tokens."""
     sample = Sample("s", "one two three four five six " * 30, "Which number?", "A:", ["x"], "string_match_all", 12)
     budget = 40
-    jobs = [Job(build_method({"name": name}), budget, name) for name in NEW_METHODS]
+    jobs = [Job(build_method({"name": name}), budget, name) for name in ("h2o", "tova", "knorm", "expected_attention")]
     jobs.append(Job(build_method({"name": "h2o", "decode_evict": False}), budget, "h2o_prefill_only"))
     layers, heads = tiny_lm.config.num_hidden_layers, tiny_lm.config.num_key_value_heads
     slot_bytes = 2 * tiny_lm.config.head_dim * 4  # K + V, fp32
@@ -116,22 +120,22 @@ def test_kept_counts_follow_the_budget_and_bytes_shrink(tiny_lm, compress):
             assert row["kv_bytes"] == row["kv_bytes_compressed"] + layers * heads * appended * slot_bytes, job.key
 
 
-def test_compressed_caches_are_per_head_exact(tiny_lm):
+@pytest.mark.parametrize("name", ["h2o", "tova", "knorm", "expected_attention"])
+def test_compressed_caches_are_per_head_exact(tiny_lm, name):
     ids = random_ids(90, seed=3)
-    for name in NEW_METHODS:
-        method = build_method({"name": name})
-        pre, cache, _ = context_for(tiny_lm, method, ids, budget=24)
-        assert cache.kept_per_layer() == [[24] * tiny_lm.config.num_key_value_heads] * tiny_lm.config.num_hidden_layers
-        tensor_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-        assert cache.kv_bytes() == tensor_bytes < pre.cache.kv_bytes()
-        for layer in cache.layers:  # original positions, original order
-            assert bool((layer.positions[:, 1:] > layer.positions[:, :-1]).all())
-            if name == "tova":  # one index set per layer
-                assert bool((layer.positions == layer.positions[:1]).all())
-            if name == "expected_attention":  # sinks kept
-                assert bool((layer.positions[:, :4] == torch.arange(4)).all())
-            if name == "h2o":  # the recent half is the last 12 prompt positions
-                assert bool((layer.positions[:, -12:] == torch.arange(78, 90)).all())
+    method = build_method({"name": name})
+    pre, cache, _ = context_for(tiny_lm, method, ids, budget=24)
+    assert cache.kept_per_layer() == [[24] * tiny_lm.config.num_key_value_heads] * tiny_lm.config.num_hidden_layers
+    tensor_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert cache.kv_bytes() == tensor_bytes < pre.cache.kv_bytes()
+    for layer in cache.layers:  # original positions, original order
+        assert bool((layer.positions[:, 1:] > layer.positions[:, :-1]).all())
+        if name == "tova":  # one index set per layer
+            assert bool((layer.positions == layer.positions[:1]).all())
+        if name == "expected_attention":  # sinks kept
+            assert bool((layer.positions[:, :4] == torch.arange(4)).all())
+        if name == "h2o":  # the recent half is the last 12 prompt positions
+            assert bool((layer.positions[:, -12:] == torch.arange(78, 90)).all())
 
 
 @pytest.mark.parametrize(
@@ -182,6 +186,138 @@ def test_decode_budget_validation():
     with pytest.raises(ValueError, match="decode_budget"):
         build_method({"name": "snapkv", "decode_budget": 0})
     assert build_method({"name": "pyramidkv", "decode_budget": 64}).label() == "pyramidkv(decode_budget=64)"
+
+
+# ---------------------------------------------------------------- hierarchical popularity policy
+
+
+def test_hierarchical_thresholds_and_topk_hits():
+    assert target_levels(torch.tensor([0, 1, 4, 5, 9, 10, 40])).tolist() == [0, 1, 1, 2, 2, 3, 3]
+    probs = torch.tensor([[[0.1, 0.6, 0.3, 0.0], [0.5, 0.2, 0.3, 0.0]]])
+    assert topk_hits(probs, 2).tolist() == [[1.0, 1.0, 2.0, 0.0]]
+    assert topk_hits(torch.tensor([[[1.0, 0.0, 0.0]]]), 2).tolist() == [[1.0, 0.0, 0.0]]  # zeros never count
+
+
+def test_hierarchical_promotion_demotion_and_eviction_over_two_windows():
+    """A 1-layer, 1-head cache driven by hand-made attention: query e_i * 10 against keys e_p * 10 puts all
+    of a row's attention on the slot at position i (top-1 = that slot)."""
+    dim, prompt = 32, 6
+    method = build_method({"name": "hierarchical", "topk": 1, "period": 10, "window": 16, "n_sink": 1})
+    cache = KVCache(1)
+    keys = torch.stack([one_hot(p, dim) for p in range(prompt)])[None, None]
+    cache.next_positions(prompt, "cpu")
+    cache.update(keys, torch.zeros_like(keys), 0)
+    # prefill profile: 10 rows hit position 2 -> level 3, 5 hit position 3 -> 2, 1 hits position 4 -> 1
+    window = torch.stack([one_hot(2, dim)] * 10 + [one_hot(3, dim)] * 5 + [one_hot(4, dim)])[None]
+    ctx = CompressionContext(
+        budget=16,
+        prompt_len=prompt,
+        num_heads=1,
+        num_kv_heads=1,
+        window_queries=[window],
+        window_positions=torch.full((16,), prompt - 1),
+        scaling=1.0,
+    )
+    method.setup(cache, ctx)
+    layer = cache.layers[0]
+    tracker = next(obs for obs in cache.observers if isinstance(obs, PopularityTracker))
+    assert layer.extras[LEVEL].tolist() == [[0, 0, 3, 2, 1, 0]]
+
+    def levels() -> dict[int, int]:
+        return dict(zip(layer.positions[0].tolist(), layer.extras[LEVEL][0].long().tolist(), strict=True))
+
+    def step(target: int) -> None:
+        method.before_forward(cache, ctx, 1)
+        assert layer.get_seq_length() + 1 <= ctx.budget
+        position = cache.next_positions(1, "cpu")
+        key = one_hot(int(position), dim)[None, None, None]
+        layer.update(key, torch.zeros_like(key), positions=position)
+        tracker.on_attention(0, one_hot(target, dim)[None, None, None], layer, position, 1.0)
+
+    # window 1 (tokens at positions 6..15): 5 hits on position 1, then 5 on position 6
+    for target in [1] * 5 + [6] * 5:
+        step(target)
+    assert layer.get_seq_length() == 16 and levels()[6] == 1 and levels()[15] == 1
+    assert layer.extras[COUNT][0].tolist()[:7] == [0, 5, 0, 0, 0, 0, 5]
+    # window 2 (positions 16..25): every row hits position 3. Its first step promotes (one step toward the
+    # target), then evicts the oldest slot of the lowest level, position 4 (1 -> 0); then 5 and the g's.
+    step(3)
+    assert levels() == {0: 0, 1: 1, 2: 2, 3: 1, 5: 0, 6: 2, **{p: 0 for p in range(7, 16)}, 16: 1}
+    for _ in range(9):
+        step(3)
+    assert sorted(levels()) == [0, 1, 2, 3, 6, 15] + list(range(16, 26))
+    # end of window 2: 3 climbs to 2 (10 hits), everything unused steps down; then 1 (level 0, oldest) goes
+    step(3)
+    assert levels() == {0: 0, 2: 1, 3: 2, 6: 1, 15: 0, **{p: 0 for p in range(16, 26)}, 26: 1}
+    assert [entry[0] for entry in ctx.record["level_sizes"]] == [0, 10, 11, 20, 21]
+    assert ctx.record["level_sizes"][0][1:] == [3.0, 1.0, 1.0, 1.0]
+    assert ctx.record["level_sizes"][-1][1:] == [12.0, 2.0, 1.0, 0.0]
+
+
+def test_hierarchical_never_exceeds_the_budget_over_200_decode_steps(tiny_lm):
+    budget = 64
+    sample = needle_sample(max_new_tokens=200)
+    seen = []
+    method = build_method({"name": "hierarchical"})
+    original = method.before_forward
+
+    def checked(cache, ctx, num_new):
+        original(cache, ctx, num_new)
+        seen.append(max(layer.get_seq_length() for layer in cache.layers) + num_new)
+
+    method.before_forward = checked
+    ((_, row),) = list(
+        run_sample(tiny_lm, sample, [Job(method, budget, "h")], RunOptions(compress="context", seed=0, fail_fast=True))
+    )
+    assert row["output_tokens"] == 200 and len(seen) == 200  # the question tail + 199 decode steps
+    assert max(seen) <= budget and row["max_layer_len_decode"] <= budget
+    history = row["method_record"]["level_sizes"]
+    assert sum(history[0][1:]) == row["compressed_tokens"]  # before compression
+    assert all(sum(entry[1:]) <= budget for entry in history[1:])
+    fed = len(sample_tail(tiny_lm, sample)) + 199  # question tail + decode steps
+    assert fed - 10 < history[-1][0] <= fed  # recorded every 10 fed tokens
+
+
+def sample_tail(lm, sample):
+    prompt = build_prompt(lm.tokenizer, sample)
+    return prompt.input_ids[prompt.context_end :]
+
+
+def test_level_sizes_average_over_layers_and_heads():
+    cache = KVCache(2)
+    cache.next_positions(3, "cpu")
+    for layer_idx in range(2):
+        cache.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), layer_idx)
+        cache.layers[layer_idx].extras[LEVEL] = torch.tensor([[0.0, 1.0, 3.0], [3.0, 3.0, 2.0]])
+    assert level_sizes(cache) == [0.5, 0.5, 0.5, 1.5]
+
+
+def test_plot_popularity_script_draws_level_sizes(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "plot_popularity.py"
+    spec = importlib.util.spec_from_file_location("plot_popularity", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [
+        {
+            "status": "ok",
+            "method": "hierarchical",
+            "method_label": "hierarchical",
+            "compress": "prompt",
+            "budget": budget,
+            "method_record": {"level_sizes": [[0, 90, 5, 3, 2], [0, 30, 5, 3, 2], [10, 20, 15, 3, 2]]},
+        }
+        for budget in (40, 64)
+    ] + [{"status": "ok", "method": "snapkv", "method_record": None}]
+    steps, levels = module.mean_curve([rows[0]["method_record"]["level_sizes"]] * 2)
+    assert steps == [0, 10] and levels == [[30, 5, 3, 2], [20, 15, 3, 2]]  # post-compression state at 0
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    paths = module.popularity_figures(module.read_jsonl(tmp_path / "samples.jsonl"), tmp_path)
+    assert sorted(p.name for p in paths) == ["popularity_hierarchical_prompt.pdf", "popularity_hierarchical_prompt.png"]
+    assert all(p.stat().st_size > 0 for p in paths)
 
 
 # ---------------------------------------------------------------- H2O by hand

@@ -1,6 +1,7 @@
-"""The first methods (full, random, window, streamingllm, snapkv, pyramidkv): budget rules, known answers on
-hand-made inputs checked against an independent naive implementation, and identity with full when nothing is
-evicted."""
+"""Prompt eviction by scores and the baselines: SnapKV, PyramidKV and DapQ (SnapKV with pseudo queries at the
+answer's positions) against independent naive implementations, PyramidKV's per-layer budgets, and what full,
+random, window and StreamingLLM keep. The budget rule and the identity with the full cache when nothing is evicted
+are checked for every method in test_method_contract.py."""
 
 from __future__ import annotations
 
@@ -10,51 +11,33 @@ import pytest
 import torch
 
 from kvbench.engine.cache import KVCache, KVLayer
+from kvbench.engine.kernels.window_attention import aggregate_gqa, window_attention
 from kvbench.engine.rope import rope_inv_freq, rotate_keys
 from kvbench.harness.options import RunOptions
 from kvbench.harness.runner import Job, run_sample
-from kvbench.methods import METHODS, build_method
+from kvbench.methods import build_method
 from kvbench.methods.base import CompressionContext
+from kvbench.methods.dapq import PseudoQueryScorer
 from kvbench.methods.scoring import pyramid_layer_budgets
-from tests.helpers import needle_sample
-
-CORE_METHODS = ["full", "random", "window", "streamingllm", "snapkv", "pyramidkv"]
-
-
-@pytest.mark.parametrize("name", CORE_METHODS)
-def test_budget_at_least_prompt_is_identical_to_full(tiny_lm, name):
-    sample = needle_sample()
-    full = Job(build_method({"name": "full"}), None, "full")
-    # decode-time methods cap the whole cache, so their "no eviction" budget covers the generated tokens too
-    job = Job(build_method({"name": name}), 10_000, name)
-    rows = dict(
-        (j.key, row)
-        for j, row in run_sample(tiny_lm, sample, [full, job], RunOptions(compress="prompt", seed=0, fail_fast=True))
-    )
-    assert rows[name]["compressed"] is False
-    assert rows[name]["output_ids"] == rows["full"]["output_ids"]
-    assert rows[name]["kv_bytes_compressed"] == rows["full"]["kv_bytes_full"]
+from tests.helpers import assert_kept_slots_are_untouched, needle_sample, prefilled
 
 
 @pytest.mark.parametrize("name", ["random", "window", "streamingllm", "snapkv", "pyramidkv"])
 @pytest.mark.parametrize("compress", ["prompt", "context"])
-def test_kept_counts_follow_the_budget_rule_and_memory_shrinks(tiny_lm, name, compress):
+def test_every_layer_keeps_the_budget_and_pyramidkv_its_pyramid(tiny_lm, name, compress):
     budget = 48
     jobs = [Job(build_method({"name": name}), budget, name)]
     ((_, row),) = list(
         run_sample(tiny_lm, needle_sample(), jobs, RunOptions(compress=compress, seed=0, fail_fast=True))
     )
-    layers, heads = tiny_lm.config.num_hidden_layers, tiny_lm.config.num_key_value_heads
-    assert row["compressed"] is True
-    assert row["kept_entries_compressed"] == budget * layers * heads
+    layers = tiny_lm.config.num_hidden_layers
     if name == "pyramidkv":
-        assert row["kept_per_layer_compressed"] == pyramid_layer_budgets(
-            budget, 32, row["compressed_tokens"], layers, 20.0
-        )
+        expected = pyramid_layer_budgets(budget, 32, row["compressed_tokens"], layers, 20.0)
+        assert expected != [budget] * layers  # the prompt is long enough for a real pyramid
+        assert row["kept_per_layer_compressed"] == expected
     else:
         assert row["kept_per_layer_compressed"] == [budget] * layers
     assert row["kv_bytes_compressed"] == row["kv_bytes_full"] * budget // row["compressed_tokens"]
-    assert math.isclose(row["kept_fraction_compressed"], budget / row["compressed_tokens"])
 
 
 def test_fractional_budget_keeps_that_fraction(tiny_lm):
@@ -190,6 +173,52 @@ def test_pyramidkv_selection_equals_naive_reference_per_layer():
         assert layer.positions.tolist() == expected
 
 
+# --- DapQ -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pseudo", ["forward", "rotate"])
+def test_dapq_scores_with_queries_at_future_positions_and_keeps_the_budget(tiny_lm, pseudo, monkeypatch):
+    budget, window = 24, 8
+    seen = []
+    original = PseudoQueryScorer.on_attention
+
+    def spy(self, layer_idx, query, layer, query_positions, scaling):
+        seen.append(query_positions.tolist())
+        return original(self, layer_idx, query, layer, query_positions, scaling)
+
+    monkeypatch.setattr(PseudoQueryScorer, "on_attention", spy)
+    method = build_method({"name": "dapq", "pseudo": pseudo, "pseudo_tokens": 16, "window": window})
+    cache, ctx = prefilled(tiny_lm, budget, 16)
+    compressed = cache.copy()
+    method.setup(compressed, ctx)
+    if pseudo == "forward":
+        assert seen[0] == list(range(ctx.prompt_len, ctx.prompt_len + 16))
+        assert ctx.record["dapq_forward_tokens"] == 16
+    assert compressed.seen_tokens == ctx.prompt_len and compressed.layers[0].get_seq_length() == ctx.prompt_len
+    method.compress(compressed, ctx)
+    assert compressed.kept_per_layer() == [[budget] * 2] * 4
+    assert all(not layer.extras for layer in compressed.layers)
+    for layer in compressed.layers:  # the real window is kept
+        assert (layer.positions[:, -window:] == torch.arange(ctx.prompt_len - window, ctx.prompt_len)).all()
+    assert_kept_slots_are_untouched(cache, compressed)
+
+
+def test_dapq_rotated_queries_sit_at_future_positions(tiny_lm):
+    """rotate: q rotated by +n against k equals q against k rotated by -n (RoPE is relative), with every
+    prompt key visible to queries at the future positions."""
+    n = 8
+    method = build_method({"name": "dapq", "pseudo": "rotate", "pseudo_tokens": n})
+    cache, ctx = prefilled(tiny_lm, 24, n)
+    moved = method.rotated_scores(cache, ctx)
+    inv_freq = rope_inv_freq(tiny_lm.model)
+    future = ctx.window_positions + n
+    for layer, queries, scores in zip(cache.layers, ctx.window_queries, moved, strict=True):
+        back = rotate_keys(layer.keys, torch.full(layer.positions.shape, -n), inv_freq)[0]
+        probs = window_attention(queries, back, future, layer.positions, ctx.scaling)
+        torch.testing.assert_close(scores, aggregate_gqa(probs.sum(dim=1), 2, "mean"), rtol=1e-4, atol=1e-5)
+        assert torch.allclose(scores.sum(dim=-1), torch.full((2,), float(n)), atol=1e-4)
+
+
 # --- baselines ------------------------------------------------------------------------------------------
 
 
@@ -271,8 +300,7 @@ def test_streamingllm_rerotate_mode_runs_with_contiguous_positions(tiny_lm):
     assert row["status"] == "ok" and row["compressed"] and row["max_layer_len_decode"] <= 32
 
 
-def test_registry_lists_the_core_methods():
-    assert set(CORE_METHODS) <= set(METHODS.names())
+def test_unknown_method_or_parameter_fails_naming_the_closest_valid_one():
     with pytest.raises(ValueError, match=r"unknown method 'snapk'.*Did you mean 'snapkv'"):
         build_method({"name": "snapk"})
     with pytest.raises(ValueError, match=r"unknown parameter 'windw' for method snapkv"):
