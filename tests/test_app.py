@@ -17,11 +17,12 @@ from omegaconf import OmegaConf
 
 from kvbench.app import run
 from kvbench.config import CONF_DIR, check_overrides, group_options
-from kvbench.harness.budget import BudgetError, parse_budget
+from kvbench.harness.budget import BudgetError, entries_for, parse_budget
 from kvbench.harness.results import MalformedRowError, ResultsStore, read_jsonl
 from kvbench.methods.prefixkv import write_calibration
 from kvbench.methods.snapkv import SnapKV
 from kvbench.methods.transformers_quantized import backend_available
+from kvbench.report import format_table, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny_random", "model.device=cpu", "progress=false"]
@@ -154,6 +155,37 @@ def test_bad_budgets_are_rejected(value):
 )
 def test_good_budgets_parse(value, parsed):
     assert parse_budget(value) == parsed
+
+
+def test_float_budget_rounds_half_to_even_and_the_summary_shows_integer_entries():
+    assert entries_for(0.1, 1005) == 100  # round half to even: 100.5 -> 100
+    assert entries_for(0.1, 1006) == 101  # 100.6 -> 101 where int(T * ratio) truncates to 100
+    assert entries_for(0.001, 10) == 1  # at least one entry
+    rows = [
+        {
+            "key": str(t),
+            "task": "t",
+            "method_label": "snapkv",
+            "compress": "prompt",
+            "budget": 0.1,
+            "status": "ok",
+            "score": 1.0,
+            "compressed": True,
+            "budget_entries": entries_for(0.1, t),
+            "kept_fraction": 0.1,
+            "kv_bytes": 1,
+            "kv_bytes_peak": 2,
+            "kv_bytes_full": 10,
+            "prompt_tokens": t,
+            "ttft_s": 0.0,
+            "compress_s": 0.0,
+            "tpot_s": 0.0,
+        }
+        for t in (1000, 1006)
+    ]
+    summary = summarize(rows)
+    assert list(summary["entries"]) == ["100-101"]
+    assert "entries" in format_table(summary)
 
 
 def test_bad_budget_in_config_fails_before_loading_anything(tmp_path):

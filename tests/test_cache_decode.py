@@ -1,11 +1,17 @@
-"""The compressed cache and the decode loop: physical shrinkage, original positions, masks, generate-equality."""
+"""The compressed cache and the decode loop: physical shrinkage, original positions, masks, generate-equality, the
+model's cache keyword, and what a row reports the cache held (after compression, after the question tail, at the
+end of the row and at its peak)."""
 
 from __future__ import annotations
 
+import math
+import warnings
+
+import pytest
 import torch
 
 from kvbench.engine.cache import PAD_POSITION, KVCache
-from kvbench.engine.generation import forward_tokens, greedy_decode, prefill
+from kvbench.engine.generation import cache_argument, forward_tokens, greedy_decode, prefill
 from kvbench.engine.measure import Stopwatch
 from kvbench.harness.options import RunOptions
 from kvbench.harness.runner import Job, run_sample
@@ -172,3 +178,71 @@ def test_context_mode_without_compression_equals_prompt_mode(tiny_lm):
     )
     assert prompt_row["output_ids"] == context_row["output_ids"]
     assert context_row["compressed_tokens"] < context_row["prompt_tokens"]
+
+
+def test_forward_does_not_use_the_deprecated_past_key_values_argument(tiny_lm):
+    cache = KVCache(tiny_lm.config.num_hidden_layers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        logits = forward_tokens(tiny_lm, cache, [1, 2, 3])
+    assert cache.layers[0].get_seq_length() == 3 and torch.isfinite(logits).all()
+
+
+def test_the_cache_keyword_follows_the_model_signature():
+    class Recent:
+        def forward(self, input_ids=None, cache=None, use_cache=None): ...
+
+    class Older:
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None): ...
+
+    assert cache_argument(Recent) == "cache" and cache_argument(Older) == "past_key_values"
+
+
+def context_needle(max_new_tokens: int = 12) -> Sample:
+    """A needle prompt whose question tail is several tokens long (compress=context feeds it after compression)."""
+    context = "The grass is green and the sky is blue. " * 12 + "The magic number is 4242. " + "Filler. " * 20
+    return Sample("s", context, "What is the magic number?", "Answer:", ["4242"], "string_match_all", max_new_tokens)
+
+
+def slot_bytes(lm) -> int:
+    return 2 * lm.config.head_dim * 4  # K + V, fp32
+
+
+@pytest.mark.parametrize("name", ["streamingllm", "tova", "h2o"])
+def test_rows_report_the_cache_at_the_end_of_the_row_and_its_peak(tiny_lm, name):
+    """compress=context: the question tail and decoding keep evicting; the row says what is held at the end."""
+    budget = 40
+    jobs = [Job(build_method({"name": name}), budget, name)]
+    ((_, row),) = list(
+        run_sample(tiny_lm, context_needle(), jobs, RunOptions(compress="context", seed=0, fail_fast=True))
+    )
+    layers, heads = tiny_lm.config.num_hidden_layers, tiny_lm.config.num_key_value_heads
+    per_token = layers * heads * slot_bytes(tiny_lm)
+    split = row["compressed_tokens"]
+    assert row["compressed"] and row["prompt_tokens"] > split
+    assert row["kept_entries_compressed"] == budget * layers * heads
+    assert math.isclose(row["kept_fraction_compressed"], budget / split)
+    # The end of the row: still at the budget, but part of it is now question and generated tokens.
+    assert row["kept_entries"] == budget * layers * heads
+    assert row["kv_bytes"] == budget * per_token
+    assert row["kept_fraction"] < row["kept_fraction_compressed"]
+    # Peak: every forward appends its tokens before those evictions (tova/h2o evict inside the forward).
+    tail = row["prompt_tokens"] - split
+    expected_peak = (budget + tail if name != "streamingllm" else budget) * per_token
+    assert row["kv_bytes_peak"] == expected_peak
+    assert row["kept_entries_tail"] == budget * layers * heads
+
+
+@pytest.mark.parametrize("name", ["streamingllm", "tova", "h2o"])
+def test_decode_evict_false_appends_the_tail_and_the_generated_tokens(tiny_lm, name):
+    budget = 40
+    jobs = [Job(build_method({"name": name, "decode_evict": False}), budget, name)]
+    ((_, row),) = list(
+        run_sample(tiny_lm, context_needle(), jobs, RunOptions(compress="context", seed=0, fail_fast=True))
+    )
+    layers, heads = tiny_lm.config.num_hidden_layers, tiny_lm.config.num_key_value_heads
+    appended = row["prompt_tokens"] - row["compressed_tokens"] + row["output_tokens"] - 1  # tail + decoded
+    assert row["kept_entries_compressed"] == budget * layers * heads
+    assert row["kept_entries"] == (budget + appended) * layers * heads
+    assert row["kept_fraction"] == row["kept_fraction_compressed"]  # the context is never evicted again
+    assert row["kv_bytes_peak"] == row["kv_bytes"]  # the cache only grows after compression

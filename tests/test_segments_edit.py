@@ -21,7 +21,7 @@ from kvbench.scenarios.edit import Edit, edit_builders, edit_layout
 from kvbench.scenarios.segments import SegmentStore, reuse_builder, segment_layout
 from kvbench.tasks.edit import EditTask
 from kvbench.tasks.segments import Segments
-from tests.test_reliability import TINY, cli
+from tests.helpers import TINY, cli
 
 ROPE_PARAMETERS = [
     {"rope_type": "default", "rope_theta": 10000.0},
