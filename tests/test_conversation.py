@@ -104,14 +104,21 @@ def test_full_cache_holds_every_token_of_every_turn(tiny_lm):
 
 
 def test_streamingllm_holds_the_sinks_and_the_most_recent_window_after_every_turn(tiny_lm):
-    budget = 40
+    budget, sinks = 40, 4
+    config = tiny_lm.config
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * tiny_lm.dtype.itemsize
     rows, held, _, _ = run_turns(tiny_lm, dialogue(tiny_lm), "streamingllm", budget)
+    assert rows[0]["prompt_tokens"] > budget  # turn 1 is compressed before its peak is measured
     for row, layers in zip(rows, held, strict=True):
         seen = row["conversation_tokens"] - 1
-        expected = set(range(4)) | set(range(seen - (budget - 4), seen))
+        expected = set(range(sinks)) | set(range(seen - (budget - sinks), seen))
         assert all(heads == [expected] * len(heads) for heads in layers)
         assert row["kept_entries"] == budget * len(layers) * len(layers[0])
-        assert row["kv_bytes_peak"] >= row["kv_bytes"]
+        # Before a forward of n tokens the cache is cut to budget - n slots (never below the sinks), then the n
+        # tokens are appended: a turn peaks at max(budget, sinks + n) slots, n = the message that opens it.
+        appended = row["prompt_tokens"] if row["turn"] > 1 else 0
+        assert row["kv_bytes_peak"] == max(budget, sinks + appended) * per_token
+    assert any(row["kv_bytes_peak"] > row["kv_bytes"] for row in rows)  # a message longer than budget - sinks
 
 
 def test_h2o_stays_within_budget_and_keeps_its_recent_slots(tiny_lm):
