@@ -36,8 +36,6 @@ TINY_MODEL_PARAMS = {
 }
 # Methods that need an optional dependency (skipped, with the reason, only where it is missing).
 OPTIONAL_MODULES = {"transformers_quantized": "optimum.quanto"}
-# Methods whose cache does not hold plain K/V of the kept slots (packed codes, checkpoints).
-NOT_PLAIN_STORAGE = {"mikv", "kv_direct"}
 
 
 def sample() -> Sample:
@@ -166,7 +164,7 @@ def test_runs_on_the_tiny_model_and_keeps_exactly_its_budget(name, compress, lm,
             assert row["kept_per_layer_compressed"] == record["prefixkv_layer_budgets"]
     if name == "hierarchical":  # its budget caps the whole cache while decoding too
         assert row["max_layer_len_decode"] <= BUDGET and row["kept_entries"] == BUDGET * layers * heads
-    if name not in NOT_PLAIN_STORAGE:
+    if method.plain_kv_layers:  # K/V tensors of the kept slots, nothing else
         assert row["kv_bytes_logical_compressed"] == kept * slot_bytes  # padded (ragged) heads aside
         assert row["kv_bytes_logical_compressed"] <= row["kv_bytes_compressed"] < full["kv_bytes_full"]
 
@@ -188,5 +186,5 @@ def test_a_budget_holding_every_token_decodes_the_full_caches_tokens(name, compr
     assert roomy["kept_entries_compressed"] == full["kept_entries_compressed"]
     assert roomy["kept_entries"] == full["kept_entries"]
     assert roomy["output_ids"] == full["output_ids"]
-    if name not in NOT_PLAIN_STORAGE:
+    if method.plain_kv_layers:
         assert roomy["kv_bytes_compressed"] == full["kv_bytes_full"]
