@@ -19,6 +19,7 @@ from kvbench.harness.results import ResultsStore
 from kvbench.harness.runner import run_sample, shared_prefill
 from kvbench.report import summarize
 from kvbench.report.plots import memory_vs_turn
+from kvbench.scenarios import conversation
 from kvbench.scenarios.conversation import run_dialogue_job
 from kvbench.scenarios.dialogue import Turn, dialogue_pieces
 
@@ -193,12 +194,10 @@ def test_refusals_are_one_line_error_rows(tiny_lm):
 
 @pytest.mark.parametrize("name", ["dapq", "kvzip"])
 def test_methods_that_need_a_fresh_prefill_are_refused_before_any_model_work(tiny_lm, name, monkeypatch):
-    import kvbench.harness.runner as runner
-
     def no_prefill(*args, **kwargs):
         raise AssertionError("the refusal must come before the first prefill")
 
-    monkeypatch.setattr(runner, "shared_prefill", no_prefill)
+    monkeypatch.setattr(conversation, "shared_prefill", no_prefill)  # the name the scenario calls
     (row,) = api.evaluate(tiny_lm, [dialogue(tiny_lm)], [name], budgets=[32])
     assert row["status"] == "error" and row["turn"] == 1 and "\n" not in row["error"]
     assert f"{name} compresses only a freshly prefilled full prompt cache" in row["error"]
@@ -254,16 +253,14 @@ def test_memory_vs_turn_draws_one_line_per_method_and_budget(tmp_path, tiny_lm):
 
 
 def test_a_budget_sweep_prefills_the_first_turn_once_per_dialogue(tiny_lm, monkeypatch):
-    import kvbench.harness.runner as runner
-
     calls = []
-    original = runner.shared_prefill
+    original = conversation.shared_prefill
 
     def counting(lm, token_ids, methods, stopwatch):
         calls.append(len(methods))
         return original(lm, token_ids, methods, stopwatch)
 
-    monkeypatch.setattr(runner, "shared_prefill", counting)
+    monkeypatch.setattr(conversation, "shared_prefill", counting)
     rows = api.evaluate(
         tiny_lm, [dialogue(tiny_lm, turns=3, questions=1)], ["h2o"], budgets=[16, 32], include_full=True
     )
