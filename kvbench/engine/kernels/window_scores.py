@@ -142,7 +142,9 @@ def window_scores(
     softmax: the reference gives NaN, the Triton kernel zeros; SnapKV-style windows always see themselves.
     """
     args = (queries, keys, query_positions, key_positions, scaling, reduce, gqa_agg, num_scored)
-    if resolve_kernels(impl, keys.device) == "triton":
+    if impl not in ("torch", "triton"):  # runs pass the mode they resolved once (`RunOptions.resolved`)
+        impl = resolve_kernels(impl, keys.device)
+    if impl == "triton":
         return window_scores_triton(*args)
     return window_scores_torch(*args)
 
