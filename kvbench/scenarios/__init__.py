@@ -60,7 +60,7 @@ def scenario_runner(name: str) -> ScenarioRunner:
     if name not in SCENARIOS and name in SCENARIO_MODULES:
         importlib.import_module(SCENARIO_MODULES[name])
     if name not in SCENARIOS:
-        valid = ", ".join(sorted(SCENARIO_MODULES))
+        valid = ", ".join(sorted(set(SCENARIO_MODULES) | set(SCENARIOS)))
         raise ValueError(f"unknown scenario '{name}'. Registered scenarios: {valid}.")
     return SCENARIOS[name]
 
