@@ -19,6 +19,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from kvbench.app import run
 from kvbench.config import CONF_DIR, check_command_line, check_overrides
 
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, PermissionError)
@@ -61,8 +62,6 @@ def remove_output_dir(results_dir: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
-    from kvbench.app import run
-
     logging.getLogger("kvbench").setLevel(logging.INFO)
     try:
         run(cfg)

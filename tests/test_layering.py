@@ -38,8 +38,6 @@ ALLOWED_FUNCTION_LEVEL_KVBENCH: dict[tuple[str, str], str] = {
     ("kvbench.engine.attention", "kvbench.engine.kernels.packed_decode"): "triton is optional",
     # lm-eval is an optional extra: its adapter is imported only by `python -m kvbench.lm_eval`.
     ("kvbench.lm_eval", "kvbench.integrations.lm_eval"): "lm-eval is optional",
-    # The CLI's app (torch, transformers, pandas) loads only after the command line was checked (fast errors).
-    ("kvbench.__main__", "kvbench.app"): "fast one-line errors before heavy imports",
 }
 
 
