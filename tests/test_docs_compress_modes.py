@@ -27,7 +27,7 @@ def text_units(markdown: str) -> list[str]:
     return units
 
 
-def test_case15_docs_call_compress_context_the_kvpress_setting_only_with_the_decode_evicting_methods_named():
+def test_docs_call_compress_context_the_kvpress_setting_only_with_the_decode_evicting_methods_named():
     # The methods that keep evicting after the prefill compression, from the code: a `decode_evict` field on by
     # default. The README's `compress` row (and any docs page repeating it) must name exactly these.
     evicting = sorted(
