@@ -41,6 +41,19 @@ class LoadedModel:
     def config(self) -> Any:
         return self.model.config
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one token adds to a full cache: a K and a V vector of the model's dtype per KV head per layer."""
+        config = self.config
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return config.num_hidden_layers * config.num_key_value_heads * 2 * head_dim_of(config) * element
+
+
+def head_dim_of(config: Any) -> int:
+    """The attention head dimension: `config.head_dim`, or hidden size / heads where the config has none."""
+    head_dim = getattr(config, "head_dim", None)
+    return int(head_dim) if head_dim else config.hidden_size // config.num_attention_heads
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":

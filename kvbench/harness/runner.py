@@ -16,7 +16,7 @@ import torch
 from kvbench.engine.cache import PAD_POSITION, KVCache
 from kvbench.engine.generation import Prefill, forward_tokens, greedy_decode, prefill
 from kvbench.engine.measure import Stopwatch
-from kvbench.engine.models import LoadedModel
+from kvbench.engine.models import LoadedModel, head_dim_of
 from kvbench.harness import fidelity
 from kvbench.harness.budget import entries_for
 from kvbench.harness.chunked import ChunkedPrefill, chunked_prefill, prefill_fields
@@ -203,12 +203,10 @@ class RowMeter:
         self.job_cache = job_cache
         self.split = split
         self.layer_heads = config.num_hidden_layers * config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.head_dim = head_dim_of(config)
         self.compressed_state = cache_state(job_cache.cache, split, self.layer_heads, "_compressed")
-        # One new token adds a K and a V vector of the model's dtype per KV head per layer (from the config: a
-        # quantised layer would have to materialise its tensors to tell).
-        element = torch.empty((), dtype=lm.dtype).element_size()
-        self.peak = PeakBytes(job_cache.cache, self.layer_heads * 2 * self.head_dim * element)
+        # A new token's bytes come from the model's shape (a quantised layer would have to materialise to tell).
+        self.peak = PeakBytes(job_cache.cache, lm.kv_bytes_per_token)
         self.tail_state: dict[str, Any] = {}  # no question tail fed: no `*_tail` fields
 
     def before_forward(self, num_new: int) -> None:

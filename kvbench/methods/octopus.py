@@ -3,9 +3,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvbench.engine.cache import KVCache
+from kvbench.engine.models import head_dim_of
 from kvbench.engine.quant.octopus import OctopusCodec, codebooks
 from kvbench.methods.base import CompressionContext, register_method
-from kvbench.methods.quantized import QuantizedMethod, head_dim_of
+from kvbench.methods.quantized import QuantizedMethod
 
 LABEL = "octopus-reconstructed"
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from kvbench.engine.cache import KVCache
+from kvbench.engine.models import head_dim_of
 from kvbench.engine.quant.codecs import UniformCodec
 from kvbench.engine.quant.layer import quantize_cache
 from kvbench.methods.base import CompressionContext, Method
@@ -33,11 +34,6 @@ EVICTOR = BaseKind(
     lambda cls: cls.compresses and cls.plain_kv_layers,
     "method.base must be an eviction method that leaves plain K/V layers",
 )
-
-
-def head_dim_of(config: Any) -> int:
-    head_dim = getattr(config, "head_dim", None)
-    return int(head_dim) if head_dim else config.hidden_size // config.num_attention_heads
 
 
 @dataclass

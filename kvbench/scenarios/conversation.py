@@ -86,12 +86,6 @@ def check_job(job: Job, older: int | None) -> None:
         )
 
 
-def layer_heads_dim(lm: LoadedModel) -> tuple[int, int, int]:
-    config = lm.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_hidden_layers, config.num_key_value_heads, head_dim
-
-
 def window_recorder(method: Method, pre: Prefill) -> QueryRecorder | None:
     """The latest `window` queries of every forward, seeded with the first turn's: what a compression point
     gives the method as its observation window."""
@@ -217,8 +211,8 @@ def run_dialogue_job(
     """The rows of one job, one per turn (the last one with job_complete). `on_turn_end(turn index, cache, state)`
     sees the cache at the end of every turn (tests check what it holds)."""
     stopwatch = Stopwatch(lm.device)
-    layers, heads, head_dim = layer_heads_dim(lm)
-    per_token = layers * heads * 2 * head_dim * torch.empty((), dtype=lm.dtype).element_size()
+    layers, heads = lm.config.num_hidden_layers, lm.config.num_key_value_heads
+    per_token = lm.kv_bytes_per_token
     entries: int | None = job.budget  # type: ignore[assignment]  (check_job refused floats)
     # Turn 1 compresses like the single-prompt runner unless compression waits for the end of the turn.
     defer = policy == "after_turn" or older is not None

@@ -30,6 +30,7 @@ import torch
 from kvbench.engine.attention import CACHE_KWARG
 from kvbench.engine.cache import KVCache, KVLayer
 from kvbench.engine.generation import cache_argument
+from kvbench.engine.models import head_dim_of
 
 ID_BYTES = 4  # token ids held as int32
 
@@ -79,7 +80,7 @@ class Recomputer:
         self.layers = layers
         self.rotary = backbone.rotary_emb
         self.apply_rope = rope
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.head_dim = head_dim_of(config)
         self.seconds = 0.0
 
     @torch.inference_mode()
