@@ -13,7 +13,7 @@ from hydra.utils import to_absolute_path
 from kvbench.engine.kernels.dispatch import KERNEL_MODES
 from kvbench.harness.budget import parse_budget
 from kvbench.harness.chunked import check_chunked_methods, parse_prefill_chunk
-from kvbench.harness.options import COMPRESS_MODES, RunOptions
+from kvbench.harness.options import RunOptions, check_compress
 from kvbench.methods import METHODS, build_method
 from kvbench.registry import UnknownNameError, check_field, unknown_name_message
 from kvbench.report import check_x_axis
@@ -99,10 +99,10 @@ def run_dir_for(results_dir: str, run_name: str) -> Path:
 def validate(cfg: Any) -> RunSettings:
     """Every top-level key checked (type and range, naming the key) before anything is loaded or written."""
     compress = str(cfg.compress)
-    if compress not in COMPRESS_MODES:
-        close = difflib.get_close_matches(compress, COMPRESS_MODES, n=1, cutoff=0.0)
-        valid = ", ".join(COMPRESS_MODES)
-        raise ConfigError(f"unknown compress '{compress}'. Valid compress modes: {valid}. Did you mean '{close[0]}'?")
+    try:
+        check_compress(compress)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     kernels = str(cfg.get("kernels", "auto"))
     if kernels not in KERNEL_MODES:
         raise ConfigError(f"unknown kernels '{kernels}'. Valid kernels: {', '.join(KERNEL_MODES)}.")

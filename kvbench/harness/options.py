@@ -10,8 +10,10 @@ from pathlib import Path
 import torch
 
 from kvbench.engine.kernels.dispatch import resolve_kernels
+from kvbench.registry import closest_hint
 
 COMPRESS_MODES = ("prompt", "context")
+RESOLVED_KERNELS = ("torch", "triton")  # what `kernels=auto|torch|triton` resolves to
 
 
 @dataclass(frozen=True)
@@ -37,10 +39,17 @@ class RunOptions:
         check_compress(self.compress)
 
     def resolved(self, device: torch.device | str) -> RunOptions:
-        """These options with `kernels` resolved for `device` (one-line error when triton cannot run there)."""
+        """These options with `kernels` resolved for `device` (one-line error when triton cannot run there); options
+        already resolved are returned as they are, so a runner may call this on whatever it is handed."""
+        if self.kernels in RESOLVED_KERNELS:
+            return self
         return dataclasses.replace(self, kernels=resolve_kernels(self.kernels, device))
 
 
 def check_compress(compress: str) -> None:
+    """One-line error for a compress mode that does not exist (the CLI, the API and the lm-eval adapter)."""
     if compress not in COMPRESS_MODES:
-        raise ValueError(f"unknown compress '{compress}'. Valid compress modes: {', '.join(COMPRESS_MODES)}.")
+        valid = ", ".join(COMPRESS_MODES)
+        raise ValueError(
+            f"unknown compress '{compress}'. Valid compress modes: {valid}.{closest_hint(compress, COMPRESS_MODES)}"
+        )

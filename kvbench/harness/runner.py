@@ -329,8 +329,7 @@ def run_sample(
     tokenised input (the lm-eval adapter's), used instead of building one from the sample. Multi-turn, reuse and
     edit samples are run by their scenario (`kvbench.scenarios`), which builds on the functions of this module.
     """
-    if options.kernels not in ("torch", "triton"):  # a caller that did not resolve them (the API does, once)
-        options = options.resolved(lm.device)
+    options = options.resolved(lm.device)  # as handed when the caller resolved them (the API does, once per run)
     compress, fail_fast, prefill_chunk = options.compress, options.fail_fast, options.prefill_chunk
     stopwatch = Stopwatch(lm.device)
     base = prompt_fields(None, None, None)
@@ -429,8 +428,7 @@ def score_continuations(
     error rows)."""
     if not 0 <= split < len(context_ids):
         raise ValueError(f"split must be in [0, {len(context_ids) - 1}] for a context of {len(context_ids)} tokens")
-    if options.kernels not in ("torch", "triton"):  # a caller that did not resolve them (the API does, once)
-        options = options.resolved(lm.device)
+    options = options.resolved(lm.device)  # as handed when the caller resolved them (the API does, once per run)
     stopwatch = Stopwatch(lm.device)
     compressed_ids, tail = context_ids[:split], context_ids[split:-1]
     stats = None

@@ -73,7 +73,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simpl
 
 from kvbench import api
 from kvbench.harness.budget import parse_budget
-from kvbench.harness.options import COMPRESS_MODES
+from kvbench.harness.options import check_compress
 from kvbench.harness.prompt import Prompt
 from kvbench.harness.results import ResultsStore, manifest, stable_hash
 from kvbench.harness.runner import Job, run_sample, score_continuations, split_point
@@ -119,8 +119,10 @@ class KVBenchLM(TemplateLM):
                 f"unknown kvbench model arg '{unknown[0]}'. Valid args: {', '.join(valid_args())}, "
                 f"method.<hyperparameter>."
             )
-        if compress not in COMPRESS_MODES:  # before loading the model
-            raise AdapterArgError(f"unknown compress '{compress}'. Valid compress modes: {', '.join(COMPRESS_MODES)}.")
+        try:
+            check_compress(compress)  # before loading the model
+        except ValueError as err:
+            raise AdapterArgError(str(err)) from None
         batch_size = extra.get("batch_size")
         if batch_size not in (None, 1, "1"):
             log.warning("kvbench: batch_size=%s ignored; requests run one by one (batch-1 caches)", batch_size)
