@@ -57,7 +57,7 @@ def test_adakv_per_head_counts_match_the_rule_and_only_kept_slots_remain(tiny_lm
     method.setup(compressed, ctx)
     method.compress(compressed, ctx)
     for layer_idx, layer in enumerate(compressed.layers):
-        verdict = method.scorer.layer_scores(layer_idx, cache.layers[layer_idx], budget, ctx)
+        verdict = method.inner.layer_scores(layer_idx, cache.layers[layer_idx], budget, ctx)
         expected = [b + window for b in head_budgets(verdict.scores, budget - window, 0.2)]
         assert layer.lengths().tolist() == expected
         assert sum(expected) == budget * layer.num_heads

@@ -131,7 +131,7 @@ class PrefixKV(ScorerWrapper):
 
     def layer_budgets(self, ctx: CompressionContext, num_layers: int) -> list[int]:
         cdf = torch.tensor(load_calibration(ctx.lm, ctx.cache_dir, self.calibration_samples, self.calibration_tokens))
-        floor = max(1, self.scorer.window_queries_needed())
+        floor = max(1, self.inner.window_queries_needed())
         budgets = allocate(cdf, ctx.budget, ctx.prompt_len, floor)
         ctx.record["prefixkv_layer_budgets"] = budgets
         return budgets

@@ -28,13 +28,8 @@ class ScorerWrapper(Composed, ScoringMethod):
 
     base: str = field(default="snapkv", kw_only=True)
 
-    @property
-    def scorer(self) -> ScoringMethod:
-        """The base scoring method."""
-        return self.inner
-
     def refuse_decode_budget(self) -> None:
-        if self.decode_budget is not None or getattr(self.scorer, "decode_budget", None) is not None:
+        if self.decode_budget is not None or getattr(self.inner, "decode_budget", None) is not None:
             raise ValueError(f"{self.name} compresses at the end of prefill only; decode_budget is not supported")
 
     def compress(self, cache: KVCache, ctx: CompressionContext) -> None:
@@ -42,7 +37,7 @@ class ScorerWrapper(Composed, ScoringMethod):
         ScoringMethod.compress(self, cache, ctx)
 
     def layer_budgets(self, ctx: CompressionContext, num_layers: int) -> list[int]:
-        return self.scorer.layer_budgets(self.base_context(ctx), num_layers)
+        return self.inner.layer_budgets(self.base_context(ctx), num_layers)
 
     def layer_scores(self, layer_idx: int, layer: KVLayer, budget: int, ctx: CompressionContext) -> LayerScores:
-        return self.scorer.layer_scores(layer_idx, layer, budget, self.base_context(ctx))
+        return self.inner.layer_scores(layer_idx, layer, budget, self.base_context(ctx))
