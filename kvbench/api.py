@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from kvbench.engine.architecture import model_type, require_full_attention, rope_difference
 from kvbench.engine.models import LoadedModel
 from kvbench.engine.models import load_model as _load_model
 from kvbench.harness.budget import parse_budget
@@ -144,6 +145,8 @@ def plan_fingerprint(lm: LoadedModel, fingerprint: str, methods: list[Method], o
         params = method.params()
         if options.prefill_chunk is not None:  # a chunked prefill is another row (one-shot keys unchanged)
             params = {**params, "prefill_chunk": options.prefill_chunk}
+        if options.layers != "global":  # another layer policy is another row (default keys unchanged)
+            params = {**params, "layers": options.layers}
         for budget in options.budgets if method.compresses and method.takes_budget else (None,):
             key = row_key(lm.identity, method.name, params, budget, options.compress, fingerprint, options.seed)
             jobs.append(Job(method=method, budget=budget, key=key))
@@ -178,9 +181,17 @@ def row_identity(job: Job, sample: Sample, lm: LoadedModel, options: RunOptions)
 
 def check_model(lm: LoadedModel, methods: Iterable[Method]) -> None:
     """Model-dependent parameter checks (e.g. quantisation groups must divide the head dim), before any forward."""
+    difference = None
     for method in methods:
         if hasattr(method, "check_model"):
             method.check_model(lm.config)
+        if method.rope_dependent():
+            difference = difference or rope_difference(lm.model, lm.layer_specs)
+            if difference:
+                raise ValueError(
+                    f"method {method.name} re-rotates keys with one RoPE, but architecture "
+                    f"'{model_type(lm.config)}' has {difference}"
+                )
 
 
 def with_full(methods: list[Method], include_full: bool) -> list[Method]:
@@ -202,6 +213,8 @@ def iter_rows(
     options = options.resolved(lm.device)
     for sample, jobs in work:
         scenario = scenario_of(sample)
+        if scenario is not None:
+            require_full_attention(lm.layer_specs, model_type(lm.config), f"the {scenario} scenario")
         runner = run_sample if scenario is None else scenario_runner(scenario)
         for job, row in runner(lm, sample, jobs, options):
             if row["status"] != "ok":

@@ -124,6 +124,7 @@ def validate(cfg: Any) -> RunSettings:
         fail_fast=flags["fail_fast"],
         kernels=kernels,
         prefill_chunk=parse_prefill_chunk(cfg.get("prefill_chunk")),
+        layers=str(cfg.get("layers", "global")),
         run_name=run_dir.name,
         task_name=str(cfg.task.get("name", "custom")) if cfg.get("task") else "custom",
     )

@@ -18,7 +18,15 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from kvbench.engine.architecture import LayerSpec
+
+try:  # transformers' own layer for recurrent / conv states (linear attention, SSM and hybrid models)
+    from transformers.cache_utils import LinearAttentionLayer
+except ImportError:  # older transformers: hybrid models are refused (`kvbench.engine.architecture`)
+    LinearAttentionLayer = None
+
 PAD_POSITION = torch.iinfo(torch.int64).max
+FULL_SPEC = LayerSpec()
 
 
 class KVLayer(CacheLayerMixin):
@@ -38,12 +46,17 @@ class KVLayer(CacheLayerMixin):
     in place: they assign new tensors (`layer.keys = ...`) or call `keep`.
     """
 
-    is_sliding = False
     is_croppable = False
+    # How this layer attends (`kvbench.engine.architecture.LayerSpec`): sliding-window and chunked layers drop the
+    # slots no later query can see after every attention call (`drop_unreachable`), as transformers' own sliding
+    # layers do, so they never hold more than their window needs.
+    spec: LayerSpec = FULL_SPEC
     MIN_SLACK = 16  # amortised growth: at least this many free slots after a reallocation ...
     GROWTH_FRACTION = 0.25  # ... or this fraction of the length, whichever is larger
 
-    def __init__(self) -> None:
+    def __init__(self, spec: LayerSpec | None = None) -> None:
+        if spec is not None and spec is not FULL_SPEC:
+            self.spec = spec
         self._key_buf: torch.Tensor | None = None  # [1, Hkv, capacity, d]
         self._value_buf: torch.Tensor | None = None
         self._position_buf: torch.Tensor | None = None  # [Hkv, capacity]
@@ -61,6 +74,10 @@ class KVLayer(CacheLayerMixin):
         self.per_head = False
         # True when some slots are padding (heads of different lengths).
         self.padded = False
+
+    @property
+    def is_sliding(self) -> bool:
+        return self.spec.bounded
 
     # The public tensors are views of the held slots; assigning one adopts the tensor as that buffer.
     @property
@@ -188,6 +205,27 @@ class KVLayer(CacheLayerMixin):
         """Kept (non-padding) slots per KV head, `[Hkv]`."""
         return (self.positions != PAD_POSITION).sum(dim=-1)
 
+    def drop_unreachable(self, next_position: int) -> None:
+        """Free the slots no query at `next_position` or later can see (sliding-window and chunked layers; a no-op
+        for full attention). Slots are in ascending position order per head, so the unreachable ones lead."""
+        if not self.spec.bounded or not self.is_initialized or self._length == 0:
+            return
+        first = self.spec.first_needed_position(next_position)
+        positions = self.positions
+        if self.per_head or self.padded:
+            reachable = (positions >= first) & (positions != PAD_POSITION)
+            if bool(reachable.all()):
+                return
+            counts = reachable.sum(dim=1)
+            kept = int(counts.max())
+            order = torch.sort((~reachable).to(torch.int8), dim=1, stable=True).indices[:, :kept]
+            valid = torch.arange(kept, device=self.device)[None, :] < counts[:, None]
+            self.keep(order, valid)
+            return
+        drop = int((positions[0] < first).sum())
+        if drop:
+            self.keep(torch.arange(drop, self._length, device=self.device)[None, :].expand(self.num_heads, -1))
+
     def keep(self, indices: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Keep slots `indices` (`[Hkv, n]`, each row in ascending slot order) and free the rest.
 
@@ -229,13 +267,20 @@ class KVLayer(CacheLayerMixin):
         q_len = query_positions.shape[0]
         k_len = self.get_seq_length()
         bias = self.extras.get("logit_bias")
+        spec = self.spec
         if bias is None:
-            if not self.evicted and q_len == k_len:
+            # A bounded layer holds only what its next query sees (`drop_unreachable`), so a single query sees all.
+            if not self.evicted and q_len == k_len and not spec.bounded:
                 return None, q_len > 1
             if q_len == 1 and not self.padded:
                 return None, False
         key_pos = self.positions if (self.per_head or bias is not None) else self.positions[:1]
-        mask = key_pos[:, None, :] <= query_positions.to(self.device)[None, :, None]
+        query_pos = query_positions.to(self.device)[None, :, None]
+        mask = key_pos[:, None, :] <= query_pos
+        if spec.window is not None:
+            mask &= key_pos[:, None, :] > query_pos - spec.window
+        if spec.chunk is not None:
+            mask &= key_pos[:, None, :] >= query_pos - query_pos % spec.chunk
         if bias is not None:
             additive = bias[:, None, :].to(torch.float32).expand_as(mask)
             mask = additive.masked_fill(~mask, float("-inf"))
@@ -271,7 +316,7 @@ class KVLayer(CacheLayerMixin):
 
     def copy(self) -> KVLayer:
         """A copy-on-write copy: it shares the buffers until either layer writes; extras are cloned."""
-        other = KVLayer()
+        other = KVLayer(self.spec)
         if self.is_initialized:
             other.dtype, other.device = self.dtype, self.device
             other._key_buf, other._value_buf, other._position_buf = self._key_buf, self._value_buf, self._position_buf
@@ -283,21 +328,144 @@ class KVLayer(CacheLayerMixin):
         return other
 
 
+class StateLayer(*(() if LinearAttentionLayer is None else (LinearAttentionLayer,))):
+    """A linear-attention / SSM / conv layer's fixed-size state, kept by transformers' own `LinearAttentionLayer`:
+    nothing per token, nothing a method compresses; its bytes count in every row (`nbytes`)."""
+
+    def __init__(self, spec: LayerSpec, number_of_states: int = 1) -> None:
+        super().__init__(number_of_states=number_of_states)
+        self.spec = spec
+        self.is_initialized = False  # "holds K/V": never, for a pure state layer
+
+    def state_nbytes(self) -> int:
+        """Bytes of every conv and recurrent state held."""
+        tensors = [*self.conv_states.values(), *self.recurrent_states.values()]
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+    def nbytes(self) -> int:
+        return self.state_nbytes()
+
+    reserved_nbytes = nbytes
+
+    def logical_nbytes(self) -> int:
+        return 0
+
+    def reserve(self, num_tokens: int) -> None:
+        """Nothing to reserve: the state does not grow."""
+
+    def drop_unreachable(self, next_position: int) -> None:
+        """Nothing per token to drop."""
+
+    def copy_states_from(self, other: StateLayer) -> None:
+        """Independent clones of `other`'s states (they are updated in place, so copies cannot share them)."""
+        for name in ("conv_kernel_size", "is_conv_states_initialized", "is_recurrent_states_initialized"):
+            setattr(self, name, dict(getattr(other, name)))
+        self.has_previous_state = dict(other.has_previous_state)
+        self.conv_states = {i: None if t is None else t.clone() for i, t in other.conv_states.items()}
+        self.recurrent_states = {i: None if t is None else t.clone() for i, t in other.recurrent_states.items()}
+        self.cumulative_length_linear = other.cumulative_length_linear.clone()
+        self.device, self.dtype = other.device, other.dtype
+
+    def copy(self) -> StateLayer:
+        other = StateLayer(self.spec, self.number_of_states)
+        other.copy_states_from(self)
+        return other
+
+
+class HybridLayer(StateLayer, KVLayer):
+    """A layer with an SSM state AND full attention (Falcon-H1): the state part is `StateLayer`'s, the KV part a
+    `KVLayer` that methods compress like any other."""
+
+    def __init__(self, spec: LayerSpec, number_of_states: int = 1) -> None:
+        KVLayer.__init__(self, spec)
+        StateLayer.__init__(self, spec, number_of_states)
+
+    def lazy_initialization(self, *args, **kwargs) -> None:
+        # K/V arrive positionally from `update`; conv / recurrent states by keyword from the state updates.
+        if args:
+            KVLayer.lazy_initialization(self, *args)
+        else:
+            StateLayer.lazy_initialization(self, **kwargs)
+
+    def get_seq_length(self) -> int:
+        return KVLayer.get_seq_length(self)
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        return KVLayer.nbytes(self) + self.state_nbytes()
+
+    def reserved_nbytes(self) -> int:
+        return KVLayer.reserved_nbytes(self) + self.state_nbytes()
+
+    def logical_nbytes(self) -> int:
+        return KVLayer.logical_nbytes(self)
+
+    def reserve(self, num_tokens: int) -> None:
+        KVLayer.reserve(self, num_tokens)
+
+    def drop_unreachable(self, next_position: int) -> None:
+        KVLayer.drop_unreachable(self, next_position)
+
+    def copy(self) -> HybridLayer:
+        plain = KVLayer.copy(self)
+        other = HybridLayer(self.spec, self.number_of_states)
+        for name in ("_key_buf", "_value_buf", "_position_buf", "_length", "_shared", "is_initialized", "extras"):
+            setattr(other, name, getattr(plain, name))
+        other.evicted, other.per_head, other.padded = plain.evicted, plain.per_head, plain.padded
+        if plain.is_initialized:
+            other.dtype, other.device = plain.dtype, plain.device
+            self._shared = True
+        other.copy_states_from(self)
+        other.is_initialized = plain.is_initialized
+        return other
+
+
+def new_layer(spec: LayerSpec) -> KVLayer | StateLayer:
+    """The cache layer a layer of this spec needs."""
+    if spec.has_state and LinearAttentionLayer is None:
+        raise ValueError("linear-attention / SSM layers need transformers' LinearAttentionLayer (transformers >= 5.2x)")
+    if spec.kind == "hybrid":
+        return HybridLayer(spec)
+    if spec.has_state:
+        return StateLayer(spec)
+    return KVLayer(spec)
+
+
 class KVCache(Cache):
     """Per-layer `KVLayer`s plus the running original position counter.
+
+    Built from the model's per-layer specs (`KVCache(lm.layer_specs)`, see `kvbench.engine.architecture`): full,
+    sliding-window and chunked attention layers are `KVLayer`s (bounded ones drop what no later query sees), linear
+    attention / SSM / conv layers transformers' own state layers (`StateLayer`), Falcon-H1's layers both
+    (`HybridLayer`). `KVCache(n)` is n full-attention layers.
 
     Call `next_positions(n)` before every forward of `n` tokens and pass its result as `position_ids`:
     it tells the layers which positions the appended slots have and advances `seen_tokens`.
     `observers` are called by kvbench's attention function after each layer's attention.
     """
 
-    def __init__(self, num_layers: int) -> None:
-        super().__init__(layers=[KVLayer() for _ in range(num_layers)])
+    def __init__(self, layers: int | list[LayerSpec]) -> None:
+        specs = [FULL_SPEC] * layers if isinstance(layers, int) else list(layers)
+        super().__init__(layers=[new_layer(spec) for spec in specs])
         self.seen_tokens = 0
         self.step_positions: torch.Tensor | None = None
         self.observers: list = []
         # How single-token decode steps over this cache attend: "torch" (SDPA) or "triton" (the split-K kernel).
         self.decode_kernels = "torch"
+
+    @property
+    def attention_layers(self) -> list[int]:
+        """Indices of the layers that cache per-token K/V."""
+        return [i for i, layer in enumerate(self.layers) if layer.spec.attends]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens before the current forward (transformers derives positions from it): the ORIGINAL sequence
+        length, not what a compressed or sliding layer holds."""
+        if self.step_positions is not None and len(self.step_positions):
+            return self.seen_tokens - len(self.step_positions)
+        return self.seen_tokens
 
     def next_positions(self, num_tokens: int, device: torch.device | str) -> torch.Tensor:
         self.step_positions = torch.arange(self.seen_tokens, self.seen_tokens + num_tokens, device=device)
@@ -316,15 +484,11 @@ class KVCache(Cache):
         not copied."""
         other = KVCache(0)
         other.layers = [layer.copy() for layer in self.layers]
+        for copied, layer in zip(other.layers, self.layers, strict=True):
+            copied.spec = layer.spec  # storage subclasses' copies keep the spec too
         other.seen_tokens = self.seen_tokens
         other.decode_kernels = self.decode_kernels
         return other
-
-    def _set_storage(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
-        """Adopt fresh buffers whose first `length` slots are the held ones (after `keep`). Storage subclasses
-        (`kvbench.engine.quant`) override it to encode just the held K/V."""
-        self._key_buf, self._value_buf, self._position_buf = keys, values, positions
-        self._shared = False
 
     def reserve(self, num_tokens: int) -> None:
         """Announce `num_tokens` more tokens (tail + decode): every layer makes room for them once."""
@@ -342,9 +506,87 @@ class KVCache(Cache):
     def logical_kv_bytes(self) -> int:
         return sum(layer.logical_nbytes() for layer in self.layers)
 
+    def kv_bytes_by_type(self) -> dict[str, int]:
+        """`kv_bytes()` split by layer type (`LayerSpec.byte_type`: full, sliding, chunked, state); a hybrid layer's
+        KV counts as full and its SSM state as state."""
+        totals: dict[str, int] = {}
+        for layer in self.layers:
+            state = layer.state_nbytes() if isinstance(layer, StateLayer) else 0
+            kv = layer.nbytes() - state
+            if kv or layer.spec.attends:
+                key = layer.spec.byte_type if layer.spec.kind != "state" else "state"
+                totals[key] = totals.get(key, 0) + kv
+            if state:
+                totals["state"] = totals.get("state", 0) + state
+        return totals
+
     def kept_per_layer(self) -> list[list[int]]:
-        """Kept slots per layer per KV head."""
-        return [layer.lengths().tolist() for layer in self.layers]
+        """Kept slots per attention layer per KV head (state layers hold no slots and are left out)."""
+        return [layer.lengths().tolist() for layer in self.layers if layer.spec.attends]
 
     def kept_entries(self) -> int:
         return int(sum(sum(heads) for heads in self.kept_per_layer()))
+
+
+class IndexMappedObserver:
+    """Forwards the attention calls of some layers to observers that number those layers 0..n-1 (a method working
+    on a `LayerSubset` sees its own layer numbers)."""
+
+    def __init__(self, observers: list, mapping: dict[int, int]) -> None:
+        self.observers = observers
+        self.mapping = mapping
+
+    def on_attention(self, layer_idx, query, layer, query_positions, scaling) -> None:
+        index = self.mapping.get(layer_idx)
+        if index is not None:
+            for observer in self.observers:
+                observer.on_attention(index, query, layer, query_positions, scaling)
+
+
+class SubsetLayers(list):
+    """The subset's layer list: assigning a layer (quantised storage, MiKV, KV-Direct replace layers) writes it
+    into the full cache too."""
+
+    def __init__(self, base: KVCache, indices: list[int]) -> None:
+        super().__init__(base.layers[i] for i in indices)
+        self.base, self.indices = base, indices
+
+    def __setitem__(self, index, layer) -> None:
+        super().__setitem__(index, layer)
+        self.base.layers[self.indices[index]] = layer
+
+
+class LayerSubset(KVCache):
+    """The layers of `base` a method may compress, as a cache of their own numbered 0..n-1: what a method is handed
+    on a model whose other layers it must leave alone (sliding-window layers keep their window, linear-attention /
+    SSM states are not compressible; see `kvbench.engine.architecture`). Positions, the decode kernels and the
+    observers are the base cache's: the subset's observers see only its layers, under its numbering."""
+
+    def __init__(self, base: KVCache, indices: list[int]) -> None:  # noqa: D107 - no Cache.__init__: nothing to own
+        self.base = base
+        self.indices = list(indices)
+        self.layers = SubsetLayers(base, self.indices)
+        self.observers: list = []
+        base.observers.append(IndexMappedObserver(self.observers, {real: i for i, real in enumerate(self.indices)}))
+
+    seen_tokens = property(
+        lambda self: self.base.seen_tokens, lambda self, value: setattr(self.base, "seen_tokens", value)
+    )
+    step_positions = property(lambda self: self.base.step_positions)
+    decode_kernels = property(lambda self: self.base.decode_kernels)
+
+    def next_positions(self, num_tokens: int, device: torch.device | str) -> torch.Tensor:
+        return self.base.next_positions(num_tokens, device)
+
+    def copy(self) -> KVCache:
+        raise TypeError("a LayerSubset is a view of a job's cache; copy the full cache instead")
+
+    def update(self, *args, **kwargs):
+        raise TypeError("a LayerSubset is not a model's cache: forward through the full cache")
+
+
+def layer_subset(cache: KVCache, indices: list[int]) -> KVCache:
+    """`cache` itself when `indices` are all its layers (a plain full-attention model), else a `LayerSubset`."""
+    if list(indices) == list(range(len(cache.layers))):
+        return cache
+    return LayerSubset(cache, indices)

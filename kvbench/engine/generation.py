@@ -92,13 +92,14 @@ def prefill(
     `observers` (methods' prefill observers) see every layer's attention of this one prefill. `cache`: append to
     this cache instead (a prompt whose start is already cached, e.g. reused segments in `kvbench.scenarios`).
     """
-    cache = cache if cache is not None else KVCache(lm.config.num_hidden_layers)
+    cache = cache if cache is not None else KVCache(lm.layer_specs)
     recorder = QueryRecorder(window) if window > 0 else None
     cache.observers.extend(([recorder] if recorder else []) + list(observers or []))
     with stopwatch.phase("prefill") as phase:
         logits = forward_tokens(lm, cache, token_ids)
     cache.observers.clear()
-    queries = [recorder.queries[i] for i in range(len(cache.layers))] if recorder else []
+    # State layers (linear attention, SSM) record nothing: None keeps the list indexed by layer.
+    queries = [recorder.queries.get(i) for i in range(len(cache.layers))] if recorder else []
     return Prefill(
         cache=cache,
         last_logits=logits,

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from kvbench.engine import attention
+from kvbench.engine.architecture import LayerSpec, read_layer_specs
 from kvbench.engine.hub import local_files_only, package_dir, why_no_hub
 from kvbench.registry import Registry
 
@@ -36,21 +37,52 @@ class LoadedModel:
     eos_token_ids: list[int]
     attn_backend: str
     identity: dict[str, Any]
+    # How every decoder layer attends and what its cache holds (`kvbench.engine.architecture`), read at load.
+    layer_specs: list[LayerSpec]
 
     @property
     def config(self) -> Any:
         return self.model.config
 
     @property
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
     def kv_bytes_per_token(self) -> int:
-        """Bytes one token adds to a full cache: a K and a V vector of the model's dtype per KV head per layer."""
-        config = self.config
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return config.num_hidden_layers * config.num_key_value_heads * 2 * head_dim_of(config) * element
+        """Bytes one token adds to a full cache while it is appended: a K and a V vector of the model's dtype per
+        KV head of every attention layer (sliding layers drop as much again once their window is full)."""
+        return sum(spec.kv_bytes_per_token(self.element_size) for spec in self.layer_specs)
+
+    @property
+    def attention_specs(self) -> list[LayerSpec]:
+        """The specs of the layers that cache per-token K/V."""
+        return [spec for spec in self.layer_specs if spec.attends]
+
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads per attention layer (the largest, where layers differ)."""
+        return max(spec.num_kv_heads for spec in self.attention_specs)
+
+    @property
+    def head_dim(self) -> int:
+        """Key head dimension (the largest, where layers differ)."""
+        return max(spec.head_dim for spec in self.attention_specs)
+
+    def full_kv_bytes(self, num_tokens: int) -> int:
+        """Bytes of K/V a full cache holds after `num_tokens` tokens: full layers hold all of them, sliding and
+        chunked layers at most what their next query sees (state bytes excluded: `KVCache.kv_bytes` has them)."""
+        total = 0
+        for spec in self.attention_specs:
+            bound = spec.max_slots(num_tokens)
+            held = num_tokens if bound is None else min(num_tokens, bound)
+            total += held * spec.kv_bytes_per_token(self.element_size)
+        return total
 
 
 def head_dim_of(config: Any) -> int:
-    """The attention head dimension: `config.head_dim`, or hidden size / heads where the config has none."""
+    """The attention head dimension from a config: `config.head_dim`, or hidden size / heads where the config has
+    none (a loaded model's `LoadedModel.head_dim` is what its layers really cache)."""
     head_dim = getattr(config, "head_dim", None)
     return int(head_dim) if head_dim else config.hidden_size // config.num_attention_heads
 
@@ -213,6 +245,7 @@ def load_model(cfg: Any) -> LoadedModel:
         model, tokenizer = MODEL_KINDS.get(cfg.kind)(cfg, device, dtype)
         model.to(device).eval()
         model.config.kvbench_attn_backend = backend
+        specs = read_layer_specs(model, attention.PROBE_KWARG)
         max_context = int(cfg.get("max_context") or getattr(model.config, "max_position_embeddings", None) or 4096)
         _LOADED[key] = LoadedModel(
             model=model,
@@ -224,5 +257,6 @@ def load_model(cfg: Any) -> LoadedModel:
             eos_token_ids=eos_ids(model, tokenizer),
             attn_backend=backend,
             identity=identity,
+            layer_specs=specs,
         )
     return _LOADED[key]

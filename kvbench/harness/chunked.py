@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from kvbench.engine.architecture import describe
 from kvbench.engine.cache import KVCache
 from kvbench.engine.generation import Prefill, QueryRecorder, forward_tokens
 from kvbench.engine.measure import Stopwatch
@@ -76,12 +77,19 @@ def prefill_mode(prefill_chunk: int | None) -> str:
 
 
 def full_kv_bytes(cache: KVCache, tokens: int) -> int:
-    """Bytes an uncompressed cache of `tokens` tokens would take with this cache's layer shapes and dtypes."""
+    """Bytes an uncompressed cache of `tokens` tokens would hold with this cache's layer shapes and dtypes: full
+    layers every token, sliding / chunked layers what their next query sees, state layers their state."""
     total = 0
     for layer in cache.layers:
+        if not layer.spec.attends:
+            total += layer.nbytes()
+            continue
         heads, key_dim, value_dim = layer.keys.shape[1], layer.keys.shape[-1], layer.values.shape[-1]
         per_slot = key_dim * layer.keys.element_size() + value_dim * layer.values.element_size()
-        total += heads * tokens * per_slot
+        bound = layer.spec.max_slots(tokens)
+        total += heads * (tokens if bound is None else min(tokens, bound)) * per_slot
+        if layer.spec.has_state:
+            total += layer.state_nbytes()
     return total
 
 
@@ -114,7 +122,12 @@ def chunked_prefill(
         kernels=kernels,
     )
     compresses = method.compresses and entries is not None and entries < total
-    cache = KVCache(lm.config.num_hidden_layers)
+    if compresses and any(not spec.attends or spec.kind != "full_attention" for spec in lm.layer_specs):
+        raise ValueError(
+            f"prefill_chunk with compression needs a model whose every layer is full attention; this one has "
+            f"{describe(lm.layer_specs)} (run it with a one-shot prefill, prefill_chunk=null)"
+        )
+    cache = KVCache(lm.layer_specs)
     window = min(method.window_queries_needed(), total)
     recorder = QueryRecorder(window) if window > 0 else None
     observer = method.chunked_prefill_observer()
@@ -136,7 +149,7 @@ def chunked_prefill(
                     budget=entries,
                     prompt_len=seen,
                     input_ids=list(token_ids[:seen]),
-                    window_queries=[recorder.queries[i] for i in range(len(cache.layers))] if recorder else [],
+                    window_queries=[recorder.queries.get(i) for i in range(len(cache.layers))] if recorder else [],
                     window_positions=recorder.positions if recorder else None,
                     scaling=recorder.scaling if recorder else base_ctx.scaling,
                     prefill_stats=observer,
@@ -149,7 +162,7 @@ def chunked_prefill(
     return ChunkedPrefill(
         cache=cache,
         last_logits=logits,
-        window_queries=[recorder.queries[i] for i in range(len(cache.layers))] if recorder else [],
+        window_queries=[recorder.queries.get(i) for i in range(len(cache.layers))] if recorder else [],
         window_positions=recorder.positions if recorder else None,
         scaling=recorder.scaling if recorder else 1.0,
         seconds=phase.seconds - compress_seconds,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from kvbench.engine.architecture import LAYER_POLICIES
 from kvbench.engine.kernels.dispatch import resolve_kernels
 from kvbench.registry import closest_hint
 
@@ -31,12 +32,16 @@ class RunOptions:
     fail_fast: bool = False
     kernels: str = "auto"
     prefill_chunk: int | None = None
+    # Which layers methods compress (`kvbench.engine.architecture.compressible_layers`): global | all.
+    layers: str = "global"
     cache_dir: Path | None = None  # per-model artefacts (razor head profiles); None: $KVBENCH_CACHE/<model>
     run_name: str = "api"
     task_name: str = "custom"
 
     def __post_init__(self) -> None:
         check_compress(self.compress)
+        if self.layers not in LAYER_POLICIES:
+            raise ValueError(f"unknown layers '{self.layers}'. Valid layers: {', '.join(LAYER_POLICIES)}.")
 
     def resolved(self, device: torch.device | str) -> RunOptions:
         """These options with `kernels` resolved for `device` (one-line error when triton cannot run there); options

@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
-from kvbench.engine.cache import PAD_POSITION, KVCache
+from kvbench.engine.architecture import compressible_layers, describe
+from kvbench.engine.cache import PAD_POSITION, IndexMappedObserver, KVCache, layer_subset
 from kvbench.engine.generation import Prefill, forward_tokens, greedy_decode, prefill
 from kvbench.engine.measure import Stopwatch
-from kvbench.engine.models import LoadedModel, head_dim_of
+from kvbench.engine.models import LoadedModel
 from kvbench.harness import fidelity
 from kvbench.harness.budget import entries_for
 from kvbench.harness.chunked import ChunkedPrefill, chunked_prefill, prefill_fields
@@ -58,11 +59,13 @@ class JobCache:
     applies: bool  # the method acts on this cache (it compresses and a budget is set, or it takes no budget)
     compressed: bool  # entries < prompt length: eviction ran
     phase: Any  # the stopwatch phase of setup + compression
+    # What the method works on: the cache itself, or the layers it may compress (`engine.cache.layer_subset`).
+    view: Any = None
 
     def before_forward(self, num_new: int) -> None:
         """Call before every forward after compression (decode-time methods evict here)."""
         if self.applies:
-            self.method.before_forward(self.cache, self.ctx, num_new)
+            self.method.before_forward(self.view if self.view is not None else self.cache, self.ctx, num_new)
 
 
 def compress_copy(
@@ -87,11 +90,14 @@ def compress_copy(
     # A method that takes no budget (a quantiser alone) applies to every prompt with budget null.
     applies = job.method.compresses and (entries is not None or not job.method.takes_budget)
     compressed = applies and entries is not None and entries < split
+    layers = compressible_layers(lm.layer_specs, options.layers)
+    view = layer_subset(cache, layers) if applies else cache
     ctx = CompressionContext.for_prompt(
         lm,
         entries if entries is not None else split,
         split,
         pre,
+        layers=layers,
         seed=options.seed,
         input_ids=input_ids,
         prefill_stats=prefill_stats,
@@ -100,12 +106,12 @@ def compress_copy(
     )
     with stopwatch.phase("compress") as phase:
         if applies:
-            job.method.setup(cache, ctx)
+            job.method.setup(view, ctx)
         if compressed and copy:
-            job.method.compress(cache, ctx)
+            job.method.compress(view, ctx)
         if applies:
-            job.method.after_compress(cache, ctx)
-    return JobCache(cache, ctx, job.method, entries, applies, compressed, phase)
+            job.method.after_compress(view, ctx)
+    return JobCache(cache, ctx, job.method, entries, applies, compressed, phase, view)
 
 
 def stop_on_strings(tokenizer: Any, strings: list[str]) -> Any:
@@ -199,12 +205,13 @@ class RowMeter:
     two kinds of rows name and compute their entries, bytes and times alike."""
 
     def __init__(self, lm: LoadedModel, job_cache: JobCache, split: int) -> None:
-        config = lm.config
+        self.lm = lm
         self.job_cache = job_cache
         self.split = split
-        self.layer_heads = config.num_hidden_layers * config.num_key_value_heads
-        self.head_dim = head_dim_of(config)
-        self.compressed_state = cache_state(job_cache.cache, split, self.layer_heads, "_compressed")
+        # What the uncompressed cache of the compressed segment holds (sliding layers: their window): kept fractions
+        # and bits per element are relative to it.
+        self.uncompressed_entries = full_entries(lm, split)
+        self.compressed_state = cache_state(job_cache.cache, split, self.uncompressed_entries, "_compressed")
         # A new token's bytes come from the model's shape (a quantised layer would have to materialise to tell).
         self.peak = PeakBytes(job_cache.cache, lm.kv_bytes_per_token)
         self.tail_state: dict[str, Any] = {}  # no question tail fed: no `*_tail` fields
@@ -217,7 +224,9 @@ class RowMeter:
 
     def after_tail(self) -> None:
         """Call right after feeding a question tail (compress=context): the row gets its `*_tail` fields."""
-        self.tail_state = cache_state(self.job_cache.cache, self.split, self.layer_heads, "_tail", logical=False)
+        self.tail_state = cache_state(
+            self.job_cache.cache, self.split, self.uncompressed_entries, "_tail", logical=False
+        )
 
     def fields(self, pre: Prefill, tail_seconds: float, stopwatch: Stopwatch) -> dict[str, Any]:
         """The row's measurement fields, at the end of the row (after everything it fed to the cache)."""
@@ -226,10 +235,12 @@ class RowMeter:
         self.peak.observe()
         chunked = isinstance(pre, ChunkedPrefill)
         compress_s = job_cache.phase.seconds + (pre.compress_seconds if chunked else 0.0)  # chunked: between chunks
-        # Bits held per element of the uncompressed prompt cache (2 L Hkv T d elements) right after compression:
-        # eviction and quantisation compare at equal bytes (16 for a full fp16/bf16 cache, 32 for fp32).
-        elements = 2 * self.layer_heads * split * self.head_dim
+        # Bits held per element of the uncompressed prompt cache (2 L Hkv T d elements; sliding layers: their
+        # window) right after compression: eviction and quantisation compare at equal bytes (16 for a full
+        # fp16/bf16 cache, 32 for fp32).
+        elements = self.lm.full_kv_bytes(split) / self.lm.element_size
         bits = 8 * self.compressed_state["kv_bytes_compressed"] / elements if split else None
+        specs = self.lm.layer_specs
         return {
             "status": "ok",
             "compressed": job_cache.compressed,
@@ -238,11 +249,18 @@ class RowMeter:
             # which decode-time methods keep evicting); `kept_fraction` is the share of the compressed segment's
             # entries still held. `*_compressed`: right after the prefill compression; `*_tail`: after the
             # question tail (compress=context); `kv_bytes_peak`: the most held at any point after compression.
-            **cache_state(cache, split, self.layer_heads),
+            **cache_state(cache, split, self.uncompressed_entries),
             **self.compressed_state,
             **self.tail_state,
             "kv_bytes_peak": self.peak.bytes,
             "bits_per_element": bits,
+            # Per layer type (full / sliding / chunked / state) at the end of the row, and which layers the method
+            # was handed (`layers=global|all`): on models with sliding or state layers the whole-cache ratio is
+            # kv_bytes / kv_bytes_full, not the budget's share of the compressed layers.
+            "kv_bytes_by_type": cache.kv_bytes_by_type(),
+            "compressed_layers": describe(
+                [specs[i] for i in job_cache.view.indices] if hasattr(job_cache.view, "indices") else specs
+            ),
             "kv_bytes_full": pre.kv_bytes_full if chunked else pre.cache.kv_bytes(),
             "kv_bytes_reserved": cache.reserved_kv_bytes(),  # held + capacity reserved for appends, at the end
             "prefill_s": pre.seconds,
@@ -262,7 +280,12 @@ def prompt_fields(prompt_tokens: int | None, split: int | None, truncated_tokens
 
 
 def shared_prefill(
-    lm: LoadedModel, token_ids: list[int], methods: list[Method], stopwatch: Stopwatch, cache: KVCache | None = None
+    lm: LoadedModel,
+    token_ids: list[int],
+    methods: list[Method],
+    stopwatch: Stopwatch,
+    cache: KVCache | None = None,
+    layers: list[int] | None = None,
 ) -> tuple[Prefill, dict[int, Any]]:
     """Prefill `token_ids` once for every method: the window queries the methods need are recorded and each
     method object's prefill observer watches (a budget sweep shares it, e.g. H2O's attention sums). Returns
@@ -277,23 +300,36 @@ def shared_prefill(
     for observer in attached:  # observers that need the model (e.g. its RoPE) get it before the prefill
         if hasattr(observer, "bind_model"):
             observer.bind_model(lm)
+    if layers is not None and layers != list(range(len(lm.layer_specs))):
+        # Methods number the layers they compress 0..n-1 (`engine.cache.LayerSubset`): so do their observers.
+        attached = [IndexMappedObserver(attached, {real: i for i, real in enumerate(layers)})]
     return prefill(lm, token_ids, min(window, len(token_ids)), stopwatch, attached, cache), observers
 
 
-def cache_state(cache: KVCache, split: int, layer_heads: int, suffix: str = "", logical: bool = True) -> dict:
+def full_entries(lm: LoadedModel, split: int) -> int:
+    """KV entries (slots x KV heads) an uncompressed cache holds for `split` tokens: every token in full layers,
+    the window in sliding / chunked ones."""
+    total = 0
+    for spec in lm.attention_specs:
+        bound = spec.max_slots(split)
+        total += spec.num_kv_heads * (split if bound is None else min(split, bound))
+    return total
+
+
+def cache_state(cache: KVCache, split: int, uncompressed_entries: int, suffix: str = "", logical: bool = True) -> dict:
     """Entries and bytes `cache` holds now, as row fields named with `suffix`. `kept_fraction` counts only the
-    slots of the compressed segment (original position < split), so appended tokens never inflate it."""
-    if not any(layer.is_initialized for layer in cache.layers):  # nothing cached yet (an empty scoring context)
-        kept, in_context = [[0] for _ in cache.layers], 0
+    slots of the compressed segment (original position < split), so appended tokens never inflate it, relative to
+    `uncompressed_entries`, the entries the uncompressed cache of the segment holds (`full_entries`)."""
+    layers = [layer for layer in cache.layers if layer.spec.attends]
+    if not any(layer.is_initialized for layer in layers):  # nothing cached yet (an empty scoring context)
+        kept, in_context = [[0] for _ in layers], 0
     else:
         kept = cache.kept_per_layer()
-        in_context = sum(
-            int(((layer.positions < split) & (layer.positions != PAD_POSITION)).sum()) for layer in cache.layers
-        )
+        in_context = sum(int(((layer.positions < split) & (layer.positions != PAD_POSITION)).sum()) for layer in layers)
     state = {
         "kept_entries": sum(sum(h) for h in kept),
         "kept_per_layer": [sum(h) / len(h) for h in kept],
-        "kept_fraction": in_context / (split * layer_heads) if split else 0.0,
+        "kept_fraction": in_context / uncompressed_entries if split and uncompressed_entries else 0.0,
         "kv_bytes": cache.kv_bytes(),
     }
     if logical:
@@ -341,7 +377,10 @@ def run_sample(
         split = split_point(prompt, compress)
         base = prompt_fields(len(prompt), split, prompt.truncated_tokens)
         if prefill_chunk is None:
-            pre, observers = shared_prefill(lm, prompt.input_ids[:split], [job.method for job in jobs], stopwatch)
+            layers = compressible_layers(lm.layer_specs, options.layers)
+            pre, observers = shared_prefill(
+                lm, prompt.input_ids[:split], [job.method for job in jobs], stopwatch, layers=layers
+            )
     except Exception as err:
         if fail_fast:
             raise
@@ -402,7 +441,7 @@ class ScoredContinuation:
 
 def empty_prefill(lm: LoadedModel) -> Prefill:
     """The prefill of no tokens: an empty cache, nothing timed."""
-    cache = KVCache(lm.config.num_hidden_layers)
+    cache = KVCache(lm.layer_specs)
     return Prefill(cache, torch.empty(0), [], None, 1.0, 0.0, None)
 
 
@@ -433,7 +472,9 @@ def score_continuations(
     compressed_ids, tail = context_ids[:split], context_ids[split:-1]
     stats = None
     if split:
-        pre, observers = shared_prefill(lm, compressed_ids, [job.method], stopwatch)
+        pre, observers = shared_prefill(
+            lm, compressed_ids, [job.method], stopwatch, layers=compressible_layers(lm.layer_specs, options.layers)
+        )
         stats = observers.get(id(job.method))
     else:
         pre = empty_prefill(lm)

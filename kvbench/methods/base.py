@@ -61,16 +61,28 @@ class CompressionContext:
         return None if self.lm is None else self.lm.model
 
     @classmethod
-    def for_prompt(cls, lm: Any, budget: int, prompt_len: int, pre: Any = None, **fields: Any) -> CompressionContext:
+    def for_prompt(
+        cls,
+        lm: Any,
+        budget: int,
+        prompt_len: int,
+        pre: Any = None,
+        layers: list[int] | None = None,
+        **fields: Any,
+    ) -> CompressionContext:
         """The context for compressing `prompt_len` prefilled tokens of `lm`; `pre` (a `generation.Prefill`)
-        supplies the recorded window queries. Other fields (seed, input_ids, kernels, ...) pass through."""
+        supplies the recorded window queries, of the model's `layers` the method is handed (default: all), in
+        that order. Other fields (seed, input_ids, kernels, ...) pass through."""
         if pre is not None:
-            fields.update(window_queries=pre.window_queries, window_positions=pre.window_positions, scaling=pre.scaling)
+            queries = pre.window_queries
+            if layers is not None and queries:
+                queries = [queries[i] for i in layers]
+            fields.update(window_queries=queries, window_positions=pre.window_positions, scaling=pre.scaling)
         return cls(
             budget=budget,
             prompt_len=prompt_len,
             num_heads=lm.config.num_attention_heads,
-            num_kv_heads=lm.config.num_key_value_heads,
+            num_kv_heads=lm.num_kv_heads,
             lm=lm,
             **fields,
         )
@@ -126,6 +138,11 @@ class Method:
 
     def before_forward(self, cache: KVCache, ctx: CompressionContext, num_new: int) -> None:
         """Called before each forward after compression. Default: the cache only grows."""
+
+    def rope_dependent(self) -> bool:
+        """Whether this method moves, removes or re-applies the rotary embedding of cached keys or queries (it is
+        refused on models whose layers do not share one RoPE: NoPE layers, per-layer-type tables)."""
+        return False
 
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -134,6 +134,9 @@ class Composed(Method):
         if hasattr(self.inner, "check_model"):
             self.inner.check_model(config)
 
+    def rope_dependent(self) -> bool:
+        return self.inner is not None and self.inner.rope_dependent()
+
     # ------------------------------------------------------------------ prefill
 
     def window_queries_needed(self) -> int:

@@ -65,6 +65,9 @@ class DapQ(SnapKV):
     pseudo_tokens: int = 32
     pseudo: str = "rotate"
 
+    def rope_dependent(self) -> bool:
+        return True
+
     def validate(self) -> None:
         super().validate()
         if self.pseudo not in PSEUDO_MODES:

@@ -95,6 +95,9 @@ class ExpectedAttention(ScoringMethod):
     use_vnorm: bool = True
     epsilon: float = 0.0
 
+    def rope_dependent(self) -> bool:
+        return True
+
     def validate(self) -> None:
         if self.n_future_positions < 1 or self.n_sink < 0 or self.epsilon < 0:
             raise ValueError(

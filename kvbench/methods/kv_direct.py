@@ -93,6 +93,9 @@ class KVDirect(Method):
     checkpoint: str = "per_layer"
     replay: str = "exact"
 
+    def rope_dependent(self) -> bool:
+        return True
+
     def validate(self) -> None:
         if self.checkpoint not in CHECKPOINTS:
             raise ValueError(f"unknown checkpoint '{self.checkpoint}'. Valid checkpoints: {', '.join(CHECKPOINTS)}.")

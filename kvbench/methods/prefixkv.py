@@ -49,7 +49,7 @@ def calibrate(lm: Any, text: str, samples: int, tokens: int) -> list[list[float]
     num_layers = lm.config.num_hidden_layers
     total = torch.zeros((num_layers, GRID + 1), dtype=torch.float64)
     for sample in range(samples):
-        cache = KVCache(num_layers)
+        cache = KVCache(lm.layer_specs)
         observer = PromptAttentionSums("mean")
         cache.observers.append(observer)
         forward_tokens(lm, cache, ids[sample * tokens : (sample + 1) * tokens])

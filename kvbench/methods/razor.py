@@ -54,7 +54,7 @@ def profile_heads(lm: Any, period: int, samples: int, seed: int) -> dict[str, li
     induction = torch.zeros_like(echo)
     for _ in range(samples):
         tokens = vocab[torch.randint(len(vocab), (period,), generator=generator)].tolist()
-        cache = KVCache(num_layers)
+        cache = KVCache(lm.layer_specs)
         observer = RepeatAttention(len(prefix), period)
         cache.observers.append(observer)
         forward_tokens(lm, cache, prefix + tokens + tokens)

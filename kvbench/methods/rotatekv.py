@@ -91,6 +91,9 @@ class RotateKV(QuantizedMethod):
     reorder: bool = True
     calibration_tokens: int = 2048
 
+    def rope_dependent(self) -> bool:
+        return True
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.n_sinks, bool) or not isinstance(self.n_sinks, int) or self.n_sinks < 0:
@@ -154,7 +157,7 @@ def calibrate_orders(lm: Any, head_group: int, num_tokens: int) -> torch.Tensor:
     """RotateKV's key channel reordering: prefill calibration text, un-rotate each layer's cached keys to
     pre-RoPE, apply the grouped Hadamard, sum every channel over the tokens (signed) and argsort ascending."""
     ids = lm.tokenizer(essay_text(), add_special_tokens=False)["input_ids"][:num_tokens]
-    cache = KVCache(lm.config.num_hidden_layers)
+    cache = KVCache(lm.layer_specs)
     forward_tokens(lm, cache, ids)
     rotary = rotary_embedding(lm.model)
     orders = []

@@ -40,6 +40,9 @@ class StreamingLLM(Method):
     rerotate: bool = False
     decode_evict: bool = True
 
+    def rope_dependent(self) -> bool:
+        return self.rerotate
+
     def _evict(self, cache: KVCache, keep: int, ctx: CompressionContext) -> None:
         keep_recent(cache, max(keep, min(self.n_sink, ctx.budget)), sinks=self.n_sink)
         if self.rerotate:

@@ -4,7 +4,8 @@ accumulate them, so they need no second pass over the cache).
 
 Visibility of slot j of KV head h: `j < lengths[h]` (when given), `valid[h, j]` (when given), and a finite
 `bias[h, j]` (additive logit bias, e.g. a cache's `logit_bias`; -inf hides). A head that sees no slot
-returns zeros (output and probabilities).
+returns zeros (output and probabilities). `softcap` caps the scaled logits, `softcap * tanh(s / softcap)`, before the
+bias (Gemma 2); `sinks` (`[H]`) are one extra value-less logit per query head in the softmax (gpt-oss).
 
 The Triton version is split-K ("flash-decoding"): the slots of each KV head are cut into chunks, one
 program per (KV head, chunk) computes a partial softmax for all query heads of the GQA group at once (each
@@ -72,6 +73,8 @@ def decode_attention_torch(
     valid: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     return_probs: bool = False,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Reference with explicit masking in fp32: out `[H, d]` (query dtype), probs `[H, L]` fp32."""
     _check_args(query, keys, values)
@@ -79,12 +82,19 @@ def decode_attention_torch(
     group = query.shape[0] // num_kv_heads
     q = query.float().unflatten(0, (num_kv_heads, group))
     logits = torch.einsum("hgd,hld->hgl", q, keys.float()) * scaling
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     if bias is not None:
         logits = logits + bias.float()[:, None, :]
     visible = visible_slots(num_slots, lengths, valid, num_kv_heads, keys.device)
     logits = logits.masked_fill(~visible[:, None, :], float("-inf"))
     sees_nothing = ~torch.isfinite(logits).any(dim=-1, keepdim=True)
-    probs = logits.softmax(dim=-1).masked_fill(sees_nothing, 0.0)
+    if sinks is not None:
+        sink = sinks.float().to(keys.device).reshape(num_kv_heads, group, 1)
+        probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]
+    else:
+        probs = logits.softmax(dim=-1)
+    probs = probs.masked_fill(sees_nothing, 0.0)
     out = torch.einsum("hgl,hld->hgd", probs, values.float()).flatten(0, 1).to(query.dtype)
     return (out, probs.flatten(0, 1)) if return_probs else out
 
@@ -98,6 +108,8 @@ def decode_attention_triton(
     valid: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     return_probs: bool = False,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     block_n: int = 64,
     num_splits: int | None = None,
     num_warps: int = 4,
@@ -122,23 +134,27 @@ def decode_attention_triton(
     lengths_arg = lengths.to(device=device, dtype=torch.int32) if lengths is not None else part_max
     valid_arg = valid.to(device=device, dtype=torch.int8) if valid is not None else part_max
     bias_arg = bias.to(device=device, dtype=torch.float32) if bias is not None else part_max
+    # Sinks enter the reduction in the log2 domain, like every logit.
+    sinks_arg = (sinks.to(device=device, dtype=torch.float32) * kernels.LOG2E) if sinks is not None else part_max
     block_d = max(16, 1 << (head_dim - 1).bit_length())
     kernels.decode_split[(num_kv_heads, num_splits)](
         query, keys, values, lengths_arg, valid_arg, bias_arg, probs, part_acc, part_max, part_sum,
-        num_slots, group, chunk, num_splits, scaling * kernels.LOG2E,
+        num_slots, group, chunk, num_splits, scaling * kernels.LOG2E, float(softcap or 1.0),
         *query.stride(), *keys.stride(), *values.stride(),
         *(valid_arg.stride() if valid is not None else (0, 0)), *(bias_arg.stride() if bias is not None else (0, 0)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=max(16, 1 << (group - 1).bit_length()), BLOCK_N=block_n,
         HAS_LENGTHS=lengths is not None, HAS_VALID=valid is not None, HAS_BIAS=bias is not None,
-        RETURN_PROBS=return_probs, DOT_FP32=dot_in_fp32(query.dtype), num_warps=num_warps,
+        HAS_SOFTCAP=softcap is not None, RETURN_PROBS=return_probs, DOT_FP32=dot_in_fp32(query.dtype),
+        num_warps=num_warps,
     )  # fmt: skip
     block_r = 1024
     prob_blocks = max(1, -(-num_slots // block_r)) if return_probs else 1
     kernels.decode_reduce[(num_heads, prob_blocks)](
-        part_acc, part_max, part_sum, out, probs, lengths_arg,
+        part_acc, part_max, part_sum, out, probs, lengths_arg, sinks_arg,
         num_slots, group, num_splits, *out.stride(),
         HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS=1 << (num_splits - 1).bit_length(), BLOCK_R=block_r,
-        HAS_LENGTHS=lengths is not None, RETURN_PROBS=return_probs, num_warps=num_warps,
+        HAS_LENGTHS=lengths is not None, HAS_SINKS=sinks is not None, RETURN_PROBS=return_probs,
+        num_warps=num_warps,
     )  # fmt: skip
     return (out, probs) if return_probs else out
 
@@ -153,6 +169,8 @@ def decode_attention(
     bias: torch.Tensor | None = None,
     return_probs: bool = False,
     impl: str = "torch",
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of `query [H, d]` over `keys/values [Hkv, L, d]` (see the module docstring).
 
@@ -160,7 +178,7 @@ def decode_attention(
     the query dtype, plus probs `[H, L]` fp32 (zero at hidden slots) when `return_probs`. `impl`: auto,
     triton or torch.
     """
-    args = (query, keys, values, scaling, lengths, valid, bias, return_probs)
+    args = (query, keys, values, scaling, lengths, valid, bias, return_probs, softcap, sinks)
     if resolve_kernels(impl, keys.device) == "triton":
         return decode_attention_triton(*args)
     return decode_attention_torch(*args)

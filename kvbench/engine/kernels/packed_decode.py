@@ -102,10 +102,10 @@ def packed_decode_attention_triton(
         HAS_VALID=valid is not None, HAS_BIAS=bias is not None, num_warps=num_warps,
     )  # fmt: skip
     triton_decode_attention.decode_reduce[(num_heads, 1)](
-        part_acc, part_max, part_sum, out, part_max, part_max,
+        part_acc, part_max, part_sum, out, part_max, part_max, part_max,
         num_slots, group, num_splits, *out.stride(),
         HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS=1 << (num_splits - 1).bit_length(), BLOCK_R=16,
-        HAS_LENGTHS=False, RETURN_PROBS=False, num_warps=num_warps,
+        HAS_LENGTHS=False, HAS_SINKS=False, RETURN_PROBS=False, num_warps=num_warps,
     )  # fmt: skip
     return out
 

@@ -19,11 +19,11 @@ SPLIT_BLOCK = 16
 @triton.jit
 def decode_split(
     q_ptr, k_ptr, v_ptr, len_ptr, valid_ptr, bias_ptr, probs_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
-    num_slots, group, chunk, num_splits, scale_log2e,
+    num_slots, group, chunk, num_splits, scale_log2e, softcap,
     sq_h, sq_d, sk_h, sk_t, sk_d, sv_h, sv_t, sv_d, svl_h, svl_t, sb_h, sb_t,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, RETURN_PROBS: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    RETURN_PROBS: tl.constexpr, DOT_FP32: tl.constexpr,
 ):  # fmt: skip
     kv = tl.program_id(0)
     split = tl.program_id(1)
@@ -50,6 +50,10 @@ def decode_split(
         v = tl.load(v_ptr + kv * sv_h + cols[:, None] * sv_t + dims[None, :] * sv_d, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") if DOT_FP32 else tl.dot(q, tl.trans(k))
         s = s * scale_log2e
+        if HAS_SOFTCAP:
+            # cap * tanh(x / cap) on the natural-log logit x = s / log2 e, with tanh(y) = 1 - 2 / (e^(2y) + 1).
+            y = s / (1.4426950408889634 * softcap)
+            s = softcap * (1.0 - 2.0 / (tl.exp2(2.0 * 1.4426950408889634 * y) + 1.0)) * 1.4426950408889634
         visible = col_ok
         if HAS_VALID:
             visible = visible & (tl.load(valid_ptr + kv * svl_h + cols * svl_t, mask=col_ok, other=0) != 0)
@@ -75,10 +79,10 @@ def decode_split(
 
 @triton.jit
 def decode_reduce(
-    part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, probs_ptr, len_ptr,
+    part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, probs_ptr, len_ptr, sink_ptr,
     num_slots, group, num_splits, so_h, so_d,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, RETURN_PROBS: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_SINKS: tl.constexpr, RETURN_PROBS: tl.constexpr,
 ):  # fmt: skip
     head = tl.program_id(0)
     block = tl.program_id(1)
@@ -86,8 +90,14 @@ def decode_reduce(
     chunk_max = tl.load(part_max_ptr + head * num_splits + splits, mask=splits < num_splits, other=float("-inf"))
     chunk_sum = tl.load(part_sum_ptr + head * num_splits + splits, mask=splits < num_splits, other=0.0)
     top = tl.max(chunk_max, axis=0)
+    if HAS_SINKS:
+        # The sink is one more logit (log2 domain) in the normalisation, with no value: it only adds to the sum.
+        sink = tl.load(sink_ptr + head)
+        top = tl.maximum(top, sink)
     safe_top = tl.where(top == float("-inf"), 0.0, top)
     total = tl.sum(chunk_sum * tl.exp2(chunk_max - safe_top), axis=0)
+    if HAS_SINKS:
+        total += tl.exp2(sink - safe_top)
     inv_total = tl.where(total > 0.0, 1.0 / tl.where(total > 0.0, total, 1.0), 0.0)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
