@@ -13,6 +13,7 @@ import torch
 from kvbench.engine.cache import KVCache, KVLayer
 from kvbench.methods import build_method
 from kvbench.methods.base import CompressionContext
+from kvbench.methods.nacl import sample_without_replacement
 
 
 def hand_layer(num_kv: int, length: int, dim: int, seed: int) -> tuple[KVLayer, torch.Tensor, torch.Tensor]:
@@ -119,4 +120,85 @@ def test_scissorhands_budget_holding_the_prompt_keeps_everything_and_adakv_wraps
 def test_scissorhands_refuses_bad_hyperparameters_in_one_line(params):
     with pytest.raises(ValueError) as error:
         build_method({"name": "scissorhands", **params})
+    assert "\n" not in str(error.value)
+
+
+# --- nacl -------------------------------------------------------------------------------------------------------
+
+
+def naive_proxy_scores(queries, keys, scaling) -> list[list[float]]:
+    """Per KV head, the attention the proxies (the last rows) pay to each slot before them, group mean."""
+    num_kv, length = keys.shape[0], keys.shape[1]
+    group, window = queries.shape[0] // num_kv, queries.shape[1]
+    out = []
+    for kv in range(num_kv):
+        total = [0.0] * (length - window)
+        for head in range(kv * group, (kv + 1) * group):
+            for row in range(window):
+                probs = naive_probs(queries[head, row].tolist(), keys[kv], length - window + row, scaling)
+                for j in range(length - window):
+                    total[j] += probs[j] / group
+        out.append(total)
+    return out
+
+
+def test_nacl_without_random_eviction_keeps_the_proxy_top_k_and_the_proxies():
+    num_kv, group, length, dim, proxies, budget = 2, 2, 19, 4, 4, 10
+    layer, keys, _ = hand_layer(num_kv, length, dim, seed=5)
+    cache = KVCache(1)
+    cache.layers = [layer]
+    ctx = hand_context(budget, length, num_kv, group, dim, proxies)
+    build_method({"name": "nacl", "proxy_tokens": proxies, "random_ratio": 0.0}).compress(cache, ctx)
+    scores = naive_proxy_scores(ctx.window_queries[0], keys, ctx.scaling)
+    expected = [
+        sorted(sorted(range(length - proxies), key=lambda j: (-s[j], j))[: budget - proxies])
+        + list(range(length - proxies, length))
+        for s in scores
+    ]
+    assert layer.positions.tolist() == expected
+
+
+def test_nacl_random_eviction_keeps_the_top_part_and_draws_the_rest_exactly():
+    num_kv, group, length, dim, proxies, budget = 2, 1, 30, 4, 2, 12
+    ctx = hand_context(budget, length, num_kv, group, dim, proxies)
+    method = build_method({"name": "nacl", "proxy_tokens": proxies, "random_ratio": 0.5})
+    _, keys, _ = hand_layer(num_kv, length, dim, seed=6)
+    scores = naive_proxy_scores(ctx.window_queries[0], keys, ctx.scaling)
+    top = [set(sorted(range(length - proxies), key=lambda j: (-s[j], j))[:5]) for s in scores]  # 10 - round(5)
+    draws = set()
+    for seed in range(6):
+        layer, _, _ = hand_layer(num_kv, length, dim, seed=6)
+        cache = KVCache(1)
+        cache.layers = [layer]
+        ctx.seed = seed
+        method.compress(cache, ctx)
+        kept = layer.positions.tolist()
+        for kv in range(num_kv):
+            assert len(set(kept[kv])) == budget and kept[kv][-proxies:] == list(range(length - proxies, length))
+            assert top[kv] <= set(kept[kv])
+        draws.add(tuple(kept[0]))
+    assert len(draws) > 1  # the seed changes the random part
+
+
+def test_nacl_draw_frequencies_follow_the_scores_or_their_softmax():
+    scores = torch.tensor([[0.0, 1.0, 2.0, 5.0]])
+    eligible = torch.tensor([[True, True, True, False]])
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(4)
+    trials = 6000
+    for _ in range(trials):
+        counts[sample_without_replacement(scores, eligible, 1, generator, None)[0, 0]] += 1
+    assert counts[3] == 0 and counts[0] == 0  # not eligible; zero score (1e-12 floor)
+    assert abs(counts[2] / trials - 2 / 3) < 0.03
+    counts.zero_()
+    for _ in range(trials):
+        counts[sample_without_replacement(scores, eligible, 1, generator, 1.0)[0, 0]] += 1
+    softmax = torch.softmax(torch.tensor([0.0, 1.0, 2.0]), dim=0)
+    assert torch.allclose(counts[:3] / trials, softmax, atol=0.03)
+
+
+@pytest.mark.parametrize("params", [{"proxy_tokens": 0}, {"random_ratio": 1.5}, {"temperature": 0.0}])
+def test_nacl_refuses_bad_hyperparameters_in_one_line(params):
+    with pytest.raises(ValueError) as error:
+        build_method({"name": "nacl", **params})
     assert "\n" not in str(error.value)
