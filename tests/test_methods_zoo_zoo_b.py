@@ -202,3 +202,43 @@ def test_nacl_refuses_bad_hyperparameters_in_one_line(params):
     with pytest.raises(ValueError) as error:
         build_method({"name": "nacl", **params})
     assert "\n" not in str(error.value)
+
+
+# --- simlayerkv -------------------------------------------------------------------------------------------------
+
+
+def test_simlayerkv_keeps_a_streaming_window_in_lazy_layers_only():
+    num_kv, group, length, dim, budget, n_initial = 2, 2, 16, 4, 6, 2
+    cache, built = hand_cache(3, num_kv, length, dim, seed=11)
+    ctx = hand_context(budget, length, num_kv, group, dim, 1, layers=3)
+    window = list(range(n_initial)) + list(range(length - (budget - n_initial), length))
+    scores = []
+    for (_, keys, _), queries in zip(built, ctx.window_queries, strict=True):
+        per_head = [
+            naive_probs(queries[h, 0].tolist(), keys[h // group], length - 1, ctx.scaling)
+            for h in range(num_kv * group)
+        ]
+        scores.append(sum(sum(p[j] for j in window) for p in per_head) / len(per_head))
+    threshold = sorted(scores)[1] - 1e-6  # exactly the two layers of highest window attention are lazy
+    method = build_method({"name": "simlayerkv", "lazy_threshold": threshold, "n_initial": n_initial})
+    method.compress(cache, ctx)
+    for layer, score in zip(cache.layers, scores, strict=True):
+        expected = [window] * num_kv if score > threshold else [list(range(length))] * num_kv
+        assert layer.positions.tolist() == expected
+    assert ctx.record["simlayerkv_lazy_layers"] == 2
+
+
+def test_simlayerkv_threshold_one_or_a_roomy_budget_keeps_everything():
+    cache, _ = hand_cache(2, 2, 12, 4, seed=12)
+    build_method({"name": "simlayerkv", "lazy_threshold": 1.0}).compress(cache, hand_context(5, 12, 2, 1, 4, 1, 2))
+    assert [layer.get_seq_length() for layer in cache.layers] == [12, 12]
+    cache, _ = hand_cache(2, 2, 12, 4, seed=12)
+    build_method({"name": "simlayerkv", "lazy_threshold": 0.0}).compress(cache, hand_context(12, 12, 2, 1, 4, 1, 2))
+    assert [layer.get_seq_length() for layer in cache.layers] == [12, 12]
+
+
+@pytest.mark.parametrize("params", [{"lazy_threshold": 1.2}, {"n_last": 0}, {"n_initial": -1}])
+def test_simlayerkv_refuses_bad_hyperparameters_in_one_line(params):
+    with pytest.raises(ValueError) as error:
+        build_method({"name": "simlayerkv", **params})
+    assert "\n" not in str(error.value)
