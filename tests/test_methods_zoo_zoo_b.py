@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kvbench.engine.cache import KVCache, KVLayer
+from kvbench.engine.rope import rope_inv_freq, rotate_keys
 from kvbench.methods import build_method
 from kvbench.methods.base import CompressionContext
 from kvbench.methods.nacl import sample_without_replacement
@@ -241,4 +242,84 @@ def test_simlayerkv_threshold_one_or_a_roomy_budget_keeps_everything():
 def test_simlayerkv_refuses_bad_hyperparameters_in_one_line(params):
     with pytest.raises(ValueError) as error:
         build_method({"name": "simlayerkv", **params})
+    assert "\n" not in str(error.value)
+
+
+# --- finch ------------------------------------------------------------------------------------------------------
+
+
+def naive_finch(queries, keys, budget, window, scaling, chunk=None) -> list[list[int]]:
+    """Per KV head: rows' attention x keys before the row, mean over rows and group; top-k (per chunk) + window."""
+    num_kv, length = keys.shape[0], keys.shape[1]
+    group = queries.shape[0] // num_kv
+    prefix = length - window
+    kept = []
+    for kv in range(num_kv):
+        score = [0.0] * prefix
+        for head in range(kv * group, (kv + 1) * group):
+            for row in range(window):
+                pos = prefix + row
+                probs = naive_probs(queries[head, row].tolist(), keys[kv], pos, scaling)
+                for j in range(prefix):
+                    score[j] += probs[j] * pos / (window * group)
+        spans = [(0, prefix)] if chunk is None else [(s, min(s + chunk, prefix)) for s in range(0, prefix, chunk)]
+        keep = budget - window
+        shares = [keep * (e - s) / prefix for s, e in spans]
+        counts = [int(x) for x in shares]
+        for i in sorted(range(len(spans)), key=lambda i: (-(shares[i] - counts[i]), i))[: keep - sum(counts)]:
+            counts[i] += 1
+        chosen = []
+        for (s, e), n in zip(spans, counts, strict=True):
+            chosen += sorted(sorted(range(s, e), key=lambda j: (-score[j], j))[:n])
+        kept.append(chosen + list(range(prefix, length)))
+    return kept
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_finch_window_is_the_question_and_selection_equals_the_naive_rule(chunk):
+    num_kv, group, length, dim, budget, question = 2, 2, 24, 4, 11, 4
+    layer, keys, _ = hand_layer(num_kv, length, dim, seed=21)
+    cache = KVCache(1)
+    cache.layers = [layer]
+    ctx = hand_context(budget, length, num_kv, group, dim, 8)  # 8 recorded queries, the question is the last 4
+    ctx.context_end = length - question
+    method = build_method({"name": "finch", "window": 8, "chunk_length": chunk, "rerotate": False})
+    method.compress(cache, ctx)
+    queries = ctx.window_queries[0][:, -question:]
+    assert layer.positions.tolist() == naive_finch(queries, keys, budget, question, ctx.scaling, chunk)
+    ctx.context_end = None  # unknown question: the fixed window (8)
+    layer, keys, _ = hand_layer(num_kv, length, dim, seed=21)
+    cache.layers = [layer]
+    method.compress(cache, ctx)
+    assert layer.positions.tolist() == naive_finch(ctx.window_queries[0], keys, budget, 8, ctx.scaling, chunk)
+
+
+def test_finch_rerotates_kept_keys_to_contiguous_positions(tiny_lm):
+    num_kv, length, dim = tiny_lm.config.num_key_value_heads, 20, tiny_lm.config.head_dim
+    raw = torch.randn(1, num_kv, length, dim, generator=torch.Generator().manual_seed(4))
+    inv_freq = rope_inv_freq(tiny_lm.model)
+    at = torch.arange(length).expand(num_kv, -1)
+    layer = KVLayer()
+    layer.update(rotate_keys(raw, at, inv_freq), torch.randn(1, num_kv, length, dim), positions=torch.arange(length))
+    cache = KVCache(1)
+    cache.layers = [layer]
+    group = tiny_lm.config.num_attention_heads // num_kv
+    ctx = hand_context(8, length, num_kv, group, dim, 4)
+    ctx.lm = tiny_lm
+    build_method({"name": "finch", "window": 4}).compress(cache, ctx)
+    cache_plain = KVCache(1)
+    plain = KVLayer()
+    plain.update(rotate_keys(raw, at, inv_freq), torch.zeros(1, num_kv, length, dim), positions=torch.arange(length))
+    cache_plain.layers = [plain]
+    build_method({"name": "finch", "window": 4, "rerotate": False}).compress(cache_plain, ctx)
+    assert layer.positions.tolist() == [list(range(8))] * num_kv
+    kept = plain.positions  # original positions of the kept slots
+    expected = rotate_keys(raw.gather(2, kept[None, :, :, None].expand(-1, -1, -1, dim)), at[:, :8], inv_freq)
+    assert torch.allclose(layer.keys, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("params", [{"window": 0}, {"max_window": 0}, {"chunk_length": 0}])
+def test_finch_refuses_bad_hyperparameters_in_one_line(params):
+    with pytest.raises(ValueError) as error:
+        build_method({"name": "finch", **params})
     assert "\n" not in str(error.value)
