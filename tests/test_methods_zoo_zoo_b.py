@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -322,4 +323,66 @@ def test_finch_rerotates_kept_keys_to_contiguous_positions(tiny_lm):
 def test_finch_refuses_bad_hyperparameters_in_one_line(params):
     with pytest.raises(ValueError) as error:
         build_method({"name": "finch", **params})
+    assert "\n" not in str(error.value)
+
+
+# --- lukv -------------------------------------------------------------------------------------------------------
+
+
+def naive_window_sums(queries, keys, window, scaling) -> list[list[float]]:
+    """SnapKV scores without pooling: window attention summed over rows, mean over the group, before the window."""
+    num_kv, length = keys.shape[0], keys.shape[1]
+    group = queries.shape[0] // num_kv
+    out = []
+    for kv in range(num_kv):
+        total = [0.0] * (length - window)
+        for head in range(kv * group, (kv + 1) * group):
+            for row in range(window):
+                probs = naive_probs(queries[head, row].tolist(), keys[kv], length - window + row, scaling)
+                for j in range(length - window):
+                    total[j] += probs[j] / group
+        out.append(total)
+    return out
+
+
+@pytest.mark.parametrize("sink", [0, 2])
+def test_lukv_without_a_curve_allocates_the_global_top_shares_across_layers_and_heads(sink):
+    layers, num_kv, group, length, dim, window, budget = 2, 2, 2, 15, 4, 3, 7
+    cache, built = hand_cache(layers, num_kv, length, dim, seed=31)
+    ctx = hand_context(budget, length, num_kv, group, dim, window, layers=layers)
+    base = {"window": window, "kernel": 1, "pool": "none"}
+    build_method({"name": "lukv", "base": "snapkv", "base_params": base, "sink": sink}).compress(cache, ctx)
+    entries = []  # (share, layer, head, slot)
+    for layer_idx, (_, keys, _) in enumerate(built):
+        for kv, scores in enumerate(naive_window_sums(ctx.window_queries[layer_idx], keys, window, ctx.scaling)):
+            total = sum(scores[sink:])
+            entries += [(2.0 if j < sink else scores[j] / total, layer_idx, kv, j) for j in range(len(scores))]
+    winners = sorted(entries, key=lambda e: -e[0])[: layers * num_kv * (budget - window)]
+    for layer_idx, layer in enumerate(cache.layers):
+        for kv in range(num_kv):
+            chosen = sorted(j for _, lay, h, j in winners if (lay, h) == (layer_idx, kv))
+            kept = [p for p in layer.positions[kv].tolist() if p < length]
+            assert kept == chosen + list(range(length - window, length))
+            assert set(range(sink)) <= set(kept)
+    assert sum(int(layer.lengths().sum()) for layer in cache.layers) == layers * num_kv * budget
+
+
+def test_lukv_curve_sets_each_heads_share_and_keeps_the_layer_total(tmp_path):
+    layers, num_kv, length, dim, window, budget = 2, 2, 20, 4, 2, 8
+    curve = np.full((99, layers, num_kv), 0.5)
+    curve[59, 0] = [0.4, 0.8]  # ratio 0.6 -> row 59: layer 0 keep rates 0.6 / 0.2 -> 3:1 of 2 x 6 selectable
+    path = tmp_path / "curve.npy"
+    np.save(path, curve)
+    cache, _ = hand_cache(layers, num_kv, length, dim, seed=32)
+    ctx = hand_context(budget, length, num_kv, 1, dim, window, layers=layers)
+    method = build_method({"name": "lukv", "base": "snapkv", "base_params": {"window": window}, "curve": str(path)})
+    method.compress(cache, ctx)
+    assert cache.layers[0].lengths().tolist() == [9 + window, 3 + window]
+    assert cache.layers[1].lengths().tolist() == [budget, budget]
+
+
+@pytest.mark.parametrize("params", [{"sink": -1}, {"base": "h2o"}, {"decode_budget": 64}])
+def test_lukv_refuses_bad_hyperparameters_in_one_line(params):
+    with pytest.raises(ValueError) as error:
+        build_method({"name": "lukv", **params})
     assert "\n" not in str(error.value)
