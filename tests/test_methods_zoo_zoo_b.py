@@ -1,4 +1,4 @@
-"""Scissorhands, NACL, SimLayerKV, Finch, LU-KV, KVCompose and HeadKV on hand-made tensors against independent
+"""Scissorhands, NACL, SimLayerKV, Finch and LU-KV on hand-made tensors against independent
 naive implementations of their papers' rules; exact budgets, the full cache when the budget holds the prompt,
 composition where claimed and one-line refusals of bad hyperparameters. The registry-wide contract
 (tests/test_method_contract.py) runs every one of them on the tiny model."""
