@@ -33,6 +33,7 @@ TINY_MODEL_PARAMS = {
     "gear": {"group_size": 16, "streaming_gap": 32},
     "rotatekv": {"group_size": 16, "calibration_tokens": 256},
     "transformers_quantized": {"q_group_size": 16},
+    "simlayerkv": {"lazy_threshold": 0.45},  # the random tiny model's attention is flat: a mix of lazy layers
 }
 # Methods that need an optional dependency (skipped, with the reason, only where it is missing).
 OPTIONAL_MODULES = {"transformers_quantized": "optimum.quanto"}
@@ -146,6 +147,10 @@ def test_runs_on_the_tiny_model_and_keeps_exactly_its_budget(name, compress, lm,
         retrieval = record["razor_retrieval_heads"]
         assert 1 <= retrieval < layers * heads
         assert kept == BUDGET * layers * heads + retrieval * (split - BUDGET)
+    elif name == "simlayerkv":  # budget = a lazy layer's window; the other layers keep the whole segment
+        lazy = record["simlayerkv_lazy_layers"]
+        assert 1 <= lazy < layers
+        assert kept == (BUDGET * lazy + split * (layers - lazy)) * heads
     elif name == "mikv":  # no token left behind: the base's budget is the high-precision part
         assert kept == every_slot
         assert row["kept_entries"] == full["kept_entries"]

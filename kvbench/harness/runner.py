@@ -78,10 +78,12 @@ def compress_copy(
     prefill_stats: Any = None,
     copy: bool = True,
     reserve: int = 0,
+    context_end: int | None = None,
 ) -> JobCache:
     """A copy of the prefilled cache of `input_ids` (the compressed segment), set up and compressed by the
     job's method at the job's budget. `copy=False`: the prefill's own cache (a chunked prefill is per job).
-    `reserve`: tokens the caller will append afterwards (tail + decode), reserved once (`KVCache.reserve`)."""
+    `reserve`: tokens the caller will append afterwards (tail + decode), reserved once (`KVCache.reserve`).
+    `context_end`: where the context ends in `input_ids`, when known (`CompressionContext.context_end`)."""
     cache = pre.cache.copy() if copy else pre.cache
     cache.decode_kernels = options.kernels  # this job's decode steps: the Triton kernel or the torch path
     cache.reserve(reserve)
@@ -103,6 +105,7 @@ def compress_copy(
         prefill_stats=prefill_stats,
         cache_dir=options.cache_dir,
         kernels=options.kernels,
+        context_end=context_end,
     )
     with stopwatch.phase("compress") as phase:
         if applies:
@@ -168,6 +171,7 @@ def run_job(
         prefill_stats,
         copy=not chunked,
         reserve=len(tail) + max(sample.max_new_tokens - 1, 0),
+        context_end=min(prompt.context_end, split),
     )
     cache, meter = job_cache.cache, RowMeter(lm, job_cache, split)
     with stopwatch.phase("tail") as tail_phase:

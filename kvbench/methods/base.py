@@ -51,6 +51,9 @@ class CompressionContext:
     seed: int = 0
     lm: Any = None  # kvbench.engine.models.LoadedModel: model, tokenizer, device (methods that run extra forwards)
     input_ids: list[int] = field(default_factory=list)  # the compressed segment's tokens
+    # Where the context ends inside the compressed segment (the rest is the question and answer prefix, Finch's
+    # window); None: unknown (chunked prefill, scenarios, direct calls).
+    context_end: int | None = None
     prefill_stats: Any = None  # this method's prefill observer, after the prefill
     cache_dir: Any = None  # pathlib.Path for per-model artefacts (e.g. head profiles), outside the repo
     record: dict[str, Any] = field(default_factory=dict)
