@@ -11,6 +11,7 @@ import torch
 from kvbench.engine.generation import prefill
 from kvbench.engine.measure import Stopwatch
 from kvbench.engine.quant.fp8 import FP8Segment, calibrate_scale, fp8_error_bound, fp8_max
+from kvbench.engine.quant.kvquant import encode_nuq, fit_calibration, normalise
 from kvbench.engine.quant.packing import pack, packed_row_bytes, unpack
 from kvbench.engine.quant.turboquant import beta_codebook, encode_turbo, turbo_nbytes
 from kvbench.methods import build_method
@@ -184,5 +185,82 @@ def test_bad_hyperparameters_are_one_line(tiny_lm):
         ({"name": "turboquant", "boundary_layers": -1}, "boundary_layers must be >= 0, got -1"),
     ]
     for params, message in cases:
+        with pytest.raises(ValueError, match=message):
+            build_method(params)
+
+
+# ---------------------------------------------------------------- kvquant
+
+
+def test_kvquant_dense_and_sparse_golden_case():
+    """Hand-made keys of 1 head x 3 slots x 2 channels, thresholds and a 2-bit codebook: entries outside their
+    channel's [lo, hi] are kept exactly; the rest decode to the nearest codebook level of z = (x - mid) / half."""
+    x = torch.tensor([[[0.5, 10.0], [-3.0, 2.0], [1.875, -0.25]]])
+    low, high = torch.tensor([[-1.0, -2.0]]), torch.tensor([[2.0, 2.0]])
+    book = torch.tensor([-1.0, -0.25, 0.5, 1.0])
+    segment = encode_nuq(x, book, 2, low, high, 0.0)
+    # channel 0: mid 0.5, half 1.5; channel 1: mid 0, half 2. z(0.5)=0 -> -0.25 (|0+0.25| < 0.5) -> 0.125;
+    # z(1.875)=0.917 -> 1.0 -> 2.0; channel 1: z(2)=1 -> 2.0; z(-0.25)=-0.125 -> -0.25 -> -0.5
+    expected = torch.tensor([[[0.125, 10.0], [-3.0, 2.0], [2.0, -0.5]]])
+    assert torch.equal(segment.materialize(torch.float32), expected)
+    assert segment.outlier_slots.tolist() == [0, 1] and segment.outlier_channels.tolist() == [1, 0]
+    assert segment.nbytes() == 3 * packed_row_bytes(2, 2) + 2 * (4 + 2 + 2)
+    # values: per-token thresholds (fraction 0: the token's min and max), stored per slot in 16 bits
+    values = encode_nuq(x, book, 2, None, None, 0.0)
+    assert values.low.tolist() == [0.5, -3.0, -0.25] and values.high.tolist() == [10.0, 2.0, 1.875]
+    assert values.outlier_values.numel() == 0
+    assert values.nbytes() == 3 * packed_row_bytes(2, 2) + 3 * 2 * 2
+    assert values.materialize(torch.float32)[0, :, 0].tolist() == [0.5, -3.0, 1.875]  # each token's min / max
+
+
+def test_kvquant_calibration_thresholds_are_channel_quantiles_and_codebook_is_kmeans():
+    generator = torch.Generator().manual_seed(2)
+    keys = torch.randn(2, 500, 8, generator=generator) * torch.arange(1, 9).float()
+    values = torch.randn(2, 500, 8, generator=generator)
+    calibration = fit_calibration(keys, values, 2, 0.02, torch.float32)
+    expected_low = torch.quantile(keys.permute(0, 2, 1), 0.01, dim=-1)
+    assert torch.allclose(calibration.key_low.float(), expected_low, rtol=1e-3, atol=1e-3)
+    z = normalise(keys, calibration.key_low.float()[:, None], calibration.key_high.float()[:, None]).flatten()
+    book = calibration.key_book.double()
+    cells = torch.bucketize(z.double(), (book[1:] + book[:-1]) / 2)
+    means = torch.stack([z[cells == i].double().mean() for i in range(4)])
+    assert torch.allclose(means, book, atol=2e-3)  # each centroid is the mean of its cell (k-means fixed point)
+    assert calibration.nbytes() == 2 * (2 * 8 * 2) + 2 * 4 * 2
+
+
+def test_kvquant_cache_pre_rope_sinks_calibration_cache_and_bytes(tiny_lm, tmp_path):
+    tokens = list(range(3, 3 + 40))
+    method = build_method({"name": "kvquant", "bits": 8, "outlier_fraction": 0.02, "calibration_tokens": 256})
+    pre, cache, ctx = compressed_cache(tiny_lm, method, tokens, tmp_path)
+    assert len(list((tmp_path / "kvquant").glob("*.pt"))) == 1, "the calibration is cached per model"
+    heads, d = tiny_lm.config.num_key_value_heads, tiny_lm.config.head_dim
+    for original, layer in zip(pre.cache.layers, cache.layers, strict=True):
+        assert layer.kstore.kinds() == [("sink", 1), ("nuq", 39)]
+        keys, values = original.keys[0], original.values[0]
+        assert torch.equal(layer.keys[0][:, :1], keys[:, :1]) and torch.equal(layer.values[0][:, :1], values[:, :1])
+        # 8-bit nuq codes, pre-RoPE then re-rotated: close to the cached post-RoPE keys
+        assert float((layer.keys[0] - keys).abs().max()) < 0.05 * float(keys.abs().max())
+        key_segment, value_segment = layer.kstore.segments[1], layer.vstore.segments[1]
+        outliers = key_segment.outlier_values.numel() + value_segment.outlier_values.numel()
+        expected = (
+            2 * heads * 1 * d * 4  # fp32 sink slot (the tiny model runs in fp32), keys and values
+            + 2 * heads * 39 * d  # 8-bit codes
+            + 39 * 2 * 2  # per-token value thresholds (fp16 low, high)
+            + outliers * 8  # int32 slot + int16 channel + fp16 value
+            + 2 * heads * d * 2
+            + 2 * 256 * 2  # calibration: key thresholds + two 8-bit codebooks
+        )
+        assert layer.nbytes() == expected
+    again = build_method({"name": "kvquant", "bits": 8, "outlier_fraction": 0.02, "calibration_tokens": 256})
+    _, cache_again, _ = compressed_cache(tiny_lm, again, tokens, tmp_path)
+    assert torch.equal(cache_again.layers[0].keys, cache.layers[0].keys)  # the cached calibration, same codes
+
+
+def test_kvquant_bad_hyperparameters_are_one_line():
+    for params, message in (
+        ({"name": "kvquant", "bits": 5}, "unsupported bits 5. Valid bits: 2, 3, 4, 8."),
+        ({"name": "kvquant", "outlier_fraction": 0.6}, r"outlier_fraction must be in \[0, 0.5\), got 0.6"),
+        ({"name": "kvquant", "calibration_tokens": 4}, "calibration_tokens must be an int >= 16, got 4"),
+    ):
         with pytest.raises(ValueError, match=message):
             build_method(params)
