@@ -1,4 +1,4 @@
-"""Bit packing of b-bit codes (b in {2, 3, 4, 8}) into bytes, with padding counted.
+"""Bit packing of b-bit codes (b in {1, 2, 3, 4, 8}) into bytes, with padding counted.
 
 Layout: the codes of a row (last axis) are padded to a multiple of 8 and cut into blocks of 8; a block's 8 codes
 form one 8b-bit little-endian integer (code i at bits b*i .. b*i + b - 1) stored as b bytes. So code c of a row
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-PACK_BITS = (2, 3, 4, 8)
+PACK_BITS = (1, 2, 3, 4, 8)
 
 
 def packed_row_bytes(n: int, bits: int) -> int:
