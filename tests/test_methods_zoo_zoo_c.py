@@ -1,0 +1,294 @@
+"""Wrappers over any scorer (chunk, per_layer, threshold, key_rerotation, compression_ratio_decoding), channel pruning
+(think), merging (cam, merging, minicache) and selection without freeing memory (quest): known answers on hand-made
+tensors from each method's rule, exact budgets (or the threshold rule), composition, and one-line refusals. The
+registry-wide contract (yaml, budget rule on the tiny model, a roomy budget == full) is in test_method_contract.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvbench.engine.cache import PAD_POSITION, KVCache
+from kvbench.harness.options import RunOptions
+from kvbench.harness.runner import Job, run_sample
+from kvbench.methods import build_method
+from kvbench.methods.base import CompressionContext
+from kvbench.methods.chunk import chunk_budgets, chunked_keep
+from kvbench.methods.compression_ratio_decoding import fraction_cap
+from kvbench.methods.key_rerotation import contiguous_positions
+from kvbench.methods.per_layer import weighted_layer_budgets
+from kvbench.methods.scorer import LayerScores
+from tests.helpers import assert_kept_slots_are_untouched, needle_sample, prefilled
+
+
+def run(lm, cfgs: dict, budget, compress="prompt", sample=None):
+    """Rows by key of one shared run: "full" plus each `cfgs` entry at `budget`."""
+    jobs = [Job(build_method({"name": "full"}), None, "full")]
+    jobs += [
+        Job(build_method({"name": cfg} if isinstance(cfg, str) else cfg), budget, key) for key, cfg in cfgs.items()
+    ]
+    options = RunOptions(compress=compress, seed=0, fail_fast=True)
+    return {job.key: row for job, row in run_sample(lm, sample or needle_sample(8), jobs, options)}
+
+
+def hand_cache(keys: torch.Tensor, values: torch.Tensor | None = None) -> KVCache:
+    """A one-layer cache holding `keys [Hkv, L, d]` (and values) at positions 0..L-1."""
+    cache = KVCache(1)
+    values = torch.randn_like(keys) if values is None else values
+    cache.next_positions(keys.shape[1], "cpu")
+    cache.update(keys[None], values[None], 0)
+    return cache
+
+
+def hand_ctx(cache: KVCache, budget: int) -> CompressionContext:
+    heads = cache.layers[0].num_heads
+    return CompressionContext(
+        budget=budget, prompt_len=cache.layers[0].get_seq_length(), num_heads=heads, num_kv_heads=heads
+    )
+
+
+# --- chunk ------------------------------------------------------------------------------------------------------
+
+
+def test_chunk_shares_are_proportional_and_sum_to_the_budget():
+    # chunks of 4, 4, 2 slots keeping 4 of 10: 1.6, 1.6, 0.8 -> floors 1, 1, 0; the two largest remainders
+    # (0.8, then the first 0.6) get the two missing slots.
+    assert chunk_budgets(10, 4, 4) == [2, 1, 1]
+    assert chunk_budgets(12, 6, 4) == [2, 2, 2]
+    assert sum(chunk_budgets(1000, 333, 64)) == 333
+
+
+def test_chunk_keeps_each_chunks_own_top_scores_plus_the_protected_tail():
+    scores = torch.tensor([[9.0, 8.0, 7.0, 6.0, 0.1, 0.2, 0.3, 0.4, 5.0, 0.0]])  # head 0; tail of 2 protected
+    kept = chunked_keep(LayerScores(scores, protected=2), budget=2 + 5, chunk_length=4)
+    # 10 scored, 5 selectable: shares 2, 2, 1 (4*5/10 = 2, 2, 1): chunk 0 -> 0, 1; chunk 1 -> 6, 7; chunk 2 -> 8.
+    assert kept.tolist() == [[0, 1, 6, 7, 8, 10, 11]]
+    # A global top-5 would have taken 0, 1, 2, 3, 8: the chunks spread the selection.
+
+
+def test_chunk_with_one_chunk_is_its_base_and_keeps_exactly_the_budget(tiny_lm):
+    rows = run(
+        tiny_lm,
+        {
+            "knorm": "knorm",
+            "one": {"name": "chunk", "base": "knorm", "chunk_length": 4096},
+            "chunked": {"name": "chunk", "base": "knorm", "chunk_length": 16},
+        },
+        32,
+    )
+    assert rows["one"]["output_ids"] == rows["knorm"]["output_ids"]
+    assert rows["chunked"]["kept_entries_compressed"] == rows["knorm"]["kept_entries_compressed"]
+
+
+def test_chunk_selection_is_per_chunk_on_the_model(tiny_lm):
+    budget, window = 24, 8
+    method = build_method({"name": "chunk", "chunk_length": 20, "base_params": {"window": window}})
+    cache, ctx = prefilled(tiny_lm, budget, window)
+    compressed = cache.copy()
+    method.compress(compressed, ctx)
+    scored = ctx.prompt_len - window
+    shares = chunk_budgets(scored, budget - window, 20)
+    for layer_idx, layer in enumerate(compressed.layers):
+        verdict = method.inner.layer_scores(layer_idx, cache.layers[layer_idx], budget, ctx)
+        for head in range(layer.num_heads):
+            want = []
+            for index, share in enumerate(shares):
+                part = verdict.scores[head, index * 20 : (index + 1) * 20]
+                order = torch.sort(part, descending=True, stable=True).indices[:share]
+                want += sorted((index * 20 + order).tolist())
+            want += list(range(scored, ctx.prompt_len))
+            assert layer.positions[head].tolist() == want
+    assert_kept_slots_are_untouched(cache, compressed)
+
+
+def test_chunk_refuses_bad_hyperparameters():
+    with pytest.raises(ValueError, match="chunk_length"):
+        build_method({"name": "chunk", "chunk_length": 0})
+    with pytest.raises(ValueError, match="scoring method"):
+        build_method({"name": "chunk", "base": "streamingllm"})
+    with pytest.raises(ValueError, match="decode_budget"):
+        build_method({"name": "chunk", "base_params": {"decode_budget": 64}})
+
+
+# --- per_layer --------------------------------------------------------------------------------------------------
+
+
+def test_per_layer_budgets_follow_the_weights_and_keep_the_total():
+    assert weighted_layer_budgets(10, [1, 1, 2], 100) == [8, 7, 15]  # 7.5, 7.5, 15: the tie to the earlier layer
+    # 0, 7.5, 22.5 with a 12-slot prompt: layer 2 is capped, then layer 1; layer 0 (weight 0) takes the rest.
+    assert weighted_layer_budgets(10, [0, 1, 3], 12) == [6, 12, 12]
+    assert weighted_layer_budgets(5, [1, 1], 100) == [5, 5]
+
+
+def test_per_layer_keeps_its_layer_budgets_on_the_model(tiny_lm):
+    layers = tiny_lm.config.num_hidden_layers
+    weights = [float(i + 1) for i in range(layers)]
+    rows = run(tiny_lm, {"m": {"name": "per_layer", "layer_weights": weights}, "snap": "snapkv"}, 32)
+    row = rows["m"]
+    expected = weighted_layer_budgets(32, weights, row["compressed_tokens"])
+    assert row["kept_per_layer_compressed"] == expected
+    assert row["kept_entries_compressed"] == rows["snap"]["kept_entries_compressed"]
+
+
+def test_per_layer_refuses_bad_weights(tiny_lm):
+    with pytest.raises(ValueError, match="layer_weights"):
+        build_method({"name": "per_layer", "layer_weights": [1.0, -1.0]})
+    with pytest.raises(ValueError, match="the model has"):
+        build_method({"name": "per_layer", "layer_weights": [1.0]}).check_model(tiny_lm.config)
+
+
+# --- threshold --------------------------------------------------------------------------------------------------
+
+
+def norm_keys(norms: list[list[float]], dim: int = 4) -> torch.Tensor:
+    """Keys `[Hkv, L, dim]` with the given L2 norms (knorm scores them -norm)."""
+    return torch.tensor(norms)[:, :, None] * torch.nn.functional.normalize(torch.ones(dim), dim=0)
+
+
+def test_threshold_evicts_exactly_the_low_scores_outside_the_window():
+    norms = [[1.0, 5.0, 2.0, 6.0, 9.0, 9.0], [7.0, 1.0, 8.0, 1.0, 9.0, 1.0]]
+    cache = hand_cache(norm_keys(norms))
+    method = build_method({"name": "threshold", "base": "knorm", "threshold": -4.0, "window": 2})
+    ctx = hand_ctx(cache, 6)
+    method.setup(cache, ctx)
+    method.after_compress(cache, ctx)
+    layer = cache.layers[0]
+    # Slots 0..3 are judged (positions < 6 - 2): kept iff -norm >= -4; slots 4, 5 are in the window.
+    real = [row[row != PAD_POSITION].tolist() for row in layer.positions]
+    assert real == [[0, 2, 4, 5], [1, 3, 4, 5]]
+    assert ctx.record["threshold_kept_entries"] == 8
+    assert math.isclose(ctx.record["threshold_kept_fraction"], 8 / 12)
+    assert cache.kept_entries() == 8
+
+
+def test_threshold_judges_each_slot_once_while_decoding():
+    cache = hand_cache(norm_keys([[1.0, 1.0, 1.0]]))
+    method = build_method({"name": "threshold", "base": "knorm", "threshold": -4.0, "window": 2, "decoding": True})
+    ctx = hand_ctx(cache, 3)
+    method.setup(cache, ctx)
+    method.after_compress(cache, ctx)
+    for norm in (9.0, 1.0, 9.0):  # new slots at positions 3, 4, 5
+        method.before_forward(cache, ctx, 1)
+        cache.next_positions(1, "cpu")
+        cache.update(norm_keys([[norm]])[None], torch.zeros(1, 1, 1, 4), 0)
+    method.before_forward(cache, ctx, 1)
+    # Judged: 0 (prefill), then 1, 2, 3 as they left the window; 3 (norm 9) is below the threshold.
+    assert cache.layers[0].positions.tolist() == [[0, 1, 2, 4, 5]]
+    assert ctx.record["threshold_decode_evicted"] == 1
+    # Raising the threshold later does not re-judge the slots already judged.
+    method.threshold = 100.0
+    method.before_forward(cache, ctx, 1)
+    assert cache.layers[0].positions.tolist() == [[0, 1, 2, 4, 5]]
+
+
+def test_threshold_takes_no_budget_and_refuses_bad_hyperparameters(tiny_lm):
+    method = build_method({"name": "threshold"})
+    assert method.takes_budget is False
+    with pytest.raises(ValueError, match="window"):
+        build_method({"name": "threshold", "window": -1})
+    with pytest.raises(ValueError, match="decode_budget"):
+        build_method({"name": "threshold", "decode_budget": 64})
+
+
+# --- key_rerotation ---------------------------------------------------------------------------------------------
+
+
+def rotate_by(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """R(delta) k for keys `[L, d]` in the rotate-half layout, written out pair by pair."""
+    out = keys.clone().double()
+    half = inv_freq.shape[0]
+    for i in range(half):
+        angle = delta.double() * float(inv_freq[i])
+        a, b = keys[:, i].double(), keys[:, i + half].double()
+        out[:, i] = a * angle.cos() - b * angle.sin()
+        out[:, i + half] = a * angle.sin() + b * angle.cos()
+    return out
+
+
+def test_contiguous_positions_renumber_each_head_and_keep_padding():
+    positions = torch.tensor([[3, 7, 9], [2, 5, PAD_POSITION]])
+    assert contiguous_positions(positions).tolist() == [[0, 1, 2], [0, 1, PAD_POSITION]]
+
+
+def test_key_rerotation_rotates_the_bases_kept_keys_to_contiguous_positions(tiny_lm):
+    budget, window = 24, 8
+    base = build_method({"name": "snapkv", "window": window})
+    method = build_method({"name": "key_rerotation", "base_params": {"window": window}})
+    cache, ctx = prefilled(tiny_lm, budget, window)
+    reference, rotated = cache.copy(), cache.copy()
+    base.compress(reference, ctx)
+    method.compress(rotated, ctx)
+    inv_freq = next(
+        m.inv_freq for m in tiny_lm.model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)
+    )
+    assert rotated.seen_tokens == budget
+    for ref, layer in zip(reference.layers, rotated.layers, strict=True):
+        assert layer.positions.tolist() == [list(range(budget))] * layer.num_heads
+        assert torch.equal(layer.values, ref.values)
+        for head in range(layer.num_heads):
+            delta = torch.arange(budget) - ref.positions[head]
+            want = rotate_by(ref.keys[0, head].float(), delta, inv_freq.float())
+            torch.testing.assert_close(layer.keys[0, head].double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_key_rerotation_over_streamingllm_is_streamingllms_rerotate_mode(tiny_lm):
+    rows = run(
+        tiny_lm,
+        {
+            "paper": {"name": "streamingllm", "rerotate": True},
+            "wrapped": {"name": "key_rerotation", "base": "streamingllm"},
+        },
+        32,
+    )
+    assert rows["wrapped"]["output_ids"] == rows["paper"]["output_ids"]
+    assert rows["wrapped"]["kept_entries"] == rows["paper"]["kept_entries"]
+
+
+def test_key_rerotation_refuses_bases_it_cannot_renumber():
+    with pytest.raises(ValueError, match="keeping a subset"):
+        build_method({"name": "key_rerotation", "base": "kivi"})
+    with pytest.raises(ValueError, match="decode_budget"):
+        build_method({"name": "key_rerotation", "base": "knorm", "base_params": {"decode_budget": 64}})
+
+
+# --- compression_ratio_decoding ---------------------------------------------------------------------------------
+
+
+def test_fraction_cap_is_the_floor_of_the_fraction_of_tokens_seen():
+    assert fraction_cap(100, 0.25) == 25 and fraction_cap(103, 0.25) == 25 and fraction_cap(3, 0.1) == 1
+    assert fraction_cap(10, 0.3) == 3  # 10 * 0.3 = 2.9999999999999996 in floats
+
+
+def test_compression_ratio_decoding_keeps_the_fraction_while_decoding(tiny_lm):
+    sample = needle_sample(24)
+    rows = run(
+        tiny_lm,
+        {
+            "m": {
+                "name": "compression_ratio_decoding",
+                "base": "knorm",
+                "compression_ratio": 0.5,
+                "compression_interval": 4,
+            }
+        },
+        0.5,
+        sample=sample,
+    )
+    row = rows["m"]
+    split, new = row["compressed_tokens"], row["output_tokens"]
+    layers_heads = tiny_lm.config.num_hidden_layers * tiny_lm.config.num_key_value_heads
+    assert row["kept_entries_compressed"] == row["budget_entries"] * layers_heads
+    # The last forward (decode step new - 1) saw split + new - 1 tokens: the cap floor(0.5 * seen) held.
+    cap = fraction_cap(split + new - 1, 0.5)
+    assert cap - 4 <= row["kept_entries"] / layers_heads <= cap
+    assert row["max_layer_len_decode"] <= cap
+    assert row["method_record"]["decode_rescores"] > 0
+
+
+def test_compression_ratio_decoding_refuses_bad_hyperparameters():
+    with pytest.raises(ValueError, match="compression_ratio"):
+        build_method({"name": "compression_ratio_decoding", "compression_ratio": 1.0})
+    with pytest.raises(ValueError, match="compression_interval"):
+        build_method({"name": "compression_ratio_decoding", "compression_interval": 0})
