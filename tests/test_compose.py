@@ -22,6 +22,7 @@ SLOT_SUBSET = SCORERS | {"h2o", "hierarchical", "kvzip", "random", "streamingllm
 PLAIN_KV = SLOT_SUBSET | {"full", "kv_distill", "razor"}  # full never evicts: no quantiser takes it as base
 PLAIN_KV |= {"key_rerotation"}
 OWN_STORAGE = {"gear", "kivi", "kv_direct", "mikv", "octopus", "rotatekv", "rtn", "transformers_quantized"}
+OWN_STORAGE |= {"think"}
 QUANTISERS = ("gear", "kivi", "octopus", "rotatekv", "rtn")
 
 # Each wrapper, with the registered methods it must accept as base and the reason a refused one gets.
@@ -36,7 +37,7 @@ WRAPPERS = {
     "mikv": (SLOT_SUBSET, "it does not evict by choosing slots"),
     **{
         name: (PLAIN_KV - {"full"}, "method.base must be an eviction method that leaves plain K/V layers")
-        for name in QUANTISERS
+        for name in (*QUANTISERS, "think")
     },
 }
 

@@ -10,7 +10,9 @@ import math
 import pytest
 import torch
 
+from kvbench.engine.attention import attend
 from kvbench.engine.cache import PAD_POSITION, KVCache
+from kvbench.engine.layers.channel_pruned import ChannelPrunedLayer
 from kvbench.harness.options import RunOptions
 from kvbench.harness.runner import Job, run_sample
 from kvbench.methods import build_method
@@ -20,6 +22,7 @@ from kvbench.methods.compression_ratio_decoding import fraction_cap
 from kvbench.methods.key_rerotation import contiguous_positions
 from kvbench.methods.per_layer import weighted_layer_budgets
 from kvbench.methods.scorer import LayerScores
+from kvbench.methods.think import channel_scores, kept_channels
 from tests.helpers import assert_kept_slots_are_untouched, needle_sample, prefilled
 
 
@@ -292,3 +295,75 @@ def test_compression_ratio_decoding_refuses_bad_hyperparameters():
         build_method({"name": "compression_ratio_decoding", "compression_ratio": 1.0})
     with pytest.raises(ValueError, match="compression_interval"):
         build_method({"name": "compression_ratio_decoding", "compression_interval": 0})
+
+
+# --- think ------------------------------------------------------------------------------------------------------
+
+
+def test_think_channel_scores_follow_the_formula_and_pick_the_top_channels():
+    # 2 query heads over 1 KV head, window of 2, d = 4.
+    queries = torch.tensor([[[1.0, 0.0, 2.0, 1.0], [1.0, 0.0, 0.0, 1.0]], [[3.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 1.0]]])
+    keys = torch.tensor([[[1.0, 4.0, 1.0, 0.5], [1.0, 4.0, 3.0, 0.5], [9.0, 9.0, 9.0, 9.0]]])
+    positions = torch.tensor([[0, 1, PAD_POSITION]])  # the padding slot must not count
+    q2 = torch.tensor([(1 + 1 + 9 + 1) / 4, (0 + 0 + 1 + 1) / 4, (4 + 0 + 0 + 0) / 4, (1 + 1 + 1 + 1) / 4])
+    k2 = torch.tensor([1.0, 16.0, 5.0, 0.25])
+    scores = channel_scores(queries, keys, positions)
+    torch.testing.assert_close(scores, (q2 * k2)[None])  # [3, 8, 5, 0.25]
+    assert kept_channels(scores, 2).tolist() == [[1, 2]]
+
+
+def test_think_layer_stores_exactly_the_kept_channels_and_attends_over_them():
+    torch.manual_seed(0)
+    heads, length, dim = 2, 6, 8
+    layer = KVCache(1)
+    keys, values = torch.randn(1, heads, length, dim), torch.randn(1, heads, length, dim)
+    layer.next_positions(length, "cpu")
+    layer.update(keys, values, 0)
+    channels = torch.tensor([[0, 3, 5], [1, 2, 7]])
+    pruned = ChannelPrunedLayer.from_layer(layer.layers[0], channels)
+    layer.layers[0] = pruned
+    assert pruned.keys.shape == (1, heads, length, 3)
+    for head in range(heads):
+        assert torch.equal(pruned.keys[0, head], keys[0, head][:, channels[head]])
+    # bytes: 3 key channels + 8 value channels per slot, plus the int64 channel indices
+    assert pruned.nbytes() == heads * length * (3 + 8) * 4 + channels.numel() * 8
+    new_key, new_value = torch.randn(1, heads, 1, dim), torch.randn(1, heads, 1, dim)
+    layer.next_positions(1, "cpu")
+    read_keys, read_values = layer.update(new_key, new_value, 0)
+    query = torch.randn(1, 4, 1, dim)  # GQA: query heads 0, 1 -> KV head 0; 2, 3 -> KV head 1
+    out = attend(query, read_keys, read_values, None, False, 0.5)
+    all_keys, all_values = torch.cat([keys, new_key], dim=2), torch.cat([values, new_value], dim=2)
+    for h in range(4):
+        kv = h // 2
+        kept = channels[kv]
+        logits = all_keys[0, kv][:, kept] @ query[0, h, 0, kept] * 0.5
+        want = logits.softmax(-1) @ all_values[0, kv]
+        torch.testing.assert_close(out[0, h, 0], want, rtol=1e-5, atol=1e-5)
+    assert layer.layers[0].keys.shape == (1, heads, length + 1, 3)
+
+
+def test_think_composes_with_token_eviction(tiny_lm):
+    ratio = 0.25
+    rows = run(
+        tiny_lm,
+        {"snap": "snapkv", "both": {"name": "think", "base": "snapkv", "key_channel_compression_ratio": ratio}},
+        32,
+    )
+    snap, both = rows["snap"], rows["both"]
+    dim = tiny_lm.config.head_dim
+    keep = dim - int(dim * ratio)
+    assert both["kept_entries_compressed"] == snap["kept_entries_compressed"]
+    assert both["method_record"]["think_kept_channels"] == keep
+    layers, heads = tiny_lm.config.num_hidden_layers, tiny_lm.config.num_key_value_heads
+    element = 4  # the tiny model is fp32
+    slots = both["kept_entries_compressed"]
+    assert both["kv_bytes_compressed"] == slots * (keep + dim) * element + layers * heads * keep * 8
+
+
+def test_think_refuses_bad_hyperparameters():
+    with pytest.raises(ValueError, match="key_channel_compression_ratio"):
+        build_method({"name": "think", "key_channel_compression_ratio": 1.0})
+    with pytest.raises(ValueError, match="window"):
+        build_method({"name": "think", "window": 0})
+    with pytest.raises(ValueError, match="plain K/V"):
+        build_method({"name": "think", "base": "kivi"})
