@@ -17,10 +17,20 @@ from kvbench.methods.prefixkv import write_calibration
 
 # The reference classification, written out by hand: a new method must be placed here.
 SCORERS = {"adakv", "dapq", "expected_attention", "knorm", "kvcrush", "prefixkv", "pyramidkv", "snapkv"}
-SCORERS |= {"chunk", "compression_ratio_decoding", "per_layer", "threshold"}
-SLOT_SUBSET = SCORERS | {"h2o", "hierarchical", "kvzip", "random", "streamingllm", "tova", "treekv", "window"}
+SCORERS |= {"chunk", "compression_ratio_decoding", "per_layer", "threshold", "merging"}
+MERGERS = {"merging"}  # scorers whose kept values are rewritten: not a subset of the slots unchanged
+SLOT_SUBSET = (SCORERS - MERGERS) | {
+    "h2o",
+    "hierarchical",
+    "kvzip",
+    "random",
+    "streamingllm",
+    "tova",
+    "treekv",
+    "window",
+}
 PLAIN_KV = SLOT_SUBSET | {"full", "kv_distill", "razor"}  # full never evicts: no quantiser takes it as base
-PLAIN_KV |= {"key_rerotation"}
+PLAIN_KV |= {"key_rerotation"} | MERGERS
 OWN_STORAGE = {"gear", "kivi", "kv_direct", "mikv", "octopus", "rotatekv", "rtn", "transformers_quantized"}
 OWN_STORAGE |= {"think"}
 QUANTISERS = ("gear", "kivi", "octopus", "rotatekv", "rtn")
@@ -30,7 +40,7 @@ WRAPPERS = {
     **{name: (SCORERS - {name}, "not a scoring method") for name in ("adakv", "kvcrush", "prefixkv")},
     **{
         name: (SCORERS - {name}, "not a scoring method")
-        for name in ("chunk", "compression_ratio_decoding", "per_layer", "threshold")
+        for name in ("chunk", "compression_ratio_decoding", "per_layer", "threshold", "merging")
     },
     "key_rerotation": (SLOT_SUBSET, "it does not evict by keeping a subset of the cache's slots"),
     "kv_distill": (SLOT_SUBSET, "it does not keep a subset of the cache's slots as plain K/V"),

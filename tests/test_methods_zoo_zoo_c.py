@@ -20,6 +20,7 @@ from kvbench.methods.base import CompressionContext
 from kvbench.methods.chunk import chunk_budgets, chunked_keep
 from kvbench.methods.compression_ratio_decoding import fraction_cap
 from kvbench.methods.key_rerotation import contiguous_positions
+from kvbench.methods.merging import merge_evicted
 from kvbench.methods.per_layer import weighted_layer_budgets
 from kvbench.methods.scorer import LayerScores
 from kvbench.methods.think import channel_scores, kept_channels
@@ -367,3 +368,63 @@ def test_think_refuses_bad_hyperparameters():
         build_method({"name": "think", "window": 0})
     with pytest.raises(ValueError, match="plain K/V"):
         build_method({"name": "think", "base": "kivi"})
+
+
+# --- merging ----------------------------------------------------------------------------------------------------
+
+
+def test_merging_folds_each_evicted_value_into_its_most_similar_kept_key():
+    keys = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0], [-1.0, 0.0]]])
+    values = torch.tensor([[[2.0, 0.0], [0.0, 2.0], [1.0, 1.0], [3.0, 3.0], [5.0, 5.0]]])
+    kept = torch.tensor([[0, 1]])
+    merged, received = merge_evicted(keys, values, kept, 0.0, 1.0)
+    # slot 2 -> kept 0 (cos 1/sqrt(1.01)); slot 3 -> kept 1; slot 4 (cos -1 and 0) -> kept 1 at s = 0: weight 0.
+    s = 1 / math.sqrt(1.01)
+    w2 = s * math.sqrt(2) / (math.sqrt(2) + 2)
+    w3 = s * math.sqrt(18) / (math.sqrt(18) + 2)
+    want0 = (torch.tensor([2.0, 0.0]) + w2 * torch.tensor([1.0, 1.0])) / (1 + w2)
+    want1 = (torch.tensor([0.0, 2.0]) + w3 * torch.tensor([3.0, 3.0])) / (1 + w3)
+    torch.testing.assert_close(merged[0], torch.stack([want0, want1]))
+    torch.testing.assert_close(received[0], torch.tensor([w2, w3]))
+
+
+def test_merging_preserves_the_weighted_value_mass():
+    torch.manual_seed(0)
+    keys, values = torch.randn(2, 12, 8), torch.randn(2, 12, 8)
+    kept = torch.tensor([[0, 3, 5, 9], [1, 2, 7, 11]])
+    merged, received = merge_evicted(keys, values, kept, 0.0, 1.0)
+    # (1 + W_t) v_t' summed over kept slots == kept values + every evicted value times its weight.
+    unit = torch.nn.functional.normalize(keys, dim=-1)
+    for head in range(2):
+        evicted = [i for i in range(12) if i not in kept[head].tolist()]
+        sims = unit[head, evicted] @ unit[head, kept[head]].T
+        best, target = sims.max(dim=-1)
+        ev_norm = values[head, evicted].norm(dim=-1)
+        weight = best.clamp(min=0) * ev_norm / (ev_norm + values[head, kept[head]][target].norm(dim=-1) + 1e-6)
+        lhs = ((1 + received[head])[:, None] * merged[head]).sum(0)
+        rhs = values[head, kept[head]].sum(0) + (weight[:, None] * values[head, evicted]).sum(0)
+        torch.testing.assert_close(lhs, rhs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(received[head].sum(), weight.sum())
+
+
+def test_merging_keeps_the_bases_slots_and_keys_with_merged_values(tiny_lm):
+    budget, window = 24, 8
+    base = build_method({"name": "snapkv", "window": window})
+    method = build_method({"name": "merging", "base_params": {"window": window}})
+    cache, ctx = prefilled(tiny_lm, budget, window)
+    reference, merged = cache.copy(), cache.copy()
+    base.compress(reference, ctx)
+    method.compress(merged, ctx)
+    assert merged.kept_entries() == reference.kept_entries() == budget * len(cache.layers) * 2
+    for ref, layer in zip(reference.layers, merged.layers, strict=True):
+        assert torch.equal(layer.positions, ref.positions) and torch.equal(layer.keys, ref.keys)
+        assert not torch.equal(layer.values, ref.values)
+
+
+def test_merging_with_a_high_threshold_is_its_base_and_refuses_bad_hyperparameters(tiny_lm):
+    rows = run(tiny_lm, {"snap": "snapkv", "m": {"name": "merging", "similarity_threshold": 1.0}}, 32)
+    assert rows["m"]["output_ids"] == rows["snap"]["output_ids"]
+    with pytest.raises(ValueError, match="merge_fraction"):
+        build_method({"name": "merging", "merge_fraction": 0.0})
+    with pytest.raises(ValueError, match="similarity_threshold"):
+        build_method({"name": "merging", "similarity_threshold": 1.5})
