@@ -17,19 +17,37 @@ from kvbench.methods.prefixkv import write_calibration
 
 # The reference classification, written out by hand: a new method must be placed here.
 SCORERS = {"adakv", "dapq", "expected_attention", "knorm", "kvcrush", "prefixkv", "pyramidkv", "snapkv"}
-SLOT_SUBSET = SCORERS | {"h2o", "hierarchical", "kvzip", "random", "streamingllm", "tova", "treekv", "window"}
+SCORERS |= {"chunk", "compression_ratio_decoding", "per_layer", "threshold", "merging"}
+MERGERS = {"merging"}  # scorers whose kept values are rewritten: not a subset of the slots unchanged
+SLOT_SUBSET = (SCORERS - MERGERS) | {
+    "h2o",
+    "hierarchical",
+    "kvzip",
+    "random",
+    "streamingllm",
+    "tova",
+    "treekv",
+    "window",
+}
 PLAIN_KV = SLOT_SUBSET | {"full", "kv_distill", "razor"}  # full never evicts: no quantiser takes it as base
+PLAIN_KV |= {"key_rerotation"} | MERGERS
 OWN_STORAGE = {"gear", "kivi", "kv_direct", "mikv", "octopus", "rotatekv", "rtn", "transformers_quantized"}
+OWN_STORAGE |= {"think"}
 QUANTISERS = ("gear", "kivi", "octopus", "rotatekv", "rtn")
 
 # Each wrapper, with the registered methods it must accept as base and the reason a refused one gets.
 WRAPPERS = {
     **{name: (SCORERS - {name}, "not a scoring method") for name in ("adakv", "kvcrush", "prefixkv")},
+    **{
+        name: (SCORERS - {name}, "not a scoring method")
+        for name in ("chunk", "compression_ratio_decoding", "per_layer", "threshold", "merging")
+    },
+    "key_rerotation": (SLOT_SUBSET, "it does not evict by keeping a subset of the cache's slots"),
     "kv_distill": (SLOT_SUBSET, "it does not keep a subset of the cache's slots as plain K/V"),
     "mikv": (SLOT_SUBSET, "it does not evict by choosing slots"),
     **{
         name: (PLAIN_KV - {"full"}, "method.base must be an eviction method that leaves plain K/V layers")
-        for name in QUANTISERS
+        for name in (*QUANTISERS, "think")
     },
 }
 
@@ -117,8 +135,12 @@ def prompt(count: int) -> list[int]:
 CALIBRATION = {"calibration_samples": 1, "calibration_tokens": 64}
 
 
+# threshold's default window (128) holds the whole 60-token prompt.
+SMALL = {"prefixkv": CALIBRATION, "threshold": {"window": 8, "threshold": 0.5}}
+
+
 def config_of(name: str) -> dict:
-    return {"name": name, **(CALIBRATION if name == "prefixkv" else {})}
+    return {"name": name, **SMALL.get(name, {})}
 
 
 @pytest.mark.parametrize("name", sorted(SLOT_SUBSET))

@@ -34,6 +34,7 @@ TINY_MODEL_PARAMS = {
     "rotatekv": {"group_size": 16, "calibration_tokens": 256},
     "transformers_quantized": {"q_group_size": 16},
     "simlayerkv": {"lazy_threshold": 0.45},  # the random tiny model's attention is flat: a mix of lazy layers
+    "threshold": {"window": 16, "threshold": 0.5},  # its default window (128) holds the whole prompt
 }
 # Methods that need an optional dependency (skipped, with the reason, only where it is missing).
 OPTIONAL_MODULES = {"transformers_quantized": "optimum.quanto"}
@@ -136,6 +137,11 @@ def test_runs_on_the_tiny_model_and_keeps_exactly_its_budget(name, compress, lm,
     if not method.takes_budget:  # a quantiser alone keeps every slot, packed; the budget is not swept
         assert set(rows) == {None, "full"}
         row = rows[None]
+        if name == "threshold":  # what it keeps is an outcome of its threshold, reported in its record
+            kept = row["method_record"]["threshold_kept_entries"]
+            assert row["kept_entries_compressed"] == kept < every_slot
+            assert row["kv_bytes_logical_compressed"] == kept * slot_bytes
+            return
         assert row["kept_entries_compressed"] == every_slot
         assert row["kv_bytes_compressed"] < full["kv_bytes_full"]
         return

@@ -109,8 +109,15 @@ def reference_row_fields(reference: Reference) -> dict[str, Any]:
 
 
 def truncate_full_cache(cache: KVCache, length: int) -> None:
-    """Drop every slot from position `length` on, in a full (never evicted) cache whose slots are in order."""
+    """Drop every slot from position `length` on, in a full (never evicted) cache whose slots are in order. A
+    recurrent state cannot be rewound: a cache with state layers must not have gone past `length`."""
     for layer in cache.layers:
+        if not layer.spec.attends or layer.spec.bounded:
+            if cache.seen_tokens > length:
+                raise ValueError(
+                    f"cannot rewind a {layer.spec.kind} layer to {length} tokens; build the reference from a copy"
+                )
+            continue
         if layer.get_seq_length() <= length:
             continue
         order = torch.arange(length, device=layer.positions.device).expand(layer.num_heads, length)

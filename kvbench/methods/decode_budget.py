@@ -51,6 +51,16 @@ def attach_recent_queries(cache: KVCache, ctx: CompressionContext, window: int) 
         cache.observers.append(RecentQueries(window, ctx))
 
 
+def recent_context(cache: KVCache, ctx: CompressionContext) -> CompressionContext:
+    """`ctx` with the latest window queries (`attach_recent_queries`) for re-scoring at decode time; `ctx` itself
+    when none are recorded."""
+    recent = next((obs for obs in cache.observers if isinstance(obs, RecentQueries)), None)
+    if recent is None:
+        return ctx
+    queries = [recent.queries[i] for i in range(len(cache.layers))]
+    return dataclasses.replace(ctx, window_queries=queries, window_positions=recent.positions)
+
+
 def enforce_decode_budget(
     method: Any, cache: KVCache, ctx: CompressionContext, num_new: int, decode_budget: int, decode_interval: int
 ) -> None:
@@ -61,12 +71,7 @@ def enforce_decode_budget(
     over = [i for i, layer in enumerate(cache.layers) if layer.get_seq_length() + num_new > decode_budget]
     if not over:
         return
-    recent = next((obs for obs in cache.observers if isinstance(obs, RecentQueries)), None)
-    scoring_ctx = ctx
-    if recent is not None:
-        queries = [recent.queries[i] for i in range(len(cache.layers))]
-        scoring_ctx = dataclasses.replace(ctx, window_queries=queries, window_positions=recent.positions)
-    scoring_ctx = dataclasses.replace(scoring_ctx, budget=target)
+    scoring_ctx = dataclasses.replace(recent_context(cache, ctx), budget=target)
     for layer_idx in over:
         layer = cache.layers[layer_idx]
         verdict = method.layer_scores(layer_idx, layer, target, scoring_ctx)
