@@ -27,6 +27,7 @@ class QueryRecorder:
         self.window = window
         self.queries: dict[int, torch.Tensor] = {}
         self.positions: torch.Tensor | None = None
+        self.first_layer: int | None = None
         self.scaling = 1.0
 
     def on_attention(self, layer_idx, query, layer, query_positions, scaling) -> None:
@@ -34,7 +35,9 @@ class QueryRecorder:
         if layer_idx in self.queries:  # chunked prefill: keep the tail across chunks
             recent = torch.cat([self.queries[layer_idx], recent], dim=1)[:, -self.window :]
         self.queries[layer_idx] = recent.clone()
-        if layer_idx == 0:
+        if self.first_layer is None:  # the first attention layer (layer 0 may be a linear-attention / SSM layer)
+            self.first_layer = layer_idx
+        if layer_idx == self.first_layer:
             previous = self.positions if self.positions is not None else query_positions[:0]
             self.positions = torch.cat([previous, query_positions])[-self.window :]
         self.scaling = scaling

@@ -158,6 +158,11 @@ def decode_reference(
 ) -> Reference:
     """Decode the full cache's greedy continuation (no `full` job in the sweep), then build its reference.
     `cache` is a full cache of the `prefix_len` prefilled tokens that this function may modify."""
+    # Recurrent states and sliding windows cannot be rewound after decoding: such caches build the reference from a
+    # copy taken now (copy-on-write: nothing is copied until one side writes).
+    rewindable = all(layer.spec.attends and not layer.spec.bounded for layer in cache.layers)
+    untouched = None if rewindable else cache.copy()
     first = forward_tokens(lm, cache, tail) if tail else prefix_logits
     decoded = greedy_decode(lm, cache, first, max_new_tokens, lambda num_new: None, stopwatch, stop_at_eos, stop)
-    return build_reference(lm, cache, prefix_len, tail, prefix_logits, decoded.tokens, "decoded")
+    target = cache if untouched is None else untouched
+    return build_reference(lm, target, prefix_len, tail, prefix_logits, decoded.tokens, "decoded")
