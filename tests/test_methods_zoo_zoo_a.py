@@ -94,3 +94,79 @@ def test_keydiff_on_the_tiny_model_keeps_the_budget_and_untouched_slots(tiny_lm)
         expected = torch.sort(keydiff_scores(full.keys[0]), dim=-1, descending=True, stable=True).indices[:, :budget]
         assert torch.equal(layer.positions, expected.sort(dim=-1).values)
     assert_kept_slots_are_untouched(cache, compressed)
+
+
+# --- LagKV ----------------------------------------------------------------------------------------------------
+
+
+def lag_score_by_hand(rows: list[list[float]], reference: list[list[float]]) -> list[float]:
+    """Softmax over the partition of the std (n-1) of each row normalised by the reference's per-channel range."""
+    dims = range(len(rows[0]))
+    low = [min(r[c] for r in reference) for c in dims]
+    high = [max(r[c] for r in reference) for c in dims]
+    spreads = []
+    for row in rows:
+        x = [(row[c] - low[c]) / (high[c] - low[c]) for c in dims]
+        mean = sum(x) / len(x)
+        spreads.append(math.sqrt(sum((v - mean) ** 2 for v in x) / (len(x) - 1)))
+    weights = [math.exp(s) for s in spreads]
+    return [w / sum(weights) for w in weights]
+
+
+def test_lagkv_scores_follow_the_lag_relative_formula():
+    # n_sink=1, lag=2, 8 slots: partitions [1,3) [3,5) [5,7); the last complete one and slot 7 are the tail.
+    torch.manual_seed(0)
+    keys, values = torch.randn(1, 8, 3), torch.randn(1, 8, 3)
+    layer = hand_layer(keys, values)
+    method = build_method({"name": "lagkv", "n_sink": 1, "lag_size": 2, "cross_scoring": True})
+    scores = method.layer_scores(0, layer, 5, hand_context(5, 8)).scores[0]
+    k, v = keys[0].tolist(), values[0].tolist()
+    expected = [1.0]
+    for start in (1, 3):
+        ks = lag_score_by_hand(k[start : start + 2], k[start + 2 : start + 4])
+        vs = lag_score_by_hand(v[start : start + 2], v[start + 2 : start + 4])
+        expected += [(a + b) / 2 for a, b in zip(ks, vs, strict=True)]
+    expected += [1.0, 1.0, 1.0]
+    assert torch.allclose(scores, torch.tensor(expected), atol=1e-5)
+    # Default (ranks): in each partition the better token scores 1/2, the other 0.
+    ranked = build_method({"name": "lagkv", "n_sink": 1, "lag_size": 2}).layer_scores(0, layer, 5, hand_context(5, 8))
+    for start in (1, 3):
+        pair = expected[start : start + 2]
+        assert ranked.scores[0, start : start + 2].tolist() == ([0.5, 0.0] if pair[0] > pair[1] else [0.0, 0.5])
+    # Budget 5: the sink, the 3 tail slots, and the better token of the FIRST partition (ties go earlier).
+    method = build_method({"name": "lagkv", "n_sink": 1, "lag_size": 2})
+    method.compress(KVCacheOf(layer), hand_context(5, 8))
+    best_first = 1 if expected[1] > expected[2] else 2
+    assert kept_positions(layer) == [[0, best_first, 5, 6, 7]]
+
+
+def test_lagkv_short_layers_keep_the_sinks_then_the_most_recent():
+    layer = hand_layer(torch.randn(2, 9, 4))
+    build_method({"name": "lagkv", "n_sink": 2, "lag_size": 4}).compress(KVCacheOf(layer), hand_context(5, 9))
+    assert kept_positions(layer) == [[0, 1, 6, 7, 8]] * 2
+
+
+# --- every method of this file ----------------------------------------------------------------------------------
+
+BAD_HYPERPARAMETERS = [
+    ("lagkv", {"lag_size": 1}, "lag_size >= 2"),
+    ("lagkv", {"n_sink": -1}, "n_sink must be >= 0"),
+]
+
+
+@pytest.mark.parametrize(("name", "params", "message"), BAD_HYPERPARAMETERS)
+def test_bad_hyperparameters_are_refused_in_one_line(name, params, message):
+    with pytest.raises(ValueError, match=message) as error:
+        build_method({"name": name, **params})
+    assert "\n" not in str(error.value)
+
+
+ADAKV_BASES = ["keydiff", "lagkv"]
+
+
+@pytest.mark.parametrize("base", ADAKV_BASES)
+def test_scorers_compose_with_adakv_and_keep_the_layer_total(tiny_lm, base):
+    budget = 24
+    rows = run_rows(tiny_lm, {"name": "adakv", "base": base}, budget)
+    layers, heads = tiny_lm.config.num_hidden_layers, tiny_lm.config.num_key_value_heads
+    assert rows["m"]["kept_entries_compressed"] == budget * layers * heads
