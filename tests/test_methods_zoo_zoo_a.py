@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from kvbench.engine.cache import KVLayer
+from kvbench.engine.rope import rotary_embedding, unrotate_keys
 from kvbench.harness.options import RunOptions
 from kvbench.harness.runner import Job, run_sample
 from kvbench.methods import build_method
 from kvbench.methods.base import CompressionContext
 from kvbench.methods.keydiff import keydiff_scores
+from kvbench.methods.leverage import gaussian_sketch, leverage_scores, zscore
 from tests.helpers import assert_kept_slots_are_untouched, needle_sample, prefilled
 
 
@@ -146,11 +148,49 @@ def test_lagkv_short_layers_keep_the_sinks_then_the_most_recent():
     assert kept_positions(layer) == [[0, 1, 6, 7, 8]] * 2
 
 
+# --- leverage ---------------------------------------------------------------------------------------------------
+
+
+def test_leverage_scores_equal_the_hat_matrix_diagonal_of_the_sketched_centred_keys():
+    torch.manual_seed(1)
+    keys, phi = torch.randn(2, 12, 4), torch.randn(2, 4, 3)
+    scores = leverage_scores(keys, phi, ridge=0.05)
+    for head in range(2):
+        x = (keys[head] - keys[head].mean(dim=0)).double() @ phi[head].double()
+        hat = x @ torch.linalg.inv(x.T @ x + 0.05 * torch.eye(3, dtype=torch.float64)) @ x.T
+        assert torch.allclose(scores[head].double(), hat.diagonal(), atol=1e-5)
+
+
+def test_leverage_without_sketch_or_ridge_sums_to_the_rank_and_finds_the_outlier():
+    # Exact leverage (phi = I, no ridge): the scores are the hat matrix's diagonal, which sums to its rank d.
+    torch.manual_seed(2)
+    keys = torch.randn(1, 20, 3) * 0.1
+    keys[0, 7] = torch.tensor([5.0, -4.0, 3.0])
+    scores = leverage_scores(keys, torch.eye(3)[None], ridge=0.0)
+    assert scores.sum().item() == pytest.approx(3.0, abs=1e-4)
+    assert int(scores.argmax()) == 7
+    z = zscore(scores)
+    assert z.mean().item() == pytest.approx(0.0, abs=1e-6) and z.std().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_leverage_on_the_tiny_model_scores_the_unrotated_keys_with_the_seeded_sketch(tiny_lm):
+    budget = 24
+    method, cache, compressed, ctx = compressed_copy(tiny_lm, {"name": "leverage", "sketch_dimension": 8}, budget)
+    rotary = rotary_embedding(tiny_lm.model)
+    for layer_idx, (full, layer) in enumerate(zip(cache.layers, compressed.layers, strict=True)):
+        keys = unrotate_keys(full.keys[0], full.positions, rotary)
+        phi = gaussian_sketch(keys.shape[0], keys.shape[-1], 8, ctx.seed, layer_idx)
+        expected = torch.sort(leverage_scores(keys, phi), dim=-1, descending=True, stable=True).indices[:, :budget]
+        assert torch.equal(layer.positions, expected.sort(dim=-1).values)
+    assert_kept_slots_are_untouched(cache, compressed)
+
+
 # --- every method of this file ----------------------------------------------------------------------------------
 
 BAD_HYPERPARAMETERS = [
     ("lagkv", {"lag_size": 1}, "lag_size >= 2"),
     ("lagkv", {"n_sink": -1}, "n_sink must be >= 0"),
+    ("leverage", {"sketch_dimension": 0}, "sketch_dimension >= 1"),
 ]
 
 
@@ -161,7 +201,7 @@ def test_bad_hyperparameters_are_refused_in_one_line(name, params, message):
     assert "\n" not in str(error.value)
 
 
-ADAKV_BASES = ["keydiff", "lagkv"]
+ADAKV_BASES = ["keydiff", "lagkv", "leverage"]
 
 
 @pytest.mark.parametrize("base", ADAKV_BASES)
