@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from kvbench.engine.cache import KVLayer
+from kvbench.engine.generation import prefill
+from kvbench.engine.measure import Stopwatch
 from kvbench.engine.rope import rotary_embedding, unrotate_keys
 from kvbench.harness.options import RunOptions
 from kvbench.harness.runner import Job, run_sample
@@ -19,6 +21,7 @@ from kvbench.methods import build_method
 from kvbench.methods.base import CompressionContext
 from kvbench.methods.keydiff import keydiff_scores
 from kvbench.methods.leverage import gaussian_sketch, leverage_scores, zscore
+from kvbench.methods.noncausal import noncausal_chunk_attention
 from tests.helpers import assert_kept_slots_are_untouched, needle_sample, prefilled
 
 
@@ -185,12 +188,79 @@ def test_leverage_on_the_tiny_model_scores_the_unrotated_keys_with_the_seeded_sk
     assert_kept_slots_are_untouched(cache, compressed)
 
 
+# --- non-causal chunked attention -----------------------------------------------------------------------------
+
+
+def chunk_sums_by_hand(queries, keys, chunk, scaling, start=0, end=0):
+    """Per KV head (group = H / Hkv consecutive query heads), each key's attention from the queries of its chunk."""
+    num_heads, num_queries = len(queries), len(queries[0])
+    num_kv_heads, length = len(keys), len(keys[0])
+    group, first = num_heads // num_kv_heads, length - num_queries
+    out = [[0.0] * length for _ in range(num_kv_heads)]
+    for lo in range(start, length - end, chunk):
+        slots = list(range(lo, min(lo + chunk, length - end)))
+        for head in range(num_heads):
+            kv = head // group
+            for row in slots:
+                if row < first:
+                    continue
+                q = queries[head][row - first]
+                logits = [scaling * sum(a * b for a, b in zip(q, keys[kv][s], strict=True)) for s in slots]
+                top = max(logits)
+                weights = [math.exp(x - top) for x in logits]
+                for s, w in zip(slots, weights, strict=True):
+                    out[kv][s] += w / sum(weights) / group
+    return out
+
+
+@pytest.mark.parametrize(("num_queries", "start", "end"), [(7, 0, 0), (4, 0, 0), (7, 1, 2)])
+def test_noncausal_chunk_attention_matches_the_formula(num_queries, start, end):
+    torch.manual_seed(3)
+    queries, keys = torch.randn(4, num_queries, 3), torch.randn(2, 7, 3)
+    got = noncausal_chunk_attention(queries, keys, 3, 0.7, start, end)
+    expected = chunk_sums_by_hand(queries.tolist(), keys.tolist(), 3, 0.7, start, end)
+    assert torch.allclose(got, torch.tensor(expected), atol=1e-5)
+    if num_queries == 7 and start == end == 0:  # every query spreads attention 1 over its chunk, per KV head
+        assert got.sum(dim=-1).tolist() == pytest.approx([7.0, 7.0], abs=1e-5)
+
+
+def test_noncausal_on_the_tiny_model_scores_attention_times_value_norm(tiny_lm):
+    budget, cfg = 24, {"name": "noncausal", "chunk_size": 16}
+    method = build_method(cfg)
+    observer = method.prefill_observer()
+    cache, ctx = prefilled_with(tiny_lm, budget, observer)
+    compressed = cache.copy()
+    method.compress(compressed, ctx)
+    for layer_idx, (full, layer) in enumerate(zip(cache.layers, compressed.layers, strict=True)):
+        sums = observer.sums[layer_idx]
+        # One unit of attention per query (group mean), for each KV head.
+        assert sums.sum(dim=-1).tolist() == pytest.approx([full.get_seq_length()] * full.num_heads, rel=1e-4)
+        raw = sums * full.values[0].float().norm(dim=-1)
+        pooled = torch.nn.functional.avg_pool1d(raw[:, None], 3, stride=1, padding=1)[:, 0]
+        expected = torch.sort(pooled, dim=-1, descending=True, stable=True).indices[:, :budget]
+        assert torch.equal(layer.positions, expected.sort(dim=-1).values)
+    assert_kept_slots_are_untouched(cache, compressed)
+
+
+def prefilled_with(lm, budget: int, observer):
+    """`prefilled`'s prompt, prefilled with `observer` watching (bound to the model when it asks)."""
+    text = " ".join(f"Item {i} is {i * 7 % 13}." for i in range(40))
+    ids = lm.tokenizer(text)["input_ids"]
+    if hasattr(observer, "bind_model"):
+        observer.bind_model(lm)
+    pre = prefill(lm, ids, 8, Stopwatch(lm.device), [observer])
+    ctx = CompressionContext.for_prompt(lm, budget, len(ids), pre, input_ids=ids, prefill_stats=observer)
+    return pre.cache, ctx
+
+
 # --- every method of this file ----------------------------------------------------------------------------------
 
 BAD_HYPERPARAMETERS = [
     ("lagkv", {"lag_size": 1}, "lag_size >= 2"),
     ("lagkv", {"n_sink": -1}, "n_sink must be >= 0"),
     ("leverage", {"sketch_dimension": 0}, "sketch_dimension >= 1"),
+    ("noncausal", {"chunk_size": 0}, "chunk_size >= 1"),
+    ("noncausal", {"decode_budget": 64}, "decode_budget is not supported"),
 ]
 
 
@@ -201,7 +271,7 @@ def test_bad_hyperparameters_are_refused_in_one_line(name, params, message):
     assert "\n" not in str(error.value)
 
 
-ADAKV_BASES = ["keydiff", "lagkv", "leverage"]
+ADAKV_BASES = ["keydiff", "lagkv", "leverage", "noncausal"]
 
 
 @pytest.mark.parametrize("base", ADAKV_BASES)
