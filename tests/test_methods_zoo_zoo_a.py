@@ -253,6 +253,37 @@ def prefilled_with(lm, budget: int, observer):
     return pre.cache, ctx
 
 
+# --- Compactor --------------------------------------------------------------------------------------------------
+
+
+def test_compactor_blends_the_two_z_scores_on_the_middle_and_keeps_the_sinks(tiny_lm):
+    # 1 KV head, 2 query heads, 14 slots: sinks 2 + 1, the middle 2..12 tiled in chunks of 4 from slot 2.
+    torch.manual_seed(4)
+    length, budget = 14, 7
+    keys, values, queries = torch.randn(1, length, 16), torch.randn(1, length, 16), torch.randn(2, length, 16)
+    layer = hand_layer(keys, values)
+    method = build_method(
+        {"name": "compactor", "sink_size_start": 2, "sink_size_end": 1, "chunk_size": 4, "sketch_dimension": 6}
+    )
+    observer = method.prefill_observer()
+    observer.on_attention(0, queries[None], layer, torch.arange(length), 0.25)
+    ctx = CompressionContext(budget, length, 2, 1, lm=tiny_lm, prefill_stats=observer, seed=5)
+    scores = method.layer_scores(0, layer, budget, ctx).scores
+    middle = slice(2, 13)
+    sums = torch.tensor(chunk_sums_by_hand(queries[:, middle].tolist(), keys[:, middle].tolist(), 4, 0.25))
+    attention = sums * values[:, middle].norm(dim=-1)
+    attention = torch.nn.functional.avg_pool1d(attention[:, None], 3, stride=1, padding=1)[:, 0]
+    pre_rope = unrotate_keys(keys, torch.arange(length)[None], rotary_embedding(tiny_lm.model))[:, middle]
+    leverage = leverage_scores(pre_rope, gaussian_sketch(1, 16, 6, 5, 0))
+    z = lambda x: (x - x.mean()) / x.std()  # noqa: E731
+    expected = (1 - budget / length) * z(leverage) + z(attention)
+    assert torch.allclose(scores[:, middle], expected, atol=1e-4)
+    assert scores[0, [0, 1, 13]].tolist() == [math.inf] * 3
+    method.compress(KVCacheOf(layer), ctx)
+    best = sorted((torch.sort(expected[0], descending=True, stable=True).indices[:4] + 2).tolist())
+    assert kept_positions(layer) == [sorted([0, 1, 13, *best])]
+
+
 # --- every method of this file ----------------------------------------------------------------------------------
 
 BAD_HYPERPARAMETERS = [
@@ -261,6 +292,8 @@ BAD_HYPERPARAMETERS = [
     ("leverage", {"sketch_dimension": 0}, "sketch_dimension >= 1"),
     ("noncausal", {"chunk_size": 0}, "chunk_size >= 1"),
     ("noncausal", {"decode_budget": 64}, "decode_budget is not supported"),
+    ("compactor", {"sketch_dimension": 0}, "sketch_dimension >= 1"),
+    ("compactor", {"decode_budget": 64}, "decode_budget is not supported"),
 ]
 
 
@@ -271,7 +304,7 @@ def test_bad_hyperparameters_are_refused_in_one_line(name, params, message):
     assert "\n" not in str(error.value)
 
 
-ADAKV_BASES = ["keydiff", "lagkv", "leverage", "noncausal"]
+ADAKV_BASES = ["keydiff", "lagkv", "leverage", "noncausal", "compactor"]
 
 
 @pytest.mark.parametrize("base", ADAKV_BASES)
