@@ -19,6 +19,7 @@ from kvbench.harness.options import RunOptions
 from kvbench.harness.runner import Job, run_sample
 from kvbench.methods import build_method
 from kvbench.methods.base import CompressionContext
+from kvbench.methods.cur import cur_scores
 from kvbench.methods.keydiff import keydiff_scores
 from kvbench.methods.leverage import gaussian_sketch, leverage_scores, zscore
 from kvbench.methods.noncausal import noncausal_chunk_attention
@@ -284,6 +285,29 @@ def test_compactor_blends_the_two_z_scores_on_the_middle_and_keeps_the_sinks(tin
     assert kept_positions(layer) == [sorted([0, 1, 13, *best])]
 
 
+# --- CUR (CurDKV) -------------------------------------------------------------------------------------------------
+
+
+def test_cur_scores_are_locally_normalised_row_energies():
+    # 5 slots, windows of 2: [0,1] [2,3] [4 + zero padding].
+    keys = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [3.0, 0.0], [0.0, 1.0]]])
+    values = torch.tensor([[[2.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 3.0]]])
+    k2, v2 = [1.0, 4.0, 2.0, 9.0, 1.0], [4.0, 1.0, 1.0, 2.0, 9.0]
+    local_k = [1 / 5, 4 / 5, 2 / 11, 9 / 11, 1.0]
+    local_v = [4 / 5, 1 / 5, 1 / 3, 2 / 3, 1.0]
+    product = [a * b for a, b in zip(local_k, local_v, strict=True)]
+    expected = [x / sum(product) for x in product]
+    assert torch.allclose(cur_scores(keys, values, "kv_product", 2)[0], torch.tensor(expected), atol=1e-6)
+    global_avg = [(a + b) / 2 for a, b in zip(k2, v2, strict=True)]
+    expected_avg = [x / sum(global_avg) for x in global_avg]
+    assert torch.allclose(cur_scores(keys, values, "kv_avg", None)[0], torch.tensor(expected_avg), atol=1e-6)
+    # Budget 3 with one sink: slot 0, then the two best of the rest by kv_product (slots 4 and 3).
+    layer = hand_layer(keys, values)
+    build_method({"name": "cur", "num_sinks": 1, "local_window_size": 2}).compress(KVCacheOf(layer), hand_context(3, 5))
+    ranked = sorted(range(1, 5), key=lambda i: -expected[i])[:2]
+    assert kept_positions(layer) == [sorted([0, *ranked])]
+
+
 # --- every method of this file ----------------------------------------------------------------------------------
 
 BAD_HYPERPARAMETERS = [
@@ -294,6 +318,8 @@ BAD_HYPERPARAMETERS = [
     ("noncausal", {"decode_budget": 64}, "decode_budget is not supported"),
     ("compactor", {"sketch_dimension": 0}, "sketch_dimension >= 1"),
     ("compactor", {"decode_budget": 64}, "decode_budget is not supported"),
+    ("cur", {"leverage_type": "rows"}, "unknown leverage_type"),
+    ("cur", {"local_window_size": 0}, "local_window_size >= 1"),
 ]
 
 
@@ -304,7 +330,7 @@ def test_bad_hyperparameters_are_refused_in_one_line(name, params, message):
     assert "\n" not in str(error.value)
 
 
-ADAKV_BASES = ["keydiff", "lagkv", "leverage", "noncausal", "compactor"]
+ADAKV_BASES = ["keydiff", "lagkv", "leverage", "noncausal", "compactor", "cur"]
 
 
 @pytest.mark.parametrize("base", ADAKV_BASES)
