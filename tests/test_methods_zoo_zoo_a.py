@@ -19,6 +19,7 @@ from kvbench.harness.options import RunOptions
 from kvbench.harness.runner import Job, run_sample
 from kvbench.methods import build_method
 from kvbench.methods.base import CompressionContext
+from kvbench.methods.cap import capacity_scores
 from kvbench.methods.cur import cur_scores
 from kvbench.methods.keydiff import keydiff_scores
 from kvbench.methods.leverage import gaussian_sketch, leverage_scores, zscore
@@ -308,6 +309,51 @@ def test_cur_scores_are_locally_normalised_row_energies():
     assert kept_positions(layer) == [sorted([0, *ranked])]
 
 
+# --- CAP (CapKV) --------------------------------------------------------------------------------------------------
+
+
+def test_cap_scores_follow_the_weighted_leverage_formula():
+    # 2 query heads over 1 KV head, 5 slots of which the first is a sink (not scored, not in A).
+    torch.manual_seed(6)
+    anchor, keys, values = torch.randn(2, 3), torch.randn(1, 5, 3), torch.randn(1, 5, 3)
+    scored = torch.tensor([[False, True, True, True, True]])
+    got = capacity_scores(anchor, keys, values, scored, tau=2.0, epsilon=0.1)
+    expected = torch.zeros(5, dtype=torch.float64)
+    for head in range(2):
+        a = anchor[head].double()
+        cos = [float(a @ keys[0, i].double() / (a.norm() * keys[0, i].double().norm())) for i in range(5)]
+        top = max(2.0 * c for c in cos[1:])
+        w = [math.exp(2.0 * c - top) if i > 0 else 0.0 for i, c in enumerate(cos)]
+        capacity = torch.eye(3, dtype=torch.float64)
+        for i in range(1, 5):
+            v = values[0, i].double()
+            capacity += (w[i] + 0.1) * torch.outer(v, v)
+        inverse = torch.linalg.inv(capacity)
+        for i in range(5):
+            v = values[0, i].double()
+            expected[i] += w[i] * float(v @ inverse @ v) / 2
+    assert torch.allclose(got[0].double(), expected, atol=1e-5)
+
+
+def test_cap_on_the_tiny_model_keeps_its_sinks_and_the_budget(tiny_lm):
+    budget = 24
+    method, cache, compressed, ctx = compressed_copy_observed(tiny_lm, {"name": "cap"}, budget)
+    for layer in compressed.layers:
+        assert layer.get_seq_length() == budget
+        assert (layer.positions[:, :4] == torch.arange(4)).all()
+    assert_kept_slots_are_untouched(cache, compressed)
+
+
+def compressed_copy_observed(lm, cfg: dict, budget: int):
+    """`compressed_copy` for a method with a prefill observer."""
+    method = build_method(cfg)
+    cache, ctx = prefilled_with(lm, budget, method.prefill_observer())
+    compressed = cache.copy()
+    method.setup(compressed, ctx)
+    method.compress(compressed, ctx)
+    return method, cache, compressed, ctx
+
+
 # --- every method of this file ----------------------------------------------------------------------------------
 
 BAD_HYPERPARAMETERS = [
@@ -320,6 +366,7 @@ BAD_HYPERPARAMETERS = [
     ("compactor", {"decode_budget": 64}, "decode_budget is not supported"),
     ("cur", {"leverage_type": "rows"}, "unknown leverage_type"),
     ("cur", {"local_window_size": 0}, "local_window_size >= 1"),
+    ("cap", {"n_future_positions": 0}, "n_future_positions >= 1"),
 ]
 
 
@@ -330,7 +377,7 @@ def test_bad_hyperparameters_are_refused_in_one_line(name, params, message):
     assert "\n" not in str(error.value)
 
 
-ADAKV_BASES = ["keydiff", "lagkv", "leverage", "noncausal", "compactor", "cur"]
+ADAKV_BASES = ["keydiff", "lagkv", "leverage", "noncausal", "compactor", "cur", "cap"]
 
 
 @pytest.mark.parametrize("base", ADAKV_BASES)

@@ -45,7 +45,7 @@ def cur_scores(
 @register_method("cur")
 @dataclass
 class CUR(ScoringMethod):
-    """CurDKV (Sengupta et al., 2025, "Value-Guided KV Compression for LLMs via Approximated CUR
+    """CurDKV (Sengupta, Chaudhary and Chakraborty, 2025, "Value-Guided KV Compression for LLMs via Approximated CUR
     Decomposition", arXiv 2509.15038; kvpress `CURPress`).
 
     CUR decomposition keeps the rows of highest leverage; CurDKV approximates the leverage of keys and values by
