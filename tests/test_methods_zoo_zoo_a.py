@@ -18,8 +18,10 @@ from kvbench.engine.rope import rotary_embedding, unrotate_keys
 from kvbench.harness.options import RunOptions
 from kvbench.harness.runner import Job, run_sample
 from kvbench.methods import build_method
+from kvbench.methods.adakv import head_budgets
 from kvbench.methods.base import CompressionContext
 from kvbench.methods.cap import capacity_scores
+from kvbench.methods.criticalkv import projected_value_norms, two_stage_scores
 from kvbench.methods.cur import cur_scores
 from kvbench.methods.keydiff import keydiff_scores
 from kvbench.methods.leverage import gaussian_sketch, leverage_scores, zscore
@@ -354,6 +356,67 @@ def compressed_copy_observed(lm, cfg: dict, budget: int):
     return method, cache, compressed, ctx
 
 
+# --- CriticalKV / CriticalAdaKV -----------------------------------------------------------------------------------
+
+
+def test_projected_value_norms_are_the_l1_norms_through_each_heads_output_slice():
+    # 2 query heads sharing 1 KV head, d = 2, hidden = 3: W_o [hidden, H * d].
+    values = torch.tensor([[[1.0, 2.0], [-1.0, 0.5]]])
+    weight = torch.tensor([[1.0, 0.0, 2.0, -1.0], [0.0, 1.0, 0.0, 1.0], [1.0, 1.0, -1.0, 0.0]])
+    expected = []
+    for v in values[0].tolist():
+        per_head = []
+        for head in range(2):
+            out = [sum(weight[o, head * 2 + j].item() * v[j] for j in range(2)) for o in range(3)]
+            per_head.append(sum(abs(x) for x in out))
+        expected.append(sum(per_head) / 2)
+    assert torch.allclose(projected_value_norms(values, weight, 2)[0], torch.tensor(expected))
+
+
+def test_two_stage_scores_keep_the_first_stage_then_rescale():
+    scores = torch.tensor([[0.5, 0.4, 0.1, 0.0, float("-inf")]])
+    norms = torch.tensor([[1.0, 0.1, 10.0, 3.0, 5.0]])
+    merged = two_stage_scores(scores, norms, [1], 0.01)
+    assert merged[0].tolist() == pytest.approx([math.inf, 0.041, 1.1, 0.03, -math.inf])
+
+
+def test_criticalkv_on_the_tiny_model_follows_the_two_stages(tiny_lm):
+    budget, window = 24, 8
+    cfg = {"name": "criticalkv", "base_params": {"window": window}}
+    method, cache, compressed, ctx = compressed_copy(tiny_lm, cfg, budget, window)
+    for layer_idx, (full, layer) in enumerate(zip(cache.layers, compressed.layers, strict=True)):
+        base = method.inner.layer_scores(layer_idx, full, budget, ctx).scores
+        weight = tiny_lm.model.model.layers[layer_idx].self_attn.o_proj.weight.detach()
+        norms = projected_value_norms(full.values[0, :, : base.shape[1]], weight, ctx.num_heads)
+        for head in range(full.num_heads):
+            first = torch.sort(base[head], descending=True, stable=True).indices[: (budget - window) // 2]
+            rest = ((base[head] + 1e-4) * norms[head]).index_fill(0, first, -math.inf)
+            second = torch.sort(rest, descending=True, stable=True).indices[: budget - window - len(first)]
+            window_slots = torch.arange(base.shape[1], full.get_seq_length())
+            expected = torch.cat([first, second, window_slots]).sort().values
+            assert torch.equal(layer.positions[head], expected)
+    assert_kept_slots_are_untouched(cache, compressed)
+
+
+def test_criticaladakv_heads_keep_the_adakv_budgets_and_the_layer_total(tiny_lm):
+    budget, window = 24, 8
+    cfg = {"name": "criticaladakv", "base_params": {"window": window}}
+    method, cache, compressed, ctx = compressed_copy(tiny_lm, cfg, budget, window)
+    for layer_idx, (full, layer) in enumerate(zip(cache.layers, compressed.layers, strict=True)):
+        base = method.inner.layer_scores(layer_idx, full, budget, ctx).scores
+        heads = head_budgets(base, budget - window, 0.2)
+        assert layer.lengths().tolist() == [b + window for b in heads]
+        assert int(layer.lengths().sum()) == budget * full.num_heads
+        weight = tiny_lm.model.model.layers[layer_idx].self_attn.o_proj.weight.detach()
+        norms = projected_value_norms(full.values[0, :, : base.shape[1]], weight, ctx.num_heads)
+        merged = two_stage_scores(base, norms, [b // 2 for b in heads], 1e-4)
+        for head, count in enumerate(heads):
+            chosen = torch.sort(merged[head], descending=True, stable=True).indices[:count]
+            kept = layer.positions[head, : count + window]
+            assert torch.equal(kept[:count], chosen.sort().values)
+    assert_kept_slots_are_untouched(cache, compressed)
+
+
 # --- every method of this file ----------------------------------------------------------------------------------
 
 BAD_HYPERPARAMETERS = [
@@ -367,6 +430,10 @@ BAD_HYPERPARAMETERS = [
     ("cur", {"leverage_type": "rows"}, "unknown leverage_type"),
     ("cur", {"local_window_size": 0}, "local_window_size >= 1"),
     ("cap", {"n_future_positions": 0}, "n_future_positions >= 1"),
+    ("criticalkv", {"first_stage_ratio": 1.5}, "first_stage_ratio in"),
+    ("criticalkv", {"decode_budget": 64}, "decode_budget is not supported"),
+    ("criticalkv", {"base": "kivi"}, "cannot wrap 'kivi'"),
+    ("criticaladakv", {"alpha": 2.0}, "alpha must be in"),
 ]
 
 
