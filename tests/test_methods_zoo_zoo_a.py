@@ -21,6 +21,7 @@ from kvbench.methods import build_method
 from kvbench.methods.adakv import head_budgets
 from kvbench.methods.base import CompressionContext
 from kvbench.methods.cap import capacity_scores
+from kvbench.methods.chunkkv import chunk_selection
 from kvbench.methods.criticalkv import projected_value_norms, two_stage_scores
 from kvbench.methods.cur import cur_scores
 from kvbench.methods.keydiff import keydiff_scores
@@ -417,6 +418,34 @@ def test_criticaladakv_heads_keep_the_adakv_budgets_and_the_layer_total(tiny_lm)
     assert_kept_slots_are_untouched(cache, compressed)
 
 
+# --- ChunkKV ------------------------------------------------------------------------------------------------------
+
+
+def test_chunkkv_keeps_whole_chunks_by_mean_score_then_the_best_of_the_next():
+    # Head sums: [1, 1, 1 | 5, 0, 4 | 2]: chunk means 1, 3, 2 -> chunk 1 whole, then chunk 2 (slot 6), then
+    # the best slot of chunk 0 (a tie: the earliest, slot 0).
+    scores = torch.tensor([[0.5, 0.5, 0.5, 2.0, 0.0, 3.0, 1.0], [0.5, 0.5, 0.5, 3.0, 0.0, 1.0, 1.0]])
+    assert chunk_selection(scores, 3, 3).tolist() == [3, 4, 5]
+    assert chunk_selection(scores, 3, 4).tolist() == [3, 4, 5, 6]
+    assert chunk_selection(scores, 3, 5).tolist() == [0, 3, 4, 5, 6]
+    assert chunk_selection(scores, 3, 2).tolist() == [3, 5]  # the best chunk does not fit: its best slots
+    assert chunk_selection(scores, 3, 9).tolist() == list(range(7))
+
+
+def test_chunkkv_on_the_tiny_model_keeps_one_chunk_set_per_layer_and_the_window(tiny_lm):
+    budget, window = 24, 8
+    cfg = {"name": "chunkkv", "chunk_length": 4, "base_params": {"window": window}}
+    method, cache, compressed, ctx = compressed_copy(tiny_lm, cfg, budget, window)
+    for layer_idx, (full, layer) in enumerate(zip(cache.layers, compressed.layers, strict=True)):
+        base = method.inner.layer_scores(layer_idx, full, budget, ctx).scores
+        chosen = chunk_selection(base, 4, budget - window).tolist()
+        expected = chosen + list(range(base.shape[1], full.get_seq_length()))
+        assert layer.positions.tolist() == [expected] * full.num_heads
+        whole = [c for c in range(0, base.shape[1], 4) if all(c + i in chosen for i in range(4))]
+        assert len(whole) == (budget - window) // 4  # 16 selectable slots = 4 whole chunks
+    assert_kept_slots_are_untouched(cache, compressed)
+
+
 # --- every method of this file ----------------------------------------------------------------------------------
 
 BAD_HYPERPARAMETERS = [
@@ -434,6 +463,8 @@ BAD_HYPERPARAMETERS = [
     ("criticalkv", {"decode_budget": 64}, "decode_budget is not supported"),
     ("criticalkv", {"base": "kivi"}, "cannot wrap 'kivi'"),
     ("criticaladakv", {"alpha": 2.0}, "alpha must be in"),
+    ("chunkkv", {"chunk_length": 0}, "chunk_length >= 1"),
+    ("chunkkv", {"decode_budget": 64}, "decode_budget is not supported"),
 ]
 
 
