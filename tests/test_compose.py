@@ -17,6 +17,18 @@ from kvbench.methods.prefixkv import write_calibration
 
 # The reference classification, written out by hand: a new method must be placed here.
 SCORERS = {"adakv", "dapq", "expected_attention", "knorm", "kvcrush", "prefixkv", "pyramidkv", "snapkv"}
+SCORERS |= {
+    "cap",
+    "chunkkv",
+    "compactor",
+    "criticaladakv",
+    "criticalkv",
+    "cur",
+    "keydiff",
+    "lagkv",
+    "leverage",
+    "noncausal",
+}
 SLOT_SUBSET = SCORERS | {"h2o", "hierarchical", "kvzip", "random", "streamingllm", "tova", "treekv", "window"}
 PLAIN_KV = SLOT_SUBSET | {"full", "kv_distill", "razor"}  # full never evicts: no quantiser takes it as base
 OWN_STORAGE = {"gear", "kivi", "kv_direct", "mikv", "octopus", "rotatekv", "rtn", "transformers_quantized"}
@@ -25,6 +37,7 @@ QUANTISERS = ("gear", "kivi", "octopus", "rotatekv", "rtn")
 # Each wrapper, with the registered methods it must accept as base and the reason a refused one gets.
 WRAPPERS = {
     **{name: (SCORERS - {name}, "not a scoring method") for name in ("adakv", "kvcrush", "prefixkv")},
+    **{name: (SCORERS - {name}, "not a scoring method") for name in ("chunkkv", "criticaladakv", "criticalkv")},
     "kv_distill": (SLOT_SUBSET, "it does not keep a subset of the cache's slots as plain K/V"),
     "mikv": (SLOT_SUBSET, "it does not evict by choosing slots"),
     **{

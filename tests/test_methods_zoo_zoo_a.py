@@ -484,3 +484,21 @@ def test_scorers_compose_with_adakv_and_keep_the_layer_total(tiny_lm, base):
     rows = run_rows(tiny_lm, {"name": "adakv", "base": base}, budget)
     layers, heads = tiny_lm.config.num_hidden_layers, tiny_lm.config.num_key_value_heads
     assert rows["m"]["kept_entries_compressed"] == budget * layers * heads
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"name": "keydiff"},
+        {"name": "lagkv", "lag_size": 4},
+        {"name": "leverage", "sketch_dimension": 8},
+        {"name": "cur"},
+        {"name": "cap"},
+    ],
+    ids=lambda cfg: cfg["name"],
+)
+def test_query_agnostic_scorers_hold_a_decode_budget(tiny_lm, cfg):
+    rows = run_rows(tiny_lm, {**cfg, "decode_budget": 28, "decode_interval": 4}, 24)
+    row = rows["m"]
+    assert row["output_tokens"] == 8 and row["max_layer_len_decode"] <= 28
+    assert row["method_record"]["decode_rescores"] > 0
