@@ -18,6 +18,8 @@ from kvbench.methods.prefixkv import write_calibration
 # The reference classification, written out by hand: a new method must be placed here.
 SCORERS = {"adakv", "dapq", "expected_attention", "knorm", "kvcrush", "prefixkv", "pyramidkv", "snapkv"}
 SCORERS |= {"chunk", "compression_ratio_decoding", "per_layer", "threshold", "merging"}
+SCORERS |= {"cap", "chunkkv", "compactor", "criticaladakv", "criticalkv", "cur", "keydiff", "lagkv", "leverage"}
+SCORERS |= {"noncausal"}
 MERGERS = {"merging"}  # scorers whose kept values are rewritten: not a subset of the slots unchanged
 SLOT_SUBSET = (SCORERS - MERGERS) | {
     "h2o",
@@ -43,6 +45,7 @@ WRAPPERS = {
         for name in ("chunk", "compression_ratio_decoding", "per_layer", "threshold", "merging")
     },
     "key_rerotation": (SLOT_SUBSET, "it does not evict by keeping a subset of the cache's slots"),
+    **{name: (SCORERS - {name}, "not a scoring method") for name in ("chunkkv", "criticaladakv", "criticalkv")},
     "kv_distill": (SLOT_SUBSET, "it does not keep a subset of the cache's slots as plain K/V"),
     "mikv": (SLOT_SUBSET, "it does not evict by choosing slots"),
     **{
