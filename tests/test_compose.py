@@ -19,13 +19,14 @@ from kvbench.methods.prefixkv import write_calibration
 SCORERS = {"adakv", "dapq", "expected_attention", "knorm", "kvcrush", "prefixkv", "pyramidkv", "snapkv"}
 SCORERS |= {"chunk", "compression_ratio_decoding", "per_layer", "threshold", "merging"}
 SCORERS |= {"cap", "chunkkv", "compactor", "criticaladakv", "criticalkv", "cur", "keydiff", "lagkv", "leverage"}
-SCORERS |= {"noncausal"}
+SCORERS |= {"noncausal", "scissorhands", "nacl", "finch", "lukv"}
 MERGERS = {"merging"}  # scorers whose kept values are rewritten: not a subset of the slots unchanged
 SLOT_SUBSET = (SCORERS - MERGERS) | {
     "h2o",
     "hierarchical",
     "kvzip",
     "random",
+    "simlayerkv",
     "streamingllm",
     "tova",
     "treekv",
@@ -34,8 +35,8 @@ SLOT_SUBSET = (SCORERS - MERGERS) | {
 PLAIN_KV = SLOT_SUBSET | {"full", "kv_distill", "razor"}  # full never evicts: no quantiser takes it as base
 PLAIN_KV |= {"key_rerotation"} | MERGERS
 OWN_STORAGE = {"gear", "kivi", "kv_direct", "mikv", "octopus", "rotatekv", "rtn", "transformers_quantized"}
-OWN_STORAGE |= {"think"}
-QUANTISERS = ("gear", "kivi", "octopus", "rotatekv", "rtn")
+OWN_STORAGE |= {"think", "fp8", "turboquant", "kvquant"}
+QUANTISERS = ("gear", "kivi", "octopus", "rotatekv", "rtn", "fp8", "turboquant", "kvquant")
 
 # Each wrapper, with the registered methods it must accept as base and the reason a refused one gets.
 WRAPPERS = {
@@ -45,7 +46,7 @@ WRAPPERS = {
         for name in ("chunk", "compression_ratio_decoding", "per_layer", "threshold", "merging")
     },
     "key_rerotation": (SLOT_SUBSET, "it does not evict by keeping a subset of the cache's slots"),
-    **{name: (SCORERS - {name}, "not a scoring method") for name in ("chunkkv", "criticaladakv", "criticalkv")},
+    **{name: (SCORERS - {name}, "not a scoring method") for name in ("chunkkv", "criticaladakv", "criticalkv", "lukv")},
     "kv_distill": (SLOT_SUBSET, "it does not keep a subset of the cache's slots as plain K/V"),
     "mikv": (SLOT_SUBSET, "it does not evict by choosing slots"),
     **{
