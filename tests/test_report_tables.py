@@ -189,3 +189,9 @@ def test_table_csv_is_the_numbers(tmp_path):
     csv = pd.read_csv(tmp_path / "out" / "table.csv")
     assert list(csv["budget_label"]) == ["full", "64", "128"]
     assert list(csv["errors"]) == [0, 0, 0]
+
+
+def test_docs_list_every_summary_column():
+    docs = (ROOT / "docs" / "rows.md").read_text()
+    for column, meaning in COLUMN_LEGEND.items():
+        assert f"- `{column}`: {meaning}\n" in docs, column

@@ -44,8 +44,8 @@ def plain_log_axis(axis: Any, ticks: Any = None) -> None:
     if ticks is not None:
         axis.set_major_locator(matplotlib.ticker.FixedLocator([float(t) for t in ticks]))
     else:
-        axis.set_major_locator(LogLocator(base=2))
-    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.set_major_locator(LogLocator(base=2, numticks=6))  # at most ~6 labels: they stay apart
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
     axis.set_minor_locator(NullLocator())
 
 
@@ -98,7 +98,8 @@ def niah_heatmap(rows: Any, out_dir: Path) -> list[Path]:
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy")
     models = ", ".join(sorted(frame["model"].dropna().astype(str).unique())) if "model" in frame else ""
-    fig.suptitle(f"needle in a haystack: accuracy by depth and length{f', {models}' if models else ''}", fontsize=9)
+    title = f"needle in a haystack: accuracy by depth and length{f', {models}' if models else ''}"
+    fig.suptitle(title, fontsize=9, y=1.03)  # above the panel titles
     return save(fig, out_dir, "niah_heatmap")
 
 
