@@ -107,16 +107,3 @@ def test_report_bad_input_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"kvbench: error: no rows in {tmp_path / 'empty'}: samples.jsonl is missing (pass a results/<run> directory)"
     ]
-
-
-def test_notebook_runs_on_the_report_module(tmp_path):
-    a = make_run(tmp_path / "niah_snapkv", "snapkv", [1, 0, 1, 1], 32, 1.0)
-    notebook = json.loads((ROOT / "notebooks" / "analysis.ipynb").read_text())
-    cells = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
-    namespace: dict = {}
-    exec(cells[0], namespace)
-    namespace.update(RUNS=[a], OUT=tmp_path / "nb")
-    for cell in cells[1:]:
-        exec(cell, namespace)
-    assert list(namespace["report"]["table"]["niah"]) == [1.0, 0.75]
-    assert (tmp_path / "nb" / "table.tex").exists()

@@ -36,7 +36,8 @@ def row(method: str, budget, index: int, prompt: int = 1000, **fields) -> dict:
         "kept_fraction_compressed": 1.0 if budget is None else budget / prompt,
         # At the end of the row the cache also holds the 31 decoded tokens; kv_bytes_full is the prompt's.
         "kv_bytes": held + 31 * 1024, "kv_bytes_compressed": held, "kv_bytes_peak": held + 32 * 1024,
-        "kv_bytes_full": full_bytes, "bits_per_element": 32.0 * held / full_bytes, "prompt_tokens": prompt, "compressed_tokens": prompt,
+        "kv_bytes_full": full_bytes, "bits_per_element": 32.0 * held / full_bytes, "prompt_tokens": prompt,
+        "compressed_tokens": prompt,
         "peak_mem_prefill_bytes": 2**30, "peak_mem_decode_bytes": 2**30, "peak_mem_kind": "cpu_peak_rss_per_phase",
         "ttft_s": 0.5, "compress_s": 0.01, "tpot_s": 0.02, "meta": {"length": prompt, "depth": 50},
     }  # fmt: skip
