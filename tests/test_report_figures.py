@@ -128,3 +128,12 @@ def test_memory_figure_gives_each_budget_its_own_colour(tmp_path, drawn):
     }
     assert set(colors) == {"full", "snapkv @ 32", "snapkv @ 64"}
     assert len(set(colors.values())) == 3
+
+
+def test_saving_a_pdf_logs_nothing_at_a_runs_log_level(tmp_path, caplog):
+    # fontTools subsets the embedded TrueType fonts and logs each pruned table at INFO, the level runs log at.
+    fig, ax = plots.plt.subplots()
+    ax.set_title("fonts")
+    with caplog.at_level("INFO"):
+        plots.save(fig, tmp_path, "figure")
+    assert [r.name for r in caplog.records if r.name.startswith("fontTools")] == []

@@ -4,6 +4,7 @@ labels on logarithmic axes and a legend below the panels."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,9 @@ OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "
 # Sequential, perceptually uniform and colour-blind safe (no red-green): heatmaps of accuracy in [0, 1].
 HEATMAP_CMAP = "viridis"
 FULL_COLOR = "0.35"
+# Embedding TrueType subsets the fonts with fontTools, which logs every table it prunes at INFO (a run's log
+# level): dozens of lines per PDF.
+logging.getLogger("fontTools").setLevel(logging.WARNING)
 
 
 def save(fig: Any, out_dir: Path, stem: str) -> list[Path]:
