@@ -67,7 +67,7 @@ def test_a_line_is_method_by_budget_with_bits_a_rounded_mean(tmp_path):
     # 64 entries of 1000 and of 2000 tokens: 2.048 and 1.024 bits, mean 1.536; 128 entries: twice as many
     assert table["bits / element"].tolist() == pytest.approx([32.0, 1.536, 3.072])
     markdown = to_markdown(table)
-    assert "| snapkv | 64 | 1.000 [1.00, 1.00] | 0.048 | 0.048 | **0.06** | 1.54 | 0.500 | 20.0 |" in markdown
+    assert "| snapkv | 64 | 1.000 [1.00, 1.00] | 0.048 | 0.048 | **0.0625** | 1.54 | 0.500 | 20.0 |" in markdown
     assert "1.536" not in markdown and "2.048" not in markdown
 
 
@@ -117,6 +117,9 @@ def test_only_a_unique_best_is_bold_and_latex_has_a_label():
     assert body[1].startswith(r"snapkv & 64 & 1.000 {\scriptsize[1.00, 1.00]} & ")
     assert latex.count(r"\textbf") == 1 and r"\textbf{0.400}" in body[2]
     assert r"\caption{Accuracy on niah}\label{tab:niah}" in latex
+    # One line (e.g. one lm-eval rows_path run) has nothing to be best against; a small cache is not 0.00 MiB.
+    alone = to_markdown(paper_table(rows_frame([row("window", 4, 0)])))
+    assert "**" not in alone and "| window | 4 | 1.000 [1.00, 1.00] | 0.004 | 0.004 | 0.00391 |" in alone
 
 
 def test_summary_columns_are_readable():

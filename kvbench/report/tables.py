@@ -17,14 +17,22 @@ from kvbench.report.summary import method_order
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
+
+
+def significant(value: float) -> str:
+    """Three significant digits, at least two decimals: 4.00, 0.0625, 0.0156 (a small cache is not 0.00)."""
+    decimals = 2 if value == 0 or abs(value) >= 1 else max(2, 2 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}"
+
+
 # Cost columns: name, per-row source column (`rows_frame`), scale, format, lower is better (None: not ranked).
 COSTS = (
-    ("kept fraction", "kept_frac", 1.0, "{:.3f}", None),
-    ("KV / full", "kv_frac", 1.0, "{:.3f}", None),
-    ("KV MiB", "kv_mib", 1.0, "{:.2f}", True),
-    ("bits / element", "bits_per_element", 1.0, "{:.2f}", None),
-    ("TTFT s", "ttft_s", 1.0, "{:.3f}", True),
-    ("TPOT ms", "tpot_s", 1000.0, "{:.1f}", True),
+    ("kept fraction", "kept_frac", 1.0, "{:.3f}".format, None),
+    ("KV / full", "kv_frac", 1.0, "{:.3f}".format, None),
+    ("KV MiB", "kv_mib", 1.0, significant, True),
+    ("bits / element", "bits_per_element", 1.0, "{:.2f}".format, None),
+    ("TTFT s", "ttft_s", 1.0, "{:.3f}".format, True),
+    ("TPOT ms", "tpot_s", 1000.0, "{:.1f}".format, True),
 )
 KEY_HEADERS = {"setting": "setting", "method_label": "method", "compress": "compress", "budget_label": "budget"}
 
@@ -97,9 +105,10 @@ def cost_names(table: pd.DataFrame) -> list[str]:
 
 
 def _unique_best(texts: list[str | None], values: list[float], lower: bool) -> int | None:
-    """The index of the column's best value if no other line shows the same (formatted) value, else None."""
+    """The index of the column's best value if no other line shows the same (formatted) value, else None (also
+    with fewer than two values: nothing to compare)."""
     known = [(value, i) for i, value in enumerate(values) if texts[i] is not None]
-    if not known:
+    if len(known) < 2:
         return None
     best = min(known)[1] if lower else max(known)[1]
     return best if sum(text == texts[best] for text in texts) == 1 else None
@@ -126,7 +135,7 @@ def _cells(table: pd.DataFrame, bold: Any, ci: Any, escape: Any = str) -> tuple[
     formats = {name: (fmt, lower) for name, _, _, fmt, lower in COSTS}
     for name in costs:
         fmt, lower = formats[name]
-        texts = [None if pd.isna(v) else fmt.format(v) for v in table[name]]
+        texts = [None if pd.isna(v) else fmt(v) for v in table[name]]
         best = _unique_best(texts, list(table[name]), lower) if lower is not None else None
         columns.append(["-" if t is None else bold(t) if i == best else t for i, t in enumerate(texts)])
     if show_errors:
