@@ -22,7 +22,7 @@ from kvbench.harness.results import ResultsStore, manifest
 from kvbench.harness.runner import Job
 from kvbench.methods import build_method
 from kvbench.report import format_table, rows_frame, summarize
-from kvbench.report.plots import accuracy_vs_budget
+from kvbench.report.figures import accuracy_vs_budget
 from kvbench.report.task_figures import task_figures
 from kvbench.tasks import Sample, build_task
 from kvbench.tasks.base import PlannedSample

@@ -126,7 +126,7 @@ def test_summary_and_figure_on_a_bytes_axis(tmp_path):
     full = summary[summary["budget"] == "full"].iloc[0]
     assert (full["token_match"], full["kl_full"]) == (1.0, 0.0)
     snapkv = summary[summary["budget"] != "full"]
-    assert list(snapkv["kv_mb"]) == sorted(snapkv["kv_mb"])  # ordered by bytes within the method
+    assert list(snapkv["kv_mib"]) == sorted(snapkv["kv_mib"])  # ordered by bytes within the method
     assert list(snapkv["budget"]) == ["16", "32", "64"]
     assert (result["run_dir"] / "accuracy_vs_kv_mib.png").exists()
 

@@ -54,9 +54,18 @@ class QuantizedMethod(Composed, ABC):
         self.codec().check()
         super().__post_init__()
 
+    def label_extras(self) -> list[str]:
+        """The quantiser's own hyperparameters that differ from its defaults (`key=value`)."""
+        defaults = type(self)()
+        own = {k: v for k, v in Method.params(self).items() if k not in ("base", "base_params")}
+        return [f"{k}={v}" for k, v in sorted(own.items()) if getattr(defaults, k) != v]
+
     def label(self) -> str:
-        # Quantisers keep the generic label (`kivi(base=snapkv,...)`): their rows have always been labelled so.
-        return Method.label(self)
+        """`name[base](key=value,...)` as every composed method, `name(key=value,...)` alone."""
+        if self.base is not None:
+            return super().label()
+        extras = self.label_extras()
+        return self.name + (f"({','.join(extras)})" if extras else "")
 
     def check_model(self, config: Any) -> None:
         self.codec().check_head_dim(head_dim_of(config))
