@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvbench.engine.quant.codecs import TensorCodec, UniformCodec
+from kvbench.engine.quant.codecs import TensorCodec, UniformCodec, channel_group_size
 from kvbench.methods.base import register_method
 from kvbench.methods.quantized import QuantizedMethod
 
@@ -31,8 +31,9 @@ class KIVI(QuantizedMethod):
     group_size: int = 32
     residual_length: int = 128
 
-    def codec(self) -> UniformCodec:
+    def codec(self, head_dim: int | None = None) -> UniformCodec:
+        values_group = channel_group_size(self.group_size, head_dim)
         return UniformCodec(
             keys=TensorCodec(self.k_bits, self.group_size, "token", "block", self.residual_length),
-            values=TensorCodec(self.v_bits, self.group_size, "channel", "sliding", self.residual_length),
+            values=TensorCodec(self.v_bits, values_group, "channel", "sliding", self.residual_length),
         )
