@@ -21,8 +21,9 @@ class KIVI(QuantizedMethod):
 
     Hyperparameters: k_bits=2, v_bits=2 (KIVI-2; the official README recommends 4 for GQA models),
     group_size=32, residual_length=128 (paper LongBench runs; `example.py` uses 32). Bits in {2, 3, 4, 8, 16}
-    (16: that tensor unquantised); residual_length must be a positive multiple of group_size, group_size must
-    divide the head dim. `base` / `base_params`: an eviction method whose kept slots are stored this way
+    (16: that tensor unquantised); residual_length must be a positive multiple of group_size; value groups (along
+    channels) hold min(group_size, head dim) channels, which must divide the head dim (rows record it as
+    `quant.v_group_size`). `base` / `base_params`: an eviction method whose kept slots are stored this way
     (`kvbench.methods.quantized`). A constant group stores scale 0 (the official code divides by zero: [QUIRK] fixed).
     """
 

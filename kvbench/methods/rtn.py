@@ -18,8 +18,8 @@ class RTN(QuantizedMethod):
     soon as it is cached, including the prompt's last tokens).
 
     Hyperparameters: k_bits=4, v_bits=4, group_size=32, residual_length=0. Bits in {2, 3, 4, 8, 16} (16: that
-    tensor unquantised); group_size must divide the head dim. `base` / `base_params`: an eviction method whose
-    kept slots are stored this way (`kvbench.methods.quantized`).
+    tensor unquantised); groups hold min(group_size, head dim) channels, which must divide the head dim. `base` /
+    `base_params`: an eviction method whose kept slots are stored this way (`kvbench.methods.quantized`).
     """
 
     k_bits: int = 4
