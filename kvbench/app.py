@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
 import json
 import logging
+import os
 import random
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,12 +32,24 @@ from kvbench.tasks import Sample, build_task
 from kvbench.tasks.base import PlannedSample
 
 log = logging.getLogger("kvbench")
+SUMMARY_LOCK = ".summary.lock"
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def summary_lock(run_dir: Path) -> Iterator[None]:
+    """An exclusive lock on the run's summary (`.summary.lock`, an flock: released when its holder dies)."""
+    fd = os.open(run_dir / SUMMARY_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def built_fingerprints(rows: list[dict]) -> dict[str, set[str]]:
@@ -143,14 +159,17 @@ def run(cfg: Any) -> dict[str, Any]:
         log.info("%d rows were computed by another process sharing %s", claimed_elsewhere, settings.run_dir)
 
     # The summary and figures cover this invocation's samples only: rows of other sample sets in the same run
-    # (e.g. an earlier run with more samples) are left out, so n matches the config.
-    rows = [row for row in store.latest_rows() if row.get("sample_fingerprint") in fingerprints]
-    summary = summarize(rows, settings.x_axis)
-    store.write_text("summary.csv", summary.to_csv(index=False))
-    frame = rows_frame(rows)
-    figures = accuracy_vs_budget(frame, settings.run_dir, settings.x_axis) + task_figures(
-        task.name, frame, settings.run_dir
-    )
+    # (e.g. an earlier run with more samples) are left out, so n matches the config. Jobs of a sweep share the
+    # run: each reads the rows and writes the summary under one lock, so the last to finish writes it from every
+    # row appended before it (rows still computed by another job come with that job's summary, written later).
+    with summary_lock(settings.run_dir):
+        rows = [row for row in store.latest_rows() if row.get("sample_fingerprint") in fingerprints]
+        summary = summarize(rows, settings.x_axis)
+        store.write_text("summary.csv", summary.to_csv(index=False))
+        frame = rows_frame(rows)
+        figures = accuracy_vs_budget(frame, settings.run_dir, settings.x_axis) + task_figures(
+            task.name, frame, settings.run_dir
+        )
     table = format_table(summary)
     print(f"\nkvbench results: {settings.run_dir}\n{table}\n")
     return {"run_dir": settings.run_dir, "summary": summary, "figures": figures, "rows_run": total}

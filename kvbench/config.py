@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import to_absolute_path
+from omegaconf import OmegaConf
 
 from kvbench.engine.kernels.dispatch import KERNEL_MODES
 from kvbench.harness.budget import parse_budget
 from kvbench.harness.chunked import check_chunked_methods, parse_prefill_chunk
 from kvbench.harness.options import RunOptions, check_compress
+from kvbench.harness.results import ResultsStore, config_differences
 from kvbench.methods import METHODS, build_method
 from kvbench.registry import UnknownNameError, check_field, unknown_name_message
 from kvbench.report import check_x_axis
@@ -25,7 +30,23 @@ SELECTABLE_GROUPS = ("model", "method", "task", "experiment")
 MISSING_HINTS = {
     "model.name_or_path": "a local model directory (or its config.json; a hub id only with network access)",
 }
+MAX_CHECKED_JOBS = 256  # larger sweeps: each job checks its own values when it runs
 BOOL_KEYS = {"include_full": True, "fail_fast": False, "progress": True}
+
+
+def name_part(name: Any) -> str:
+    """A model name as one directory-name component: a path's or hub id's last component (for `<dir>/config.json`
+    the directory, for another `.json` file its stem), characters other than letters, digits, `.`, `_` and `-`
+    replaced by `_`."""
+    parts = [part for part in re.split(r"[/\\\\]", str(name)) if part not in ("", ".", "..")]
+    if len(parts) > 1 and parts[-1] == "config.json":
+        parts.pop()
+    last = parts[-1].removesuffix(".json") if parts else ""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", last).strip(".") or "model"
+
+
+# conf/config.yaml: run_name: ${task.name}_${kvbench.name_part:${model.name}} (model=hf names a path or hub id).
+OmegaConf.register_new_resolver("kvbench.name_part", name_part, replace=True)
 
 
 class ConfigError(ValueError):
@@ -243,7 +264,8 @@ def check_command_line(overrides: list[str], multirun: bool = False, conf_dir: P
             else:
                 raise errors[0]
         if multirun or any(o.is_sweep_override() for o in parsed):
-            return None  # each job of a sweep checks its own values (and cleans up after itself)
+            check_sweep(parsed)
+            return None
         try:
             cfg = compose("config", overrides=overrides)
         except Exception as err:  # noqa: BLE001
@@ -253,6 +275,55 @@ def check_command_line(overrides: list[str], multirun: bool = False, conf_dir: P
         what = MISSING_HINTS.get(missing[0], "a value")
         raise ConfigError(f"{missing[0]} needs {what}: pass {missing[0]}=... on the command line")
     return check_values(cfg)
+
+
+def sweep_jobs(parsed: list[Any]) -> list[list[str]] | None:
+    """The override list of every job of a sweep, in Hydra's basic-sweeper order (the cartesian product of the
+    swept values); None for sweeps not enumerated here (glob(), interval sweeps) or above MAX_CHECKED_JOBS."""
+    axes: list[list[str]] = []
+    for override in parsed:
+        if not override.is_sweep_override():
+            axes.append([override.input_line])
+            continue
+        if not override.is_discrete_sweep() or "glob(" in override.input_line:
+            return None
+        axes.append([f"{override.get_key_element()}={value}" for value in override.sweep_string_iterator()])
+    if math.prod(len(axis) for axis in axes) > MAX_CHECKED_JOBS:
+        return None
+    return [list(job) for job in itertools.product(*axes)]
+
+
+def check_sweep(parsed: list[Any]) -> None:
+    """Every job of a sweep checked before Hydra launches any (a launcher such as submitit would wrap a job's
+    one-line error in its own traceback, after the other jobs started): each job's values, and that jobs writing
+    the same run directory agree with each other and with the config.yaml already there (the keys a run may vary,
+    method and budgets among them, excepted)."""
+    from hydra import compose
+    from omegaconf import OmegaConf
+
+    jobs = sweep_jobs(parsed)
+    if jobs is None:
+        return  # each job checks its own values when it runs
+    first_of_run: dict[Path, dict] = {}
+    for job in jobs:
+        try:
+            cfg = compose("config", overrides=job)
+        except Exception as err:  # noqa: BLE001 - Hydra's composition errors are multi-line
+            raise ConfigError(str(err).splitlines()[0]) from None
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            what = MISSING_HINTS.get(missing[0], "a value")
+            raise ConfigError(f"{missing[0]} needs {what}: pass {missing[0]}=... on the command line")
+        settings = check_values(cfg)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        ResultsStore(settings.run_dir).check_config(config)
+        first = first_of_run.setdefault(settings.run_dir, config)
+        differences = config_differences(first, config)
+        if differences:
+            raise ConfigError(
+                f"jobs of this sweep would write {settings.run_dir} with different configs ({differences[0]}); "
+                "run them as separate commands, each with its own run_name=..."
+            )
 
 
 def check_values(cfg: Any) -> RunSettings:

@@ -5,11 +5,23 @@ registered (lm-eval 0.4 has no plugin discovery), e.g.
         --tasks <task> --include_path <dir>
 
 Bad kvbench model args fail in one line. Needs the extra: pip install -e ".[lm_eval]".
+
+lm-eval's command line defaults `--device` to cuda:0; without `--device` (or a model arg `device=`) the adapter
+runs where kvbench's `device=auto` resolves (CUDA when available, else CPU), so the commands work on a laptop.
 """
 
 from __future__ import annotations
 
 import sys
+
+
+def with_device(args: list[str]) -> list[str]:
+    """`args` with `--device auto` added when they evaluate a model and name no device (lm-eval's own default is
+    cuda:0)."""
+    evaluates = any(arg == "--model" or arg.startswith("--model=") for arg in args)
+    if not evaluates or any(arg == "--device" or arg.startswith("--device=") for arg in args):
+        return args
+    return [*args, "--device", "auto"]
 
 
 def main() -> None:
@@ -20,6 +32,7 @@ def main() -> None:
     except ImportError as err:
         print(f"kvbench: error: lm-eval is not installed ({err}); pip install -e '.[lm_eval]'", file=sys.stderr)
         sys.exit(2)
+    sys.argv = [sys.argv[0], *with_device(sys.argv[1:])]
     try:
         cli_evaluate()
     except (ValueError, FileNotFoundError, KeyError) as err:

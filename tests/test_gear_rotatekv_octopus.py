@@ -179,8 +179,9 @@ def test_bad_input_is_one_line(tiny_lm):
         build_method({"name": "gear", "group_size": 16, "streaming_gap": 40})
     with pytest.raises(ValueError, match="k_clip must be in"):
         build_method({"name": "rotatekv", "k_clip": 1.5})
-    with pytest.raises(ValueError, match="group_size 64 does not divide the head dim 16"):
-        build_method({"name": "rotatekv"}).check_model(tiny_lm.config)
+    with pytest.raises(ValueError, match="group_size 12 does not divide the head dim 16"):
+        build_method({"name": "rotatekv", "group_size": 12}).check_model(tiny_lm.config)
+    build_method({"name": "rotatekv"}).check_model(tiny_lm.config)  # 64 > 16: one group per head vector
     build_method({"name": "rotatekv", "head_group": 2, "group_size": 16}).check_model(tiny_lm.config)
 
 

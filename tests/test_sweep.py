@@ -35,7 +35,7 @@ def test_submitit_local_sweep_writes_one_results_dir_without_duplicates(tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dirs = [p for p in tmp_path.iterdir() if (p / "samples.jsonl").exists()]
-    assert [p.name for p in run_dirs] == ["niah_tiny_random"]
+    assert [p.name for p in run_dirs] == ["niah_sweep_tiny_random"]  # the experiment names its run
     assert len(list((run_dirs[0] / "logs").glob("multirun_*/.submitit"))) == 1  # the jobs ran through submitit
     rows = ResultsStore(run_dirs[0]).rows()
     keys = Counter(row["key"] for row in rows)

@@ -66,6 +66,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
@@ -123,6 +124,7 @@ class KVBenchLM(TemplateLM):
             check_compress(compress)  # before loading the model
         except ValueError as err:
             raise AdapterArgError(str(err)) from None
+        check_device(device)  # before loading the model: torch's own error comes after a minute of loading
         batch_size = extra.get("batch_size")
         if batch_size not in (None, 1, "1"):
             log.warning("kvbench: batch_size=%s ignored; requests run one by one (batch-1 caches)", batch_size)
@@ -338,6 +340,15 @@ class KVBenchLM(TemplateLM):
         for (index, sample, job), result in zip(todo, scored, strict=True):
             self._write(job, sample, task_name, result.row)
             yield index, (result.logprob, result.is_greedy)
+
+
+def check_device(device: str | None) -> None:
+    """A CUDA device on a machine without CUDA fails in one line (None and `auto` resolve to what is there)."""
+    if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise AdapterArgError(
+            f"device {device} needs CUDA, which this machine (or this torch build) does not have; "
+            "use device=auto (the default: CUDA when available, else CPU) or device=cpu"
+        )
 
 
 def valid_args() -> list[str]:

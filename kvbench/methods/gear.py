@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvbench.engine.quant.codecs import channel_group_size
 from kvbench.engine.quant.gear import GearCodec, GearTensorCodec
 from kvbench.methods.base import register_method
 from kvbench.methods.quantized import QuantizedMethod
@@ -38,9 +39,8 @@ class GEAR(QuantizedMethod):
     streaming_gap: int = 64
     seed: int = 0
 
-    def codec(self) -> GearCodec:
+    def codec(self, head_dim: int | None = None) -> GearCodec:
         shared = {
-            "group_size": self.group_size,
             "flush": "block",
             "residual_length": self.streaming_gap,
             "outlier_ratio": float(self.outlier_ratio),
@@ -50,6 +50,15 @@ class GEAR(QuantizedMethod):
             "seed": self.seed,
         }
         return GearCodec(
-            keys=GearTensorCodec(bits=self.k_bits, axis="token", layout="channel", role=0, **shared),
-            values=GearTensorCodec(bits=self.v_bits, axis="channel", layout="token", role=1, **shared),
+            keys=GearTensorCodec(
+                bits=self.k_bits, group_size=self.group_size, axis="token", layout="channel", role=0, **shared
+            ),
+            values=GearTensorCodec(
+                bits=self.v_bits,
+                group_size=channel_group_size(self.group_size, head_dim),
+                axis="channel",
+                layout="token",
+                role=1,
+                **shared,
+            ),
         )

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvbench.engine.quant.codecs import TensorCodec, UniformCodec
+from kvbench.engine.quant.codecs import TensorCodec, UniformCodec, channel_group_size
 from kvbench.methods.base import register_method
 from kvbench.methods.quantized import QuantizedMethod
 
@@ -21,8 +21,9 @@ class KIVI(QuantizedMethod):
 
     Hyperparameters: k_bits=2, v_bits=2 (KIVI-2; the official README recommends 4 for GQA models),
     group_size=32, residual_length=128 (paper LongBench runs; `example.py` uses 32). Bits in {2, 3, 4, 8, 16}
-    (16: that tensor unquantised); residual_length must be a positive multiple of group_size, group_size must
-    divide the head dim. `base` / `base_params`: an eviction method whose kept slots are stored this way
+    (16: that tensor unquantised); residual_length must be a positive multiple of group_size; value groups (along
+    channels) hold min(group_size, head dim) channels, which must divide the head dim (rows record it as
+    `quant.v_group_size`). `base` / `base_params`: an eviction method whose kept slots are stored this way
     (`kvbench.methods.quantized`). A constant group stores scale 0 (the official code divides by zero: [QUIRK] fixed).
     """
 
@@ -31,8 +32,9 @@ class KIVI(QuantizedMethod):
     group_size: int = 32
     residual_length: int = 128
 
-    def codec(self) -> UniformCodec:
+    def codec(self, head_dim: int | None = None) -> UniformCodec:
+        values_group = channel_group_size(self.group_size, head_dim)
         return UniformCodec(
             keys=TensorCodec(self.k_bits, self.group_size, "token", "block", self.residual_length),
-            values=TensorCodec(self.v_bits, self.group_size, "channel", "sliding", self.residual_length),
+            values=TensorCodec(self.v_bits, values_group, "channel", "sliding", self.residual_length),
         )

@@ -36,7 +36,7 @@ class Octopus(QuantizedMethod):
     bits: int = 3
     seed: int = 0
 
-    def codec(self) -> OctopusCodec:
+    def codec(self, head_dim: int | None = None) -> OctopusCodec:
         return OctopusCodec(self.bits, self.seed)
 
     def label(self) -> str:

@@ -48,7 +48,9 @@ class QuantizedMethod(Composed, ABC):
     base_optional: ClassVar[bool] = True  # alone, a quantiser keeps every token (rows record `budget: null`)
 
     @abstractmethod
-    def codec(self) -> UniformCodec: ...
+    def codec(self, head_dim: int | None = None) -> UniformCodec:
+        """The storage codec; for a model's `head_dim`, groups along channels hold at most one head vector
+        (`kvbench.engine.quant.codecs.channel_group_size`), so the defaults run on every head dim."""
 
     def __post_init__(self) -> None:
         self.codec().check()
@@ -68,7 +70,8 @@ class QuantizedMethod(Composed, ABC):
         return self.name + (f"({','.join(extras)})" if extras else "")
 
     def check_model(self, config: Any) -> None:
-        self.codec().check_head_dim(head_dim_of(config))
+        head_dim = head_dim_of(config)
+        self.codec(head_dim).check_head_dim(head_dim)
         super().check_model(config)
 
     def after_compress(self, cache: KVCache, ctx: CompressionContext) -> None:
@@ -77,6 +80,6 @@ class QuantizedMethod(Composed, ABC):
 
     def store(self, cache: KVCache, ctx: CompressionContext) -> None:
         """Store every layer's kept slots with this method's codec (after the base compressed)."""
-        codec = self.codec()
+        codec = self.codec(cache.layers[0].keys.shape[-1] if cache.layers else None)
         quantize_cache(cache, codec, packed_decode=ctx.kernels == "triton")
         ctx.record["quant"] = codec.describe()

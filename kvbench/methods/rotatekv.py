@@ -13,6 +13,7 @@ from kvbench.engine.cache import KVCache
 from kvbench.engine.generation import forward_tokens
 from kvbench.engine.hub import default_cache_dir, essay_text
 from kvbench.engine.models import head_dim_of
+from kvbench.engine.quant.codecs import channel_group_size
 from kvbench.engine.quant.rotation import SINK_EXTRA, ChannelTransform, RotatedCodec, RotatedKVLayer, check_transform
 from kvbench.engine.rope import rotary_embedding, unrotate_keys
 from kvbench.methods.base import CompressionContext, register_method
@@ -101,8 +102,9 @@ class RotateKV(QuantizedMethod):
         if isinstance(self.calibration_tokens, bool) or self.calibration_tokens < 16:
             raise ValueError(f"calibration_tokens must be an int >= 16, got {self.calibration_tokens!r}")
 
-    def codec(self) -> RotatedCodec:
-        return RotatedCodec(self.k_bits, self.v_bits, self.group_size, self.k_clip, self.v_clip)
+    def codec(self, head_dim: int | None = None) -> RotatedCodec:
+        group = channel_group_size(self.group_size, head_dim)
+        return RotatedCodec(self.k_bits, self.v_bits, group, self.k_clip, self.v_clip)
 
     def check_model(self, config: Any) -> None:
         check_transform(config.num_key_value_heads, head_dim_of(config), self.head_group)
@@ -118,7 +120,7 @@ class RotateKV(QuantizedMethod):
         orders = self.channel_orders(ctx.lm, ctx.cache_dir) if self.reorder else None
         found_sinks = self.own_stats(ctx)
         sinks = found_sinks.sinks if isinstance(found_sinks, MassiveActivations) else {}
-        template = self.codec()
+        template = self.codec(head_dim)
         values = ChannelTransform(heads, head_dim, 1)
         for index, layer in enumerate(cache.layers):
             found = sinks.get(index, torch.empty(0, dtype=torch.long))

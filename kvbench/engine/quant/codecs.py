@@ -47,6 +47,12 @@ class TensorCodec:
             store.encode_oldest_fp(count, lambda x: UniformSegment.encode(x, self.bits, self.group_size, self.axis))
 
 
+def channel_group_size(group_size: int, head_dim: int | None) -> int:
+    """Channels per group for a model's head dim: a group never spans more than one head vector, so a group size
+    above the head dim (kivi's 32 on a head dim of 16) becomes the head dim; None (no model yet) keeps it."""
+    return group_size if head_dim is None else min(group_size, head_dim)
+
+
 def check_bits(name: str, bits: Any) -> None:
     if isinstance(bits, bool) or bits not in VALID_BITS:
         raise ValueError(f"unsupported {name} {bits!r}. Valid {name}: {', '.join(map(str, VALID_BITS))}.")
@@ -96,6 +102,7 @@ class UniformCodec:
             "k_bits": self.keys.bits,
             "v_bits": self.values.bits,
             "group_size": self.keys.group_size,
+            "v_group_size": self.values.group_size,  # differs from group_size where channel groups met the head dim
             "residual_length": self.keys.residual_length,
             "key_axis": self.keys.axis,
             "value_axis": self.values.axis,
