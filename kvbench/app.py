@@ -25,7 +25,7 @@ from kvbench.report import format_table, rows_frame, summarize
 from kvbench.report.plots import accuracy_vs_budget
 from kvbench.report.task_figures import task_figures
 from kvbench.tasks import Sample, build_task
-from kvbench.tasks.base import PlannedSample
+from kvbench.tasks.base import PlannedSample, check_prefill_chunk
 
 log = logging.getLogger("kvbench")
 
@@ -54,6 +54,7 @@ def run(cfg: Any) -> dict[str, Any]:
     method = build_method(cfg.method)
     check_chunked_methods(settings.options.prefill_chunk, [method])
     task = build_task(cfg.task)
+    check_prefill_chunk(task.scenario, settings.options.prefill_chunk)
     store = ResultsStore(settings.run_dir)
     store.check_writable()
     config = OmegaConf.to_container(cfg, resolve=True)
