@@ -318,25 +318,24 @@ def check_model_fields(model: Any) -> None:
     check_device(str(model.get("device", "auto")))
 
 
-def check_device(device: str) -> None:
-    """One line for a device torch cannot parse or this machine does not have (`model.device=cuda:7`)."""
+def check_device(device: str, key: str = "model.device") -> None:
+    """One line for a device torch cannot parse or this machine does not have (`model.device=cuda:7`); `key` is
+    how the caller's user spells the setting."""
     if device == "auto":
         return
     try:
         parsed = torch.device(device)
     except RuntimeError:
-        raise ConfigError(f"model.device must be auto, cpu, cuda or cuda:<index>, got {device!r}") from None
+        raise ConfigError(f"{key} must be auto, cpu, cuda or cuda:<index>, got {device!r}") from None
     if parsed.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ConfigError(
-                f"model.device={device} needs CUDA, and torch sees no CUDA device here; use model.device=cpu"
-            )
+            raise ConfigError(f"{key}={device} needs CUDA, and torch sees no CUDA device here; use {key}=cpu")
         if parsed.index is not None and parsed.index >= count:
             valid = ", ".join(f"cuda:{i}" for i in range(count))
-            raise ConfigError(f"model.device={device}, but torch sees {count} CUDA device(s) here: {valid}")
+            raise ConfigError(f"{key}={device}, but torch sees {count} CUDA device(s) here: {valid}")
     elif parsed.type not in ("cpu", "cuda"):
-        raise ConfigError(f"model.device must be auto, cpu, cuda or cuda:<index>, got {device!r}")
+        raise ConfigError(f"{key} must be auto, cpu, cuda or cuda:<index>, got {device!r}")
 
 
 def check_thread_count(threads: int | None) -> int | None:

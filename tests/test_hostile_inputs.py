@@ -20,6 +20,7 @@ from kvbench import api
 from kvbench.app import run
 from kvbench.config import ConfigError, check_command_line
 from kvbench.harness.sample import Sample
+from kvbench.tasks import ruler
 from kvbench.tasks.jsonl import JsonlTaskError
 from tests.helpers import SMALL_NIAH, TINY, composed, needle_sample
 
@@ -175,3 +176,83 @@ def test_middle_truncation_is_said_once_per_run_with_the_count(caplog):
     assert messages[0].startswith("sample long0 is longer than the model's context (256 tokens): ")
     assert f"{truncated[0]['truncated_tokens']} context tokens were cut from its middle" in messages[0]
     assert messages[1] == "3 samples were middle-truncated to fit the model's context of 256 tokens"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tokens", "0"], "--tokens must be >= 2, got 0"),
+        (["--samples", "-1"], "--samples must be >= 1, got -1"),
+        (["--text", "{tmp}/missing.txt"], "cannot read --text {tmp}/missing.txt: No such file or directory"),
+        (["--text", "{tmp}"], "cannot read --text {tmp}: Is a directory"),
+        (["--text", "{tmp}/latin1.txt"], "{tmp}/latin1.txt:2: not UTF-8 text (byte 0xe9 at column 2); re-encode"),
+        (["--device", "cuda:99"], "--device=cuda:99"),
+        (["--tokens", "5000"], "--tokens 5000 exceeds the context of model tiny_random (4096 tokens)"),
+        (["--text", "{tmp}/short.txt", "--tokens", "64"], "prefixkv calibration text has "),
+        (["--model", "tiny_randm"], "unknown model 'tiny_randm'. Valid models: "),
+    ],
+)
+def test_calibrate_errors_are_one_line(capsys, monkeypatch, tmp_path, args, message):
+    from kvbench import calibrate
+
+    monkeypatch.setenv("KVBENCH_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "latin1.txt").write_bytes("first line\nd\xe9j\xe0 vu\n".encode("latin-1"))
+    (tmp_path / "short.txt").write_text("too short")
+    argv = ["prefixkv", "--model", "tiny_random", *[a.format(tmp=tmp_path) for a in args]]
+    with pytest.raises(SystemExit) as exited:
+        calibrate.main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("kvbench.calibrate: error: " + message.format(tmp=tmp_path)), err
+    assert not (tmp_path / "cache").exists()  # nothing written
+
+
+def files_under(root):
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def test_head_profiles_and_calibrations_of_a_local_model_stay_in_the_cache_dir(monkeypatch, tmp_path):
+    """A local model's name is its (absolute) path: it must not steer cache files next to the model."""
+    from kvbench.engine.hub import cache_name
+    from kvbench.methods.prefixkv import write_calibration
+
+    model_dir = tmp_path / "models" / "My Model"
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text("{}")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("KVBENCH_CACHE", str(cache))
+    for name in (str(model_dir), str(model_dir / "config.json")):
+        lm = api.load_model("tiny_random", device="cpu", name=name)
+        rows = api.evaluate(lm, [needle_sample(2)], "razor", budgets=[32])  # default cache dir
+        assert rows[0]["status"] == "ok", rows[0].get("error")
+        api.evaluate(lm, [needle_sample(2)], "razor", budgets=[32], cache_dir=tmp_path / "given")
+        write_calibration(lm, None, "The sky is blue. " * 100, "test", 1, 32)
+    assert files_under(tmp_path / "models") == [model_dir / "config.json"]  # nothing written beside the model
+    names = {p.relative_to(cache).parts[0] for p in files_under(cache)}
+    assert names == {cache_name(str(model_dir)), cache_name(str(model_dir / "config.json"))}
+    assert cache_name(str(model_dir)).startswith("My_Model-") and cache_name("tiny_random") == "tiny_random"
+    given = files_under(tmp_path / "given")
+    assert len(given) == 2 and all(p.parent == tmp_path / "given" / "razor" for p in given)
+
+
+def test_ruler_defaults_do_not_reach_for_the_network(monkeypatch, caplog):
+    """Without squad_path / hotpotqa_path the qa subtasks are skipped with their notice; no hub lookup happens."""
+    import socket
+
+    from kvbench.tasks import ruler_qa
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the RULER defaults reached for the network")
+
+    monkeypatch.setattr(ruler_qa, "read_hub", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    ruler_qa._CACHE.clear()
+    task = api.load_task("ruler")
+    assert (task.squad_path, task.hotpotqa_path) == (None, None)
+    with caplog.at_level(logging.WARNING, logger="kvbench"):
+        assert task.load_qa_data() == {}
+    notices = [r.getMessage() for r in caplog.records if "RULER: skipping" in r.getMessage()]
+    assert notices == [
+        "RULER: skipping qa_1, qa_2 (data not available: qa_1: no file or hub id given; qa_2: no file or hub id "
+        "given). To run them, pass " + " ".join(ruler.QA_HINTS[name] for name in ("qa_1", "qa_2"))
+    ]
