@@ -202,6 +202,7 @@ def iter_rows(
     its scenario registers (`kvbench.scenarios`). The kernel mode is resolved here, once per run."""
     options = options.resolved(lm.device)
     truncated: set[str] = set()  # samples middle-truncated to fit the context: said once, then counted
+    warned: set[tuple[str, str]] = set()  # (method, parameter) whose reserved slots exceeded a budget: said once
     for sample, jobs in work:
         scenario = scenario_of(sample)
         check_prefill_chunk(scenario, options.prefill_chunk)
@@ -215,6 +216,7 @@ def iter_rows(
                         sample.sample_id, lm.max_context, row["truncated_tokens"],
                     )  # fmt: skip
                 truncated.add(sample.sample_id)
+            warn_reserved_above_budget(job.method, row.get("budget_entries"), warned)
             if row["status"] != "ok":
                 label = job.method.label()
                 log.warning("%s %s budget=%s failed: %s", sample.sample_id, label, job.budget, row["error"])
@@ -226,6 +228,26 @@ def iter_rows(
         log.warning(
             "%d samples were middle-truncated to fit the model's context of %d tokens", len(truncated), lm.max_context
         )
+
+
+# Method parameters that reserve slots inside the budget (the observation window, the attention sinks).
+RESERVED_SLOTS = ("window", "n_sink")
+
+
+def warn_reserved_above_budget(method: Method, entries: int | None, warned: set[tuple[str, str]]) -> None:
+    """Say once per run and method when a window / n_sink larger than the budget's entries leaves no room for
+    what the method selects (the row still runs: the method clips them to the budget)."""
+    if not entries:
+        return
+    for name in RESERVED_SLOTS:
+        value = method.params().get(name)
+        if isinstance(value, int) and value > entries and (method.label(), name) not in warned:
+            warned.add((method.label(), name))
+            log.warning(
+                "%s: %s=%d exceeds the budget of %d entries per KV head (%s counts inside the budget): at that "
+                "budget it keeps only part of the %s",
+                method.label(), name, value, entries, name, "window" if name == "window" else "sinks",
+            )  # fmt: skip
 
 
 def evaluate(

@@ -256,3 +256,17 @@ def test_ruler_defaults_do_not_reach_for_the_network(monkeypatch, caplog):
         "RULER: skipping qa_1, qa_2 (data not available: qa_1: no file or hub id given; qa_2: no file or hub id "
         "given). To run them, pass " + " ".join(ruler.QA_HINTS[name] for name in ("qa_1", "qa_2"))
     ]
+
+
+def test_a_window_or_sinks_above_the_budget_is_said_once_per_method(caplog):
+    samples = [needle_sample(2), needle_sample(3)]
+    methods = [api.build_method("snapkv"), api.build_method("streamingllm", n_sink=40)]  # window 32, n_sink 40
+    with caplog.at_level(logging.WARNING, logger="kvbench"):
+        api.evaluate("tiny_random", samples, methods, budgets=[16, 64], include_full=True)
+    said = [r.getMessage() for r in caplog.records if "exceeds the budget" in r.getMessage()]
+    assert said == [
+        "snapkv: window=32 exceeds the budget of 16 entries per KV head (window counts inside the budget): at that "
+        "budget it keeps only part of the window",
+        "streamingllm(n_sink=40): n_sink=40 exceeds the budget of 16 entries per KV head (n_sink counts inside the "
+        "budget): at that budget it keeps only part of the sinks",
+    ]
