@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from kvbench.app import run
 from kvbench.config import CONF_DIR, check_command_line, check_overrides
+from kvbench.harness.results import ResultsStore
 
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, PermissionError)
 # results_dir when this invocation is the one creating it (Hydra does, for its logs): removed again on failure.
@@ -81,6 +82,8 @@ def main() -> None:
         check_overrides(overrides)
         if all(flag in ("-m", "--multirun") for flag in flags):  # other flags (--cfg, -cn) take values
             settings = check_command_line(overrides, multirun=bool(flags))
+            if settings is not None:  # before Hydra creates its log directory there (a traceback if it cannot)
+                ResultsStore(settings.run_dir).check_writable()
             root = settings.results_root if settings is not None else None
             _created_root = root if root is not None and not root.exists() else None
     except USER_ERRORS as err:

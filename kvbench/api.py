@@ -41,6 +41,7 @@ from kvbench.registry import UnknownNameError, unknown_name_message
 from kvbench.report import rows_frame
 from kvbench.scenarios import part_key, scenario_of, scenario_runner
 from kvbench.tasks import Task, build_task
+from kvbench.tasks.base import check_prefill_chunk
 
 __all__ = [
     "LoadedModel",
@@ -211,12 +212,24 @@ def iter_rows(
     A plain sample goes through the single-prompt runner; a multi-turn / reuse / edit sample through the runner
     its scenario registers (`kvbench.scenarios`). The kernel mode is resolved here, once per run."""
     options = options.resolved(lm.device)
+    truncated: set[str] = set()  # samples middle-truncated to fit the context: said once, then counted
+    warned: set[tuple[str, str]] = set()  # (method, parameter) whose reserved slots exceeded a budget: said once
     for sample, jobs in work:
         scenario = scenario_of(sample)
         if scenario is not None:
             require_full_attention(lm.layer_specs, model_type(lm.config), f"the {scenario} scenario")
+        check_prefill_chunk(scenario, options.prefill_chunk)
         runner = run_sample if scenario is None else scenario_runner(scenario)
         for job, row in runner(lm, sample, jobs, options):
+            if row.get("truncated_tokens") and sample.sample_id not in truncated:
+                if not truncated:
+                    log.warning(
+                        "sample %s is longer than the model's context (%d tokens): %d context tokens were cut from "
+                        "its middle (said once per run; rows record truncated_tokens)",
+                        sample.sample_id, lm.max_context, row["truncated_tokens"],
+                    )  # fmt: skip
+                truncated.add(sample.sample_id)
+            warn_reserved_above_budget(job.method, row.get("budget_entries"), warned)
             if row["status"] != "ok":
                 label = job.method.label()
                 log.warning("%s %s budget=%s failed: %s", sample.sample_id, label, job.budget, row["error"])
@@ -224,6 +237,30 @@ def iter_rows(
             if row.get("part") is not None:  # one of several rows of a scenario job (`kvbench.scenarios`)
                 identity |= {"key": part_key(job.key, row), "job_key": job.key}
             yield {**identity, **row}
+    if len(truncated) > 1:
+        log.warning(
+            "%d samples were middle-truncated to fit the model's context of %d tokens", len(truncated), lm.max_context
+        )
+
+
+# Method parameters that reserve slots inside the budget (the observation window, the attention sinks).
+RESERVED_SLOTS = ("window", "n_sink")
+
+
+def warn_reserved_above_budget(method: Method, entries: int | None, warned: set[tuple[str, str]]) -> None:
+    """Say once per run and method when a window / n_sink larger than the budget's entries leaves no room for
+    what the method selects (the row still runs: the method clips them to the budget)."""
+    if not entries:
+        return
+    for name in RESERVED_SLOTS:
+        value = method.params().get(name)
+        if isinstance(value, int) and value > entries and (method.label(), name) not in warned:
+            warned.add((method.label(), name))
+            log.warning(
+                "%s: %s=%d exceeds the budget of %d entries per KV head (%s counts inside the budget): at that "
+                "budget it keeps only part of the %s",
+                method.label(), name, value, entries, name, "window" if name == "window" else "sinks",
+            )  # fmt: skip
 
 
 def evaluate(
@@ -249,6 +286,8 @@ def evaluate(
     built = with_full([build_method(m) for m in methods], include_full)
     check_model(lm, built)
     values = list(budgets) if isinstance(budgets, (list, tuple)) else [budgets]
+    if not values:
+        raise ValueError("budgets must list at least one budget (None: no compression)")
     parsed = tuple(dict.fromkeys(parse_budget(b) for b in values))
     run_options = RunOptions(budgets=parsed, compress=compress, seed=seed, **options)
     check_chunked_methods(run_options.prefill_chunk, built)

@@ -29,7 +29,7 @@ from kvbench.report import format_table, rows_frame, summarize
 from kvbench.report.figures import accuracy_vs_budget
 from kvbench.report.task_figures import task_figures
 from kvbench.tasks import Sample, build_task
-from kvbench.tasks.base import PlannedSample
+from kvbench.tasks.base import PlannedSample, check_prefill_chunk
 
 log = logging.getLogger("kvbench")
 SUMMARY_LOCK = ".summary.lock"
@@ -70,6 +70,7 @@ def run(cfg: Any) -> dict[str, Any]:
     method = build_method(cfg.method)
     check_chunked_methods(settings.options.prefill_chunk, [method])
     task = build_task(cfg.task)
+    check_prefill_chunk(task.scenario, settings.options.prefill_chunk)
     store = ResultsStore(settings.run_dir)
     store.check_writable()
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -109,7 +110,7 @@ def run(cfg: Any) -> dict[str, Any]:
     done = store.done_keys()
     built = built_fingerprints(store.rows()) if done else {}
     fingerprints: set[str] = set()  # this invocation's samples: the summary covers their rows only
-    claimed_elsewhere = 0
+    claimed_elsewhere: list[str] = []  # keys another process sharing the run had claimed
     if done:
         log.info("resuming: %d rows already in %s; their jobs are skipped", len(done), store.samples_path)
     skipped = 0
@@ -141,7 +142,7 @@ def run(cfg: Any) -> dict[str, Any]:
             # Claim the rows: those another process is computing (or finished meanwhile) are left to it; the
             # claim is held until this sample's rows are appended (the generator resumes after them).
             with store.claim([job.key for job in jobs]) as mine:
-                claimed_elsewhere += len(jobs) - len(mine)
+                claimed_elsewhere += [job.key for job in jobs if job.key not in set(mine)]
                 if mine:
                     recipe = planned_recipe
                     yield sample, [job for job in jobs if job.key in set(mine)]
@@ -155,8 +156,10 @@ def run(cfg: Any) -> dict[str, Any]:
             bar.update(1)
     if skipped:
         log.info("resumed: %d rows were already done, %d ran", skipped, total)
+    unfinished = sorted(set(claimed_elsewhere) - store.done_keys())
     if claimed_elsewhere:
-        log.info("%d rows were computed by another process sharing %s", claimed_elsewhere, settings.run_dir)
+        done_elsewhere = len(set(claimed_elsewhere)) - len(unfinished)
+        log.info("%d rows were computed by another process sharing %s", done_elsewhere, settings.run_dir)
 
     # The summary and figures cover this invocation's samples only: rows of other sample sets in the same run
     # (e.g. an earlier run with more samples) are left out, so n matches the config. Jobs of a sweep share the
@@ -171,5 +174,11 @@ def run(cfg: Any) -> dict[str, Any]:
             task.name, frame, settings.run_dir
         )
     table = format_table(summary)
+    if unfinished:  # the other process is still computing them (or was stopped): say the summary lacks them
+        table += (
+            f"\nnote: {len(unfinished)} rows claimed by another process sharing this run are not stored yet (still "
+            "running, or stopped); this summary leaves them out: rerun the same command once it ends"
+        )
+        log.warning("%d rows claimed by another process are not in %s yet", len(unfinished), store.samples_path)
     print(f"\nkvbench results: {settings.run_dir}\n{table}\n")
     return {"run_dir": settings.run_dir, "summary": summary, "figures": figures, "rows_run": total}

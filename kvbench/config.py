@@ -6,11 +6,13 @@ import dataclasses
 import difflib
 import itertools
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import to_absolute_path
 from omegaconf import OmegaConf
 
@@ -23,7 +25,7 @@ from kvbench.methods import METHODS, build_method
 from kvbench.registry import UnknownNameError, check_field, unknown_name_message
 from kvbench.report import check_x_axis
 from kvbench.tasks import TASKS, build_task
-from kvbench.tasks.base import as_list  # noqa: I001
+from kvbench.tasks.base import as_list, check_prefill_chunk  # noqa: I001
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SELECTABLE_GROUPS = ("model", "method", "task", "experiment")
@@ -97,6 +99,8 @@ def parse_budgets(cfg: Any) -> tuple[int | float | None, ...]:
     if raw is None:
         raw = cfg.get("budget")
         values = as_list(raw) if raw is not None else [None]
+        if not values:  # `budget=[]` would run only the full-cache rows
+            raise ConfigError("budget must list at least one budget (or be null for no compression)")
     else:
         values = as_list(raw)
         if not values:
@@ -128,7 +132,8 @@ def validate(cfg: Any) -> RunSettings:
     if kernels not in KERNEL_MODES:
         raise ConfigError(f"unknown kernels '{kernels}'. Valid kernels: {', '.join(KERNEL_MODES)}.")
     max_samples = check_field("max_samples", cfg.get("max_samples"), int | None, minimum=1)
-    threads = check_field("threads", cfg.get("threads"), int | None, minimum=1)
+    threads = check_thread_count(check_field("threads", cfg.get("threads"), int | None, minimum=1))
+    check_model_fields(cfg.get("model"))
     seed = check_field("seed", cfg.get("seed"), int, minimum=0)
     flags = {key: check_field(key, cfg.get(key, default), bool) for key, default in BOOL_KEYS.items()}
     results_dir = check_field("results_dir", cfg.get("results_dir"), str)
@@ -137,6 +142,7 @@ def validate(cfg: Any) -> RunSettings:
         x_axis = check_x_axis(str(cfg.get("x_axis", "budget")))
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    check_output_names(results_dir, run_name)
     run_dir = run_dir_for(results_dir, run_name)
     options = RunOptions(
         budgets=parse_budgets(cfg),
@@ -174,7 +180,11 @@ def _node_keys(cfg: Any, path: list[str]) -> list[str] | None:
 
 
 def _registered_fields(cfg: Any, group: str) -> list[str] | None:
-    """Field names of the method/task class that `cfg.<group>.name` selects (None if unknown)."""
+    """Field names of the method/task class that `cfg.<group>.name` selects, or those the model's kind reads
+    (None if unknown)."""
+    if group == "model":
+        kind = cfg.model.get("kind") if "model" in cfg else None
+        return sorted(MODEL_FIELDS[kind]) if kind in MODEL_FIELDS else None
     if group == "method":
         registry = METHODS
     elif group == "task":
@@ -227,7 +237,7 @@ def check_command_line(overrides: list[str], multirun: bool = False, conf_dir: P
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as err:  # noqa: BLE001 - Hydra's grammar errors are multi-line
-        raise ConfigError(f"cannot parse the command line: {str(err).splitlines()[0]}") from None
+        raise ConfigError(parse_error_message(overrides, err)) from None
     groups: list[list[str]] = []  # per group override, every choice it sweeps
     keys = []
     for override in parsed:
@@ -331,5 +341,105 @@ def check_values(cfg: Any) -> RunSettings:
     settings = validate(cfg)
     method = build_method(cfg.method)
     check_chunked_methods(settings.options.prefill_chunk, [method])
-    build_task(cfg.task)
+    task = build_task(cfg.task)
+    check_prefill_chunk(task.scenario, settings.options.prefill_chunk)
     return settings
+
+
+# The keys each model kind's loader reads (kvbench.engine.models), with their types and minimums: a `+model.<key>`
+# outside these would be accepted and ignored, and a bad value would fail deep in transformers.
+_COMMON_MODEL_FIELDS: dict[str, tuple[Any, float | None]] = {
+    "kind": (str, None),
+    "name": (str, None),
+    "device": (str, None),
+    "dtype": (str, None),
+    "attn_backend": (str, None),
+    "max_context": (int | None, 1),
+    "seed": (int, 0),
+    "tokenizer": (str | None, None),
+}
+MODEL_FIELDS: dict[str, dict[str, tuple[Any, float | None]]] = {
+    "tiny_random": {
+        **_COMMON_MODEL_FIELDS,
+        "hidden_size": (int, 1),
+        "intermediate_size": (int, 1),
+        "num_layers": (int, 1),
+        "num_heads": (int, 1),
+        "num_kv_heads": (int, 1),
+        "head_dim": (int, 1),
+        "initializer_range": (float, 0),
+    },
+    "hf": {
+        **_COMMON_MODEL_FIELDS,
+        "name_or_path": (str, None),
+        "config_only": (bool, None),
+        "trust_remote_code": (bool, None),
+    },
+    "gguf_package": {**_COMMON_MODEL_FIELDS, "package": (str, None), "version": (str, None), "gguf_file": (str, None)},
+}
+NAME_MAX = 255  # bytes in one path component on the common Linux file systems
+
+
+def check_model_fields(model: Any) -> None:
+    """Type and range of every model field its kind reads (`MODEL_FIELDS`), and a device this machine has."""
+    if model is None or model.get("kind") not in MODEL_FIELDS:
+        return  # a kind registered by the user reads its own fields
+    for key, (annotation, minimum) in MODEL_FIELDS[model.kind].items():
+        if key in model and model._get_node(key)._is_missing() is False:
+            check_field(f"model.{key}", model.get(key), annotation, minimum=minimum)
+    check_device(str(model.get("device", "auto")))
+
+
+def check_device(device: str, key: str = "model.device") -> None:
+    """One line for a device torch cannot parse or this machine does not have (`model.device=cuda:7`); `key` is
+    how the caller's user spells the setting."""
+    if device == "auto":
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"{key} must be auto, cpu, cuda or cuda:<index>, got {device!r}") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{key}={device} needs CUDA, and torch sees no CUDA device here; use {key}=cpu")
+        if parsed.index is not None and parsed.index >= count:
+            valid = ", ".join(f"cuda:{i}" for i in range(count))
+            raise ConfigError(f"{key}={device}, but torch sees {count} CUDA device(s) here: {valid}")
+    elif parsed.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{key} must be auto, cpu, cuda or cuda:<index>, got {device!r}")
+
+
+def check_thread_count(threads: int | None) -> int | None:
+    """More torch threads than CPU cores only slows a run; 100000 of them exhausts memory."""
+    cores = os.cpu_count() or 1
+    if threads is not None and threads > cores:
+        raise ConfigError(f"threads must be <= {cores} (the CPU cores here), got {threads}")
+    return threads
+
+
+def check_output_names(results_dir: str, run_name: str) -> None:
+    """results_dir must name a directory (not empty: that would write into the working directory; not a file)
+    and run_name must fit in one file name."""
+    if not results_dir.strip():
+        raise ConfigError("results_dir is empty; pass a directory, e.g. results_dir=results")
+    if len(run_name.encode()) > NAME_MAX:
+        raise ConfigError(
+            f"run_name is {len(run_name.encode())} bytes long; a file name holds at most {NAME_MAX}: "
+            "choose a shorter run_name=..."
+        )
+    existing = Path(to_absolute_path(results_dir))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"results_dir {results_dir} is not a directory ({existing} is a file); choose another")
+
+
+def parse_error_message(overrides: list[str], err: BaseException) -> str:
+    """Hydra's grammar error in one line, naming the override; unquoted characters outside ASCII (which the
+    grammar refuses) get the quoting that works."""
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and not value.isascii() and not value.startswith(("'", '"')):
+            return f"cannot parse {override!r}: quote a value with characters outside ASCII, e.g. {key}='{value}'"
+    return f"cannot parse the command line: {str(err).splitlines()[0]}"

@@ -23,6 +23,12 @@ TINY = ["model=tiny_random", "model.device=cpu", "progress=false", "threads=1"]
 SMALL_NIAH = ["task.lengths=[256]", "task.depths=[50]", "task.max_new_tokens=4", "budget=[16]"]
 
 
+def store_row(key: str, status: str = "ok", extra: dict | None = None) -> dict:
+    """A results row with the fields every row kvbench writes carries (`RESUMED_ROW_FIELDS`), for store tests."""
+    identity = {"sample_fingerprint": "f0", "method": "full", "method_label": "full", "budget": None}
+    return {"key": key, "status": status, **identity, "compress": "prompt", **(extra or {})}
+
+
 def needle_sample(max_new_tokens: int = 10) -> Sample:
     """A short noise haystack with one magic number: enough tokens for budgets of 32-64 on the tiny model."""
     return Sample(

@@ -23,6 +23,7 @@ from kvbench.methods.prefixkv import write_calibration
 from kvbench.methods.snapkv import SnapKV
 from kvbench.methods.transformers_quantized import backend_available
 from kvbench.report import format_table, summarize
+from tests.helpers import store_row
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny_random", "model.device=cpu", "progress=false"]
@@ -213,11 +214,11 @@ def test_malformed_jsonl_row_names_file_and_line(tmp_path):
 
 def test_truncated_last_row_is_dropped_and_appends_start_on_a_new_line(tmp_path):
     store = ResultsStore(tmp_path)
-    store.append({"key": "a", "status": "ok"})
+    store.append(store_row("a", "ok"))
     with open(store.samples_path, "a") as handle:
         handle.write('{"key": "b", "sta')  # a write cut by a kill
     assert [r["key"] for r in store.rows()] == ["a"]
-    store.append({"key": "c", "status": "ok"})
+    store.append(store_row("c", "ok"))
     assert [r["key"] for r in read_jsonl(store.samples_path)] == ["a", "c"]
 
 

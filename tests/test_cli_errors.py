@@ -65,7 +65,7 @@ def test_integral_floats_are_ints_and_fractions_are_refused():
         (["+buget=8"], "unknown key 'buget'. Did you mean 'budget'?"),
         (["+method.windw=8"], "unknown key 'method.windw' for method snapkv. Did you mean 'method.window'?"),
         (["task=ruler", "task.lenghts=[4096]"], "Did you mean 'task.lengths'?"),
-        (["model.name_or_pth=x"], "unknown key 'model.name_or_pth'. Did you mean 'model.name'?"),
+        (["model.name_or_pth=x"], "unknown key 'model.name_or_pth' for model smollm2_135m. Did you mean 'model.name'?"),
         (["+seed=3"], "'\\+seed' adds a key that exists already"),
     ],
 )

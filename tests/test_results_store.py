@@ -5,6 +5,7 @@ config, summaries of this invocation's samples only, and leftover temporary file
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -16,27 +17,27 @@ import pytest
 from kvbench.app import run
 from kvbench.harness.jsonl import read_jsonl
 from kvbench.harness.results import MalformedRowError, ResultsError, ResultsStore
-from tests.helpers import ROOT, TINY, composed
+from tests.helpers import ROOT, TINY, composed, store_row
 
 
 def test_complete_last_row_without_newline_is_kept_and_a_torn_one_is_rerun(tmp_path):
     store = ResultsStore(tmp_path)
-    store.append({"key": "a", "status": "ok"})
+    store.append(store_row("a", "ok"))
     with open(store.samples_path, "a") as handle:
-        handle.write('{"key": "b", "status": "ok"}')  # complete, but the newline never made it to disk
+        handle.write(json.dumps(store_row("b")))  # complete, but the newline never made it to disk
     assert store.done_keys() == {"a", "b"}
-    store.append({"key": "c", "status": "ok"})
+    store.append(store_row("c", "ok"))
     assert [r["key"] for r in read_jsonl(store.samples_path)] == ["a", "b", "c"]
     with open(store.samples_path, "a") as handle:
         handle.write('{"key": "d", "sta')  # torn: not counted as done, dropped by the next append
     assert "d" not in ResultsStore(tmp_path).done_keys()
-    store.append({"key": "d", "status": "ok"})
+    store.append(store_row("d", "ok"))
     assert [r["key"] for r in read_jsonl(store.samples_path)] == ["a", "b", "c", "d"]
 
 
 def test_row_without_key_names_file_line_and_field(tmp_path):
     store = ResultsStore(tmp_path)
-    store.samples_path.write_text('{"key": "a", "status": "ok"}\n{"status": "ok"}\n')
+    store.samples_path.write_text(json.dumps(store_row("a")) + '\n{"status": "ok"}\n')
     with pytest.raises(MalformedRowError, match=r"samples.jsonl:2: row has no 'key' field"):
         store.latest_rows()
     with pytest.raises(MalformedRowError, match=r"samples.jsonl:2: row has no 'key' field"):
@@ -49,9 +50,9 @@ def test_a_claimed_row_is_left_to_its_claimer_and_a_finished_one_is_not_recomput
         assert mine == ["a", "b"]
         with second.claim(["a", "b", "c"]) as theirs:
             assert theirs == ["c"]  # a and b are being computed by the first
-            second.append({"key": "c", "status": "ok"})
-        first.append({"key": "a", "status": "ok"})
-        first.append({"key": "b", "status": "error"})
+            second.append(store_row("c", "ok"))
+        first.append(store_row("a", "ok"))
+        first.append(store_row("b", "error"))
     with second.claim(["a", "b", "c"]) as theirs:
         assert theirs == ["b"]  # a and c are done; the error row is retried
     assert not list((tmp_path / ".claims").iterdir())  # claims are released

@@ -8,8 +8,10 @@ giving up. One short TCP probe of the endpoint decides; the answer is kept for t
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -70,4 +72,14 @@ def essay_text() -> str:
 def default_cache_dir(lm: Any) -> Path:
     """Per-model artefacts (head profiles, calibrations) when the run gives no cache_dir: $KVBENCH_CACHE (or
     ~/.cache/kvbench) / <model>, the same place the CLI uses."""
-    return Path(os.environ.get("KVBENCH_CACHE", Path.home() / ".cache" / "kvbench")) / lm.name
+    return Path(os.environ.get("KVBENCH_CACHE", Path.home() / ".cache" / "kvbench")) / cache_name(lm.name)
+
+
+def cache_name(model_name: str) -> str:
+    """`model_name` as one file name inside the cache dir: a plain name as it is; a path (a local model's
+    name is its directory or config.json, absolute paths included) or anything else that could leave the
+    cache dir becomes its last component, sanitised, plus a digest of the whole name."""
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", model_name) and ".." not in model_name:
+        return model_name
+    last = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model_name.rstrip("/")).name).strip("._") or "model"
+    return f"{last}-{hashlib.sha256(model_name.encode()).hexdigest()[:12]}"

@@ -9,6 +9,7 @@ Processes sharing a run claim each row before computing it (`claim`: one locked 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 SAMPLES_FILE = "samples.jsonl"
 CONFIG_FILE = "config.yaml"
 CLAIMS_DIR = ".claims"
+# The fields every row kvbench writes has (`kvbench.api.row_identity` and the runner's status): a successful row
+# lacking one was not written by kvbench (hand-edited, cut) and is not trusted to mark its key done on resume.
+RESUMED_ROW_FIELDS = ("key", "status", "sample_fingerprint", "method", "method_label", "budget", "compress")
 STALE_TMP_SECONDS = 3600  # a temporary file of another host older than this is a leftover of a killed write
 
 
@@ -161,12 +165,17 @@ class ResultsStore:
             raise ResultsError(os_error_message("create the results directory", self.run_dir, err)) from None
 
     def remove_stale_temporaries(self) -> None:
-        """Atomic writes that were killed leave `<name>.tmp-<host>-<pid>` behind: remove those of dead writers."""
+        """Atomic writes that were killed leave `<name>.tmp-<host>-<pid>` behind, and killed claimers their
+        `.claims/<key>` files: remove those of dead writers (a claim is dead when nobody holds its lock)."""
         if not self.run_dir.is_dir():
             return
         for tmp in [*self.run_dir.glob("*.tmp*"), *self.run_dir.glob("configs/*.tmp*")]:
             if tmp.is_file() and is_stale_tmp(tmp):
                 tmp.unlink(missing_ok=True)
+        claims_dir = self.run_dir / CLAIMS_DIR
+        if claims_dir.is_dir():
+            for path in claims_dir.iterdir():
+                remove_unheld_claim(path)
 
     def _numbered_rows(self) -> Iterator[tuple[int, dict]]:
         if not self.samples_path.exists():
@@ -177,7 +186,28 @@ class ResultsStore:
     def _key(self, number: int, row: dict) -> str:
         if "key" not in row:
             raise MalformedRowError(f"{self.samples_path}:{number}: row has no 'key' field")
+        if not isinstance(row["key"], str):
+            raise MalformedRowError(
+                f"{self.samples_path}:{number}: row 'key' must be a string, got {type(row['key']).__name__} "
+                f"{json.dumps(row['key'], default=str)[:60]}"
+            )
         return row["key"]
+
+    def _done_key(self, number: int, row: dict) -> str:
+        """The key of a successful row read on resume, after checking it has every field kvbench writes."""
+        key = self._key(number, row)
+        missing = [name for name in RESUMED_ROW_FIELDS if name not in row]
+        if missing:
+            raise MalformedRowError(
+                f"{self.samples_path}:{number}: row {key} lacks {', '.join(missing)} (not a row kvbench wrote); "
+                "delete that line to recompute it, or choose a new run_name=..."
+            )
+        if not isinstance(row["sample_fingerprint"], str) or not isinstance(row["method"], str):
+            raise MalformedRowError(
+                f"{self.samples_path}:{number}: row {key} has a non-string sample_fingerprint or method; "
+                "delete that line to recompute it, or choose a new run_name=..."
+            )
+        return key
 
     def rows(self) -> list[dict]:
         return [row for _, row in self._numbered_rows()]
@@ -201,7 +231,7 @@ class ResultsStore:
         first = self._scanned_lines + 1
         for number, row in iter_jsonl(complete.splitlines(keepends=True), str(self.samples_path)):
             if row.get("status") == "ok":
-                self._done.update(done_keys_of(row, self._key(first + number - 1, row)))
+                self._done.update(done_keys_of(row, self._done_key(first + number - 1, row)))
             else:
                 self._key(first + number - 1, row)
         self._scanned += len(complete)
@@ -211,7 +241,7 @@ class ResultsStore:
         if tail.strip() and is_complete_row(tail):  # a complete last row whose newline is missing counts
             row = json.loads(tail)
             if row.get("status") == "ok":
-                done.update(done_keys_of(row, self._key(self._scanned_lines + 1, row)))
+                done.update(done_keys_of(row, self._done_key(self._scanned_lines + 1, row)))
         return done
 
     @contextmanager
@@ -228,14 +258,9 @@ class ResultsStore:
         try:
             for key in keys:
                 path = claims_dir / key
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError as err:
-                    os.close(fd)
-                    if err.errno in (errno.EAGAIN, errno.EACCES):
-                        continue  # another process computes this row right now
-                    raise
+                fd = lock_claim(path)
+                if fd is None:
+                    continue  # another process computes this row right now
                 held.append((path, fd))
             done = self.done_keys()  # after claiming: a row finished meanwhile is not computed again
             yield [key for key in keys if key in {p.name for p, _ in held} and key not in done]
@@ -292,13 +317,22 @@ class ResultsStore:
                 data = os.pread(fd, size, 0)
                 start = data.rfind(b"\n") + 1
                 if is_complete_row(data[start:]):
-                    os.write(fd, b"\n")  # a complete row whose newline was lost: keep it
+                    write_all(fd, b"\n")  # a complete row whose newline was lost: keep it
                 else:
                     os.ftruncate(fd, start)  # a previous run died mid-write: drop its partial last line
             if once and size and self._has_ok_row(os.pread(fd, os.fstat(fd).st_size, 0), row["key"]):
                 return False
-            os.write(fd, line)
-            os.fsync(fd)
+            start = os.fstat(fd).st_size
+            try:
+                write_all(fd, line)
+                os.fsync(fd)
+            except OSError as err:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)  # no partial row left behind for the next append to cut
+                raise ResultsError(
+                    os_error_message("append a row to", self.samples_path, err)
+                    + " (the rows before it are kept: rerun the same command to resume once the disk can take it)"
+                ) from None
             return True
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
@@ -402,6 +436,59 @@ def config_differences(old: dict, new: dict, varying: Iterable[str] = RUN_VARYIN
         if before != after:
             out.append(f"{key}: {before!r} != {after!r}")
     return out
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """`os.write` until every byte is written: a short write (a full disk, a signal) writes the rest, and a write
+    that makes no progress is an error, never a silently shortened row."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+
+
+def lock_claim(path: Path) -> int | None:
+    """An open, exclusively locked descriptor of the claim file `path`, or None when another process holds it.
+    The lock must be on the file that is at `path` after locking: one unlinked meanwhile (released by its
+    holder, or removed as stale) is opened again, so two processes never hold a claim each on one key."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.EAGAIN, errno.EACCES):
+                return None
+            raise
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def remove_unheld_claim(path: Path) -> None:
+    """Remove the claim file `path` if no process holds its lock (its claimer was killed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return  # held: a live claimer
+    try:
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            path.unlink(missing_ok=True)  # while locked: a claimer that opened it meanwhile re-opens (lock_claim)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def is_complete_row(tail: bytes) -> bool:

@@ -31,6 +31,16 @@ class Sample:
     # whose protocol fixes the exact prompt text (LongBench, InfiniteBench) carry their own joins and use "".
     separator: str = DEFAULT_SEPARATOR
 
+    def __post_init__(self) -> None:
+        # A Sample built through the Python API reaches no other check before the model runs.
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ValueError(f"Sample max_new_tokens must be an int >= 0, got {self.max_new_tokens!r}")
+        if self.question_position not in QUESTION_POSITIONS:
+            valid = ", ".join(QUESTION_POSITIONS)
+            raise ValueError(
+                f"unknown question_position '{self.question_position}'. Valid question_positions: {valid}."
+            )
+
     def fingerprint(self) -> str:
         """Stable hash of everything that determines the prompt and its scoring (used in result keys)."""
         payload = dataclasses.asdict(self)

@@ -20,7 +20,7 @@ import torch
 
 from kvbench.engine.cache import KVCache
 from kvbench.engine.generation import forward_tokens
-from kvbench.engine.hub import default_cache_dir
+from kvbench.engine.hub import cache_name, default_cache_dir
 from kvbench.methods.base import CompressionContext, register_method
 from kvbench.methods.h2o import PromptAttentionSums
 from kvbench.methods.scoring import round_preserving_sum
@@ -140,7 +140,7 @@ class PrefixKV(ScorerWrapper):
 def calibration_path(lm: Any, cache_dir: Path | None, samples: int, tokens: int) -> Path:
     identity = json.dumps(lm.identity, sort_keys=True, default=str)
     digest = hashlib.sha256(f"{identity}|{CALIBRATION_VERSION}-{samples}-{tokens}".encode()).hexdigest()[:16]
-    return Path(cache_dir or default_cache_dir(lm)) / "prefixkv" / f"{lm.name}-{digest}.json"
+    return Path(cache_dir or default_cache_dir(lm)) / "prefixkv" / f"{cache_name(lm.name)}-{digest}.json"
 
 
 def load_calibration(lm: Any, cache_dir: Path | None, samples: int, tokens: int) -> list[list[float]]:

@@ -12,7 +12,7 @@ import torch
 
 from kvbench.engine.cache import KVCache, KVLayer
 from kvbench.engine.generation import forward_tokens
-from kvbench.engine.hub import default_cache_dir
+from kvbench.engine.hub import cache_name, default_cache_dir
 from kvbench.methods.base import CompressionContext, Method, register_method
 from kvbench.methods.scoring import mask_to_indices
 
@@ -126,7 +126,7 @@ class RazorAttention(Method):
         identity = json.dumps(lm.identity, sort_keys=True, default=str)
         settings = f"{PROFILE_VERSION}-{self.profile_tokens}-{self.profile_samples}-{self.profile_seed}"
         digest = hashlib.sha256(f"{identity}|{settings}".encode()).hexdigest()[:16]
-        return Path(cache_dir or default_cache_dir(lm)) / "razor" / f"{lm.name}-{digest}.json"
+        return Path(cache_dir or default_cache_dir(lm)) / "razor" / f"{cache_name(lm.name)}-{digest}.json"
 
     def head_profile(self, lm: Any, cache_dir: Path | None) -> dict[str, list[list[float]]]:
         path = self.profile_path(lm, cache_dir)

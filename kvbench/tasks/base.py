@@ -44,6 +44,9 @@ class Task(ABC):
     """
 
     name: ClassVar[str] = ""
+    # The scenario (`kvbench.scenarios`) whose runner runs this task's samples; None: single prompts. A scenario
+    # prefills its own pieces, so run options of the single-prompt runner (prefill_chunk) do not apply.
+    scenario: ClassVar[str | None] = None
 
     @abstractmethod
     def samples(self, tokenizer: Any, max_context: int) -> Iterator[Sample]: ...
@@ -95,3 +98,12 @@ def as_list(value: Any) -> list:
     if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
         return list(value)
     return [value]
+
+
+def check_prefill_chunk(scenario: str | None, prefill_chunk: int | None) -> None:
+    """Scenario samples (conversation, segments, edit) prefill their own pieces: a chunk size would be ignored."""
+    if scenario is not None and prefill_chunk is not None:
+        raise ValueError(
+            f"prefill_chunk={prefill_chunk} applies to single-prompt tasks; the {scenario} task prefills its own "
+            "pieces: drop prefill_chunk"
+        )

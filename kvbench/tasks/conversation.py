@@ -15,7 +15,7 @@ import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from kvbench.harness.sample import Sample
 from kvbench.registry import AT_LEAST_ONE
@@ -144,6 +144,8 @@ class Conversation(Task):
     reply_tokens / answer_tokens: generation cap of chat / question turns; policy: over_budget | after_turn;
     compress_older_than: null or k >= 1 (the last k turns stay intact; see `kvbench.scenarios.conversation`).
     """
+
+    scenario: ClassVar[str | None] = SCENARIO
 
     dialogues: int = field(default=2, metadata=AT_LEAST_ONE)
     turns: int = field(default=20, metadata=AT_LEAST_ONE)

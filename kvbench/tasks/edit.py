@@ -25,7 +25,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from kvbench.engine.rope import check_shiftable_rope
 from kvbench.harness.sample import Sample
@@ -135,6 +135,8 @@ def code_item(path: Path, kind: str, rng: random.Random, context_chars: int) -> 
 @dataclass
 class EditTask(Task):
     """Edited contexts (PIE). Fields mirror conf/task/edit.yaml; see the module docstring."""
+
+    scenario: ClassVar[str | None] = SCENARIO
 
     sources: Any = field(default_factory=lambda: list(SOURCES))
     edits: Any = field(default_factory=lambda: list(EDIT_KINDS))

@@ -38,6 +38,8 @@ def parse_row(row: dict[str, Any], defaults: JsonlTask, where: str, number: int)
     for key in ("context", "question", "answer_prefix"):
         if key in row and not isinstance(row[key], str):
             raise JsonlTaskError(f"{where}: field '{key}' must be a string, got {type(row[key]).__name__}")
+    if not row["context"].strip() and not row["question"].strip():
+        raise JsonlTaskError(f"{where}: fields 'context' and 'question' are both empty: nothing to ask the model")
     answers = [row["answers"]] if isinstance(row["answers"], str) else row["answers"]
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
         raise JsonlTaskError(f"{where}: field 'answers' must be a string or a non-empty list of strings")

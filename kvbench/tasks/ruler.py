@@ -3,7 +3,8 @@
 Hyperparameters (`conf/task/ruler.yaml`): `subtasks` (default all 13: niah_single_1/2/3, niah_multikey_1/2/3,
 niah_multivalue, niah_multiquery, vt, cwe, fwe, qa_1, qa_2), `lengths` (target total lengths in tokens: prompt
 + generation), `num_samples` per subtask and length, `seed`, `question_position` (before | after | both, or a
-list), `squad_path` / `hotpotqa_path` (qa_1 / qa_2 data: local file or hub id; see `kvbench.tasks.ruler_qa`),
+list), `squad_path` / `hotpotqa_path` (qa_1 / qa_2 data: local file or hub id, default none: the qa subtasks are then
+skipped with a notice; see `kvbench.tasks.ruler_qa`),
 `use_chat_template`.
 
 Every sample is generated with the model's own tokenizer: for each sample a search over the haystack size
@@ -77,8 +78,8 @@ class RulerTask(Task):
     num_samples: int = field(default=500, metadata=AT_LEAST_ONE)
     seed: int = 42
     question_position: Any = "after"
-    squad_path: str | None = "rajpurkar/squad_v2"
-    hotpotqa_path: str | None = "hotpotqa/hotpot_qa"
+    squad_path: str | None = None  # None: qa_1 skipped with a notice (no network unless a hub id is given)
+    hotpotqa_path: str | None = None
     use_chat_template: bool = True
 
     def __post_init__(self) -> None:

@@ -43,7 +43,7 @@ def load_qa(dataset: str, source: str | None) -> QAData:
     if dataset not in DATASETS:
         raise ValueError(f"unknown QA dataset '{dataset}'. Valid datasets: {', '.join(DATASETS)}.")
     if not source:
-        raise QADataUnavailable("no source given")
+        raise QADataUnavailable("no file or hub id given")
     key = (dataset, str(source))
     if key not in _CACHE:
         try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from kvbench.engine.rope import check_shiftable_rope
 from kvbench.harness.sample import Sample
@@ -123,6 +123,8 @@ def document_segments(count: int, paragraphs: int, seed: int) -> list[Segment]:
 class Segments(Task):
     """Segment reuse (system prompt / memories / tools / documents as cached segments). Fields mirror
     conf/task/segments.yaml; see the module docstring."""
+
+    scenario: ClassVar[str | None] = SCENARIO
 
     num_samples: int = field(default=12, metadata=AT_LEAST_ONE)
     documents_per_sample: int = 2
