@@ -289,7 +289,9 @@ def rope_difference(model: torch.nn.Module, specs: list[LayerSpec]) -> str | Non
     if any(not spec.rope for spec in attention):
         return "NoPE layers (no rotary embedding in some layers)"
     tables = [
-        name for name, buffer in model.named_buffers() if name.endswith("inv_freq") and isinstance(buffer, torch.Tensor)
+        name
+        for name, buffer in model.named_buffers()
+        if name.endswith("inv_freq") and "original" not in name and isinstance(buffer, torch.Tensor)
     ]
     if len(tables) > 1:
         return f"{len(tables)} rotary tables (RoPE differs per layer type)"
