@@ -35,7 +35,7 @@ class FP8(QuantizedMethod):
     k_range: float | None = None
     v_range: float | None = None
 
-    def codec(self) -> FP8Codec:
+    def codec(self, head_dim: int | None = None) -> FP8Codec:
         return FP8Codec(self.format, self.granularity, self.calibrate, self.k_range, self.v_range)
 
     def store(self, cache: KVCache, ctx: CompressionContext) -> None:

@@ -60,7 +60,7 @@ class KVQuant(QuantizedMethod):
         if isinstance(self.calibration_tokens, bool) or self.calibration_tokens < 16:
             raise ValueError(f"calibration_tokens must be an int >= 16, got {self.calibration_tokens!r}")
 
-    def codec(self) -> KVQuantCodec:
+    def codec(self, head_dim: int | None = None) -> KVQuantCodec:
         return KVQuantCodec(self.bits, float(self.outlier_fraction))
 
     def store(self, cache: KVCache, ctx: CompressionContext) -> None:

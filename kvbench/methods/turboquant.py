@@ -63,7 +63,7 @@ class TurboQuant(QuantizedMethod):
             raise ValueError(f"boundary_layers must be an int >= 0, got {n!r}")
         super().__post_init__()
 
-    def codec(self) -> TurboCodec:
+    def codec(self, head_dim: int | None = None) -> TurboCodec:
         if self.preset is not None:
             keys, k_bits, values, v_bits, correction = PRESETS[self.preset]
             qjl = False
