@@ -186,7 +186,8 @@ def check_model(lm: LoadedModel, methods: Iterable[Method]) -> None:
     for method in methods:
         if hasattr(method, "check_model"):
             method.check_model(lm.config)
-        if method.rope_dependent():
+        # The per-layer RoPE check reads the loaded model's layer specs (a bare config has none to read).
+        if isinstance(lm, LoadedModel) and method.rope_dependent():
             difference = difference or rope_difference(lm.model, lm.layer_specs)
             if difference:
                 raise ValueError(

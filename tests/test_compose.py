@@ -20,7 +20,8 @@ SCORERS = {"adakv", "dapq", "expected_attention", "knorm", "kvcrush", "prefixkv"
 SCORERS |= {"chunk", "compression_ratio_decoding", "per_layer", "threshold", "merging"}
 SCORERS |= {"cap", "chunkkv", "compactor", "criticaladakv", "criticalkv", "cur", "keydiff", "lagkv", "leverage"}
 SCORERS |= {"noncausal", "scissorhands", "nacl", "finch", "lukv"}
-MERGERS = {"merging"}  # scorers whose kept values are rewritten: not a subset of the slots unchanged
+# Scorers whose kept values (merging) or keys (finch re-rotates) are rewritten: not a subset of the slots unchanged.
+MERGERS = {"merging", "finch"}
 SLOT_SUBSET = (SCORERS - MERGERS) | {
     "h2o",
     "hierarchical",
@@ -140,7 +141,8 @@ CALIBRATION = {"calibration_samples": 1, "calibration_tokens": 64}
 
 
 # threshold's default window (128) holds the whole 60-token prompt.
-SMALL = {"prefixkv": CALIBRATION, "threshold": {"window": 8, "threshold": 0.5}}
+# simlayerkv's default threshold finds no lazy layer in the random tiny model's flat attention.
+SMALL = {"prefixkv": CALIBRATION, "threshold": {"window": 8, "threshold": 0.5}, "simlayerkv": {"lazy_threshold": 0.45}}
 
 
 def config_of(name: str) -> dict:

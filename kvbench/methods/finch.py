@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -64,6 +65,9 @@ class Finch(ScoringMethod):
     chunk_length: int | None = None
     normalize_scores: bool = True
     rerotate: bool = True
+
+    # The kept keys are re-rotated by default (`rerotate`): the slots are kept, not unchanged.
+    keeps_slot_subset: ClassVar[bool] = False
 
     def validate(self) -> None:
         if self.window < 1 or self.max_window < 1:
