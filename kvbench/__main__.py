@@ -3,8 +3,11 @@
 Before Hydra composes (its own errors are multi-line) and creates its output directory, the command line is
 checked: group choices (model=, method=, task=, experiment=) against conf/, every other key against the
 composed config (unknown keys, `+key` included, fail with the closest valid key), and, for a single run, every
-value (types, ranges, run_name) through the same validation the run uses. Bad input found later (missing data,
-a model path) is reported the same way, and the directories this invocation created are removed.
+value (types, ranges, run_name) through the same validation the run uses; for a sweep, every job's values and
+whether the jobs can share their run directory. Bad input found later (missing data, a model path, a first
+sample or scenario setting every row would refuse: `kvbench.app.prepare`) is reported the same way, before the
+run writes anything, and the directories this invocation created are removed. `fail_fast=true` raises sample
+errors with their traceback; input errors stay one line. A run whose every method row failed exits with status 1.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from kvbench.app import run
+from kvbench.app import execute, prepare
 from kvbench.config import CONF_DIR, check_command_line, check_overrides
 from kvbench.harness.results import ResultsStore
 
@@ -61,16 +64,39 @@ def remove_output_dir(results_dir: Path) -> None:
             os.rmdir(root)
 
 
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:  # noqa: BLE001 - no Hydra context
+        return False
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
     logging.getLogger("kvbench").setLevel(logging.INFO)
+    results_dir = Path(str(cfg.get("results_dir", "results")))
     try:
-        run(cfg)
+        prepared = prepare(cfg)
+    except USER_ERRORS as err:  # bad input stays one line, fail_fast or not (fail_fast is for sample errors)
+        remove_output_dir(results_dir)
+        fail(one_line(err))
+    try:
+        result = execute(prepared)
     except USER_ERRORS as err:
         if cfg.get("fail_fast"):
             raise
-        remove_output_dir(Path(str(cfg.get("results_dir", "results"))))
+        remove_output_dir(results_dir)
         fail(one_line(err))
+    if result["all_failed"]:
+        message = f"every {prepared.method.label()} row failed (first: {one_line(ValueError(result['all_failed']))})"
+        if in_multirun():  # the sweep's other jobs still run
+            print(f"kvbench: error: {message}", file=sys.stderr)
+        else:
+            print(f"kvbench: error: {message}; rows in {prepared.store.samples_path}", file=sys.stderr)
+            sys.exit(1)
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import itertools
 import json
@@ -10,6 +11,7 @@ import logging
 import os
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +22,26 @@ from tqdm import tqdm
 
 from kvbench import api
 from kvbench import config as run_config
-from kvbench.engine.models import load_model
+from kvbench.engine.models import LoadedModel, load_model
 from kvbench.harness.chunked import check_chunked_methods
+from kvbench.harness.options import RunOptions
 from kvbench.harness.results import ResultsStore, manifest
 from kvbench.harness.runner import Job
 from kvbench.methods import build_method
+from kvbench.methods.base import Method
 from kvbench.report import format_table, rows_frame, summarize
 from kvbench.report.figures import accuracy_vs_budget
 from kvbench.report.task_figures import task_figures
+from kvbench.scenarios import conversation, edit, scenario_of, segments
+from kvbench.scenarios.dialogue import Turn, dialogue_pieces, overflow_turn
+from kvbench.scenarios.modes import check_compress_setting
 from kvbench.tasks import Sample, build_task
 from kvbench.tasks.base import PlannedSample, check_prefill_chunk
 
 log = logging.getLogger("kvbench")
 SUMMARY_LOCK = ".summary.lock"
+# Scenarios whose caches are assembled from pieces or patched: compressed after the question only.
+ASSEMBLED_SCENARIOS = (segments.SCENARIO, edit.SCENARIO)
 
 
 def seed_everything(seed: int) -> None:
@@ -61,9 +70,49 @@ def built_fingerprints(rows: list[dict]) -> dict[str, set[str]]:
     return built
 
 
-def run(cfg: Any) -> dict[str, Any]:
-    """Run the composed config; returns paths and the summary (also printed)."""
+@dataclass
+class PreparedRun:
+    """A run whose inputs are all checked (config, model, method x model, the first sample, scenario settings) and
+    whose model is loaded; nothing of it is written yet."""
+
+    settings: run_config.RunSettings
+    method: Method
+    task: Any
+    store: ResultsStore
+    config: dict[str, Any]
+    lm: LoadedModel
+    methods: list[Method]
+    options: RunOptions
+    samples: Iterator[Sample | PlannedSample]
+
+
+def check_scenario(lm: LoadedModel, sample: Sample, jobs: list[Job], options: RunOptions) -> None:
+    """The refusals a scenario would otherwise make per row, after model work (`kvbench.scenarios`): the
+    conversation's budget / method / compress_older_than checks and its context fit, the compress mode of
+    assembled (segments) and patched (edit) caches. Checked on the run's first sample."""
+    scenario = scenario_of(sample)
+    if scenario == conversation.SCENARIO:
+        older = sample.meta.get("compress_older_than")
+        for job in jobs:
+            conversation.check_job(job, older)
+        turns = [Turn.from_dict(turn) for turn in sample.meta["turns"]]
+        pieces = dialogue_pieces(lm.tokenizer, turns, sample.use_chat_template)
+        overflow = overflow_turn(pieces, turns, lm.max_context)
+        if overflow is not None:
+            raise ValueError(
+                f"{sample.sample_id} overflows the model's context of {lm.max_context} tokens at turn {overflow[0]} "
+                f"(up to {overflow[1]} tokens by its end); use fewer or shorter turns"
+            )
+    elif scenario in ASSEMBLED_SCENARIOS:
+        check_compress_setting(options, jobs, scenario)
+
+
+def prepare(cfg: Any) -> PreparedRun:
+    """Every input check of a run, before anything is written (a refused run leaves its run name free): values,
+    the results directory and its config, the model and the method's model checks, the task's first sample
+    (built: its prompt-template and length checks) and the scenario settings every row would be refused for."""
     settings = run_config.validate(cfg)
+    run_config.check_model_fields(cfg.get("model"))
     if settings.threads:
         torch.set_num_threads(settings.threads)
     seed_everything(settings.options.seed)
@@ -81,20 +130,38 @@ def run(cfg: Any) -> dict[str, Any]:
         task.check_model(lm)
     methods = api.with_full([method], settings.include_full)
     options = settings.options.resolved(lm.device)
+    for each in methods:
+        if hasattr(each, "check_ready"):  # artefacts a method reads (prefixkv's calibration)
+            each.check_ready(lm, options.cache_dir)
 
     # Samples stream: each is built when its turn comes and dropped after its rows (RULER 128K x 500 x 13 never
-    # holds its prompts at once), so the number of rows to run is only known at the end.
-    samples = task.planned_samples(lm.tokenizer, lm.max_context)
-    # Produce the first item now: a task that checks its input (task=jsonl, lengths) fails here, in one line,
-    # before any progress output and before the run's files are touched.
-    samples = iter(samples)
-    first = list(itertools.islice(samples, 1))
-    if not first:
+    # holds its prompts at once), so the number of rows to run is only known at the end. The first is built
+    # now: a task that checks its input (task=jsonl, lengths, prompt templates) fails here, in one line.
+    samples = iter(task.planned_samples(lm.tokenizer, lm.max_context))
+    first = next(samples, None)
+    if first is None:
         raise run_config.ConfigError(f"task {task.name} yields no samples with this config; nothing to run")
-    samples = itertools.chain(first, samples)
+    sample = first.build() if isinstance(first, PlannedSample) else first
+    check_scenario(lm, sample, api.plan(lm, sample, methods, options), options)
+    if isinstance(first, PlannedSample):
+        first = dataclasses.replace(first, build=lambda: sample)
+    samples = itertools.chain([first], samples)
     if settings.max_samples is not None:
         samples = itertools.islice(samples, settings.max_samples)
-    # Only now that the inputs are known to be good: a failed invocation never touches the run's files.
+    return PreparedRun(settings, method, task, store, config, lm, methods, options, samples)
+
+
+def run(cfg: Any) -> dict[str, Any]:
+    """Run the composed config; returns paths and the summary (also printed)."""
+    return execute(prepare(cfg))
+
+
+def execute(prepared: PreparedRun) -> dict[str, Any]:
+    """Run a prepared run: its config and manifest are written, its rows appended, its summary written."""
+    settings, method, task, store, config = (
+        prepared.settings, prepared.method, prepared.task, prepared.store, prepared.config,
+    )  # fmt: skip
+    lm, methods, options, samples = prepared.lm, prepared.methods, prepared.options, prepared.samples
     store.save_config(config)
     store.write_text(
         "manifest.json",
@@ -181,4 +248,12 @@ def run(cfg: Any) -> dict[str, Any]:
         )
         log.warning("%d rows claimed by another process are not in %s yet", len(unfinished), store.samples_path)
     print(f"\nkvbench results: {settings.run_dir}\n{table}\n")
-    return {"run_dir": settings.run_dir, "summary": summary, "figures": figures, "rows_run": total}
+    own = [row for row in rows if row.get("method_label") == method.label()]
+    failed = own[0].get("error") if own and all(row.get("status") != "ok" for row in own) else None
+    return {
+        "run_dir": settings.run_dir,
+        "summary": summary,
+        "figures": figures,
+        "rows_run": total,
+        "all_failed": failed,  # the first error when every row of the method failed, else None
+    }

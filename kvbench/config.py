@@ -254,7 +254,8 @@ def check_command_line(overrides: list[str], multirun: bool = False, conf_dir: P
                 groups.append([f"{plus}{name}={choice}" for choice in choices])
             continue
         keys.append(override)
-    # A key must exist for at least one composed choice (`method=snapkv,streamingllm method.n_sink=2`).
+    # A key must exist for at least one composed choice (`method=snapkv,streamingllm method.n_sink=2`); whether
+    # every job of a sweep composes is `check_sweep`'s.
     variants = [[choices[0] for choices in groups]]
     for index, choices in enumerate(groups):
         variants += [[*variants[0][:index], choice, *variants[0][index + 1 :]] for choice in choices[1:]]
@@ -315,11 +316,13 @@ def check_sweep(parsed: list[Any]) -> None:
     if jobs is None:
         return  # each job checks its own values when it runs
     first_of_run: dict[Path, dict] = {}
+    swept = [index for index, override in enumerate(parsed) if override.is_sweep_override()]
     for job in jobs:
         try:
             cfg = compose("config", overrides=job)
         except Exception as err:  # noqa: BLE001 - Hydra's composition errors are multi-line
-            raise ConfigError(str(err).splitlines()[0]) from None
+            which = " ".join(job[index] for index in swept)
+            raise ConfigError(f"sweep job {which}: {str(err).splitlines()[0]}") from None
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             what = MISSING_HINTS.get(missing[0], "a value")
@@ -336,9 +339,31 @@ def check_sweep(parsed: list[Any]) -> None:
             )
 
 
+TINY_MODEL_SIZES = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+
+
+def check_model_fields(model: Any) -> None:
+    """The model's sizes, before it is built: `max_context` (every kind) and the tiny model's architecture
+    (positive sizes; query heads a multiple of KV heads, as grouped-query attention needs)."""
+    if model is None:
+        return
+    check_field("model.max_context", model.get("max_context"), int | None, minimum=1)
+    if model.get("kind") != "tiny_random":
+        return
+    sizes = {key: check_field(f"model.{key}", model.get(key), int, minimum=1) for key in TINY_MODEL_SIZES}
+    heads, kv_heads = sizes["num_heads"], sizes["num_kv_heads"]
+    if heads % kv_heads:
+        valid = ", ".join(str(k) for k in range(1, heads + 1) if heads % k == 0)
+        raise ConfigError(
+            f"model.num_kv_heads {kv_heads} does not divide model.num_heads {heads} (each KV head serves a whole "
+            f"group of query heads). Valid num_kv_heads: {valid}."
+        )
+
+
 def check_values(cfg: Any) -> RunSettings:
     """Everything about a composed config that can be checked without loading a model or data."""
     settings = validate(cfg)
+    check_model_fields(cfg.get("model"))
     method = build_method(cfg.method)
     check_chunked_methods(settings.options.prefill_chunk, [method])
     task = build_task(cfg.task)

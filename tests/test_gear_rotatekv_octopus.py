@@ -175,7 +175,7 @@ def test_rotatekv_sinks_exact_round_trip_calibration_cache_and_eviction(tiny_lm,
 def test_bad_input_is_one_line(tiny_lm):
     with pytest.raises(ValueError, match="unsupported bits 5. Valid bits: 2, 3, 4."):
         build_method({"name": "octopus", "bits": 5})
-    with pytest.raises(ValueError, match="residual_length 40 is not a positive multiple of group_size 16"):
+    with pytest.raises(ValueError, match="streaming_gap 40 is not a positive multiple of group_size 16"):
         build_method({"name": "gear", "group_size": 16, "streaming_gap": 40})
     with pytest.raises(ValueError, match="k_clip must be in"):
         build_method({"name": "rotatekv", "k_clip": 1.5})

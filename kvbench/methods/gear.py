@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from kvbench.engine.quant.codecs import channel_group_size
 from kvbench.engine.quant.gear import GearCodec, GearTensorCodec
 from kvbench.methods.base import register_method
-from kvbench.methods.quantized import QuantizedMethod
+from kvbench.methods.quantized import QuantizedMethod, changed_alone, check_whole_groups
 
 
 @register_method("gear")
@@ -38,6 +38,12 @@ class GEAR(QuantizedMethod):
     loops: int = 3
     streaming_gap: int = 64
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # The codec knows the gap as its residual length: name it as the user set it.
+        grouped = changed_alone(self, "group_size", "streaming_gap")
+        check_whole_groups("streaming_gap", self.streaming_gap, self.group_size, grouped)
+        super().__post_init__()
 
     def codec(self, head_dim: int | None = None) -> GearCodec:
         shared = {

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from kvbench.engine.quant.codecs import TensorCodec, UniformCodec, channel_group_size
 from kvbench.methods.base import register_method
-from kvbench.methods.quantized import QuantizedMethod
+from kvbench.methods.quantized import QuantizedMethod, changed_alone, check_whole_groups
 
 
 @register_method("kivi")
@@ -31,6 +31,11 @@ class KIVI(QuantizedMethod):
     v_bits: int = 2
     group_size: int = 32
     residual_length: int = 128
+
+    def __post_init__(self) -> None:
+        grouped = changed_alone(self, "group_size", "residual_length")
+        check_whole_groups("residual_length", self.residual_length, self.group_size, grouped)
+        super().__post_init__()
 
     def codec(self, head_dim: int | None = None) -> UniformCodec:
         values_group = channel_group_size(self.group_size, head_dim)

@@ -129,6 +129,10 @@ class PrefixKV(ScorerWrapper):
             raise ValueError("prefixkv needs calibration_samples >= 1 and calibration_tokens >= 2")
         self.refuse_decode_budget()
 
+    def check_ready(self, lm: Any, cache_dir: Path | None) -> None:
+        """Fail in one line, before any sample runs, when the calibration this method reads is missing."""
+        load_calibration(lm, cache_dir, self.calibration_samples, self.calibration_tokens)
+
     def layer_budgets(self, ctx: CompressionContext, num_layers: int) -> list[int]:
         cdf = torch.tensor(load_calibration(ctx.lm, ctx.cache_dir, self.calibration_samples, self.calibration_tokens))
         floor = max(1, self.inner.window_queries_needed())

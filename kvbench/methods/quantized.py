@@ -18,6 +18,7 @@ layers (`Method.plain_kv_layers`: the slot-subset methods, kv_distill, razor).
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -34,6 +35,31 @@ EVICTOR = BaseKind(
     lambda cls: cls.compresses and cls.plain_kv_layers,
     "method.base must be an eviction method that leaves plain K/V layers",
 )
+
+
+def check_whole_groups(tail_name: str, tail: Any, group_size: Any, group_changed: bool) -> None:
+    """A full-precision tail quantised in whole groups of slots: `tail` must be a positive multiple of
+    `group_size`. The one-line error names the value that was changed: the group size when only it differs from
+    its default (its valid values then divide the tail), else the tail."""
+    values = (tail, group_size)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values) or tail % group_size == 0:
+        return  # types, ranges and a zero tail are the codec's own checks
+    if group_changed:
+        valid = ", ".join(str(g) for g in range(1, tail + 1) if tail % g == 0)
+        raise ValueError(
+            f"group_size {group_size} does not divide {tail_name} {tail} (the fp tail is quantised in whole groups "
+            f"of slots). Valid group sizes: {valid}."
+        )
+    raise ValueError(
+        f"{tail_name} {tail} is not a positive multiple of group_size {group_size}. "
+        f"Valid {tail_name}s: {group_size}, {2 * group_size}, {3 * group_size}, ..."
+    )
+
+
+def changed_alone(method: Any, name: str, other: str) -> bool:
+    """Whether field `name` differs from its dataclass default while `other` keeps its own."""
+    fields = {f.name: f for f in dataclasses.fields(method)}
+    return getattr(method, name) != fields[name].default and getattr(method, other) == fields[other].default
 
 
 @dataclass

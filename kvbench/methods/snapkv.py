@@ -44,6 +44,12 @@ class SnapKV(ScoringMethod):
             raise ValueError(f"unknown gqa_agg '{self.gqa_agg}'. Valid gqa_aggs: {', '.join(GQA_AGGREGATIONS)}.")
         if self.window < 1 or self.kernel < 1:
             raise ValueError(f"window and kernel must be >= 1, got window={self.window} kernel={self.kernel}")
+        if self.pool != "none" and self.kernel > 1 and self.kernel % 2 == 0:
+            # Stride-1 pooling with padding kernel // 2 keeps the length only for odd kernels.
+            raise ValueError(
+                f"kernel must be odd (pooling keeps the token count), got {self.kernel}. "
+                f"Valid kernels: 1, 3, 5, 7, ... (or pool=none)"
+            )
 
     def window_queries_needed(self) -> int:
         return self.window

@@ -86,6 +86,8 @@ class JsonlTask(Task):
             )
         if self.metric not in METRICS:
             raise JsonlTaskError(f"unknown metric '{self.metric}'. Valid metrics: {', '.join(METRICS.names())}.")
+        if Path(self.path).is_dir():
+            raise JsonlTaskError(f"task.path '{self.path}' is a directory; name a JSONL file, one prompt per line")
         if not Path(self.path).is_file():
             raise FileNotFoundError(f"task.path '{self.path}' does not exist (a JSONL file, one prompt per line)")
 
