@@ -339,27 +339,6 @@ def check_sweep(parsed: list[Any]) -> None:
             )
 
 
-TINY_MODEL_SIZES = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
-
-
-def check_model_fields(model: Any) -> None:
-    """The model's sizes, before it is built: `max_context` (every kind) and the tiny model's architecture
-    (positive sizes; query heads a multiple of KV heads, as grouped-query attention needs)."""
-    if model is None:
-        return
-    check_field("model.max_context", model.get("max_context"), int | None, minimum=1)
-    if model.get("kind") != "tiny_random":
-        return
-    sizes = {key: check_field(f"model.{key}", model.get(key), int, minimum=1) for key in TINY_MODEL_SIZES}
-    heads, kv_heads = sizes["num_heads"], sizes["num_kv_heads"]
-    if heads % kv_heads:
-        valid = ", ".join(str(k) for k in range(1, heads + 1) if heads % k == 0)
-        raise ConfigError(
-            f"model.num_kv_heads {kv_heads} does not divide model.num_heads {heads} (each KV head serves a whole "
-            f"group of query heads). Valid num_kv_heads: {valid}."
-        )
-
-
 def check_values(cfg: Any) -> RunSettings:
     """Everything about a composed config that can be checked without loading a model or data."""
     settings = validate(cfg)
@@ -412,6 +391,14 @@ def check_model_fields(model: Any) -> None:
     for key, (annotation, minimum) in MODEL_FIELDS[model.kind].items():
         if key in model and model._get_node(key)._is_missing() is False:
             check_field(f"model.{key}", model.get(key), annotation, minimum=minimum)
+    if model.kind == "tiny_random":  # grouped-query attention: each KV head serves a whole group of query heads
+        heads, kv_heads = model.num_heads, model.num_kv_heads
+        if heads % kv_heads:
+            valid = ", ".join(str(k) for k in range(1, heads + 1) if heads % k == 0)
+            raise ConfigError(
+                f"model.num_kv_heads {kv_heads} does not divide model.num_heads {heads} (each KV head serves a whole "
+                f"group of query heads). Valid num_kv_heads: {valid}."
+            )
     check_device(str(model.get("device", "auto")))
 
 
