@@ -129,7 +129,8 @@ def test_scissorhands_refuses_bad_hyperparameters_in_one_line(params):
 
 
 def naive_proxy_scores(queries, keys, scaling) -> list[list[float]]:
-    """Per KV head, the attention the proxies (the last rows) pay to each slot before them, group mean."""
+    """Per KV head, the attention the last query rows (NACL's proxies, SnapKV's window) pay to each slot before
+    them, summed over the rows, mean over the GQA group."""
     num_kv, length = keys.shape[0], keys.shape[1]
     group, window = queries.shape[0] // num_kv, queries.shape[1]
     out = []
@@ -329,22 +330,6 @@ def test_finch_refuses_bad_hyperparameters_in_one_line(params):
 # --- lukv -------------------------------------------------------------------------------------------------------
 
 
-def naive_window_sums(queries, keys, window, scaling) -> list[list[float]]:
-    """SnapKV scores without pooling: window attention summed over rows, mean over the group, before the window."""
-    num_kv, length = keys.shape[0], keys.shape[1]
-    group = queries.shape[0] // num_kv
-    out = []
-    for kv in range(num_kv):
-        total = [0.0] * (length - window)
-        for head in range(kv * group, (kv + 1) * group):
-            for row in range(window):
-                probs = naive_probs(queries[head, row].tolist(), keys[kv], length - window + row, scaling)
-                for j in range(length - window):
-                    total[j] += probs[j] / group
-        out.append(total)
-    return out
-
-
 @pytest.mark.parametrize("sink", [0, 2])
 def test_lukv_without_a_curve_allocates_the_global_top_shares_across_layers_and_heads(sink):
     layers, num_kv, group, length, dim, window, budget = 2, 2, 2, 15, 4, 3, 7
@@ -354,7 +339,7 @@ def test_lukv_without_a_curve_allocates_the_global_top_shares_across_layers_and_
     build_method({"name": "lukv", "base": "snapkv", "base_params": base, "sink": sink}).compress(cache, ctx)
     entries = []  # (share, layer, head, slot)
     for layer_idx, (_, keys, _) in enumerate(built):
-        for kv, scores in enumerate(naive_window_sums(ctx.window_queries[layer_idx], keys, window, ctx.scaling)):
+        for kv, scores in enumerate(naive_proxy_scores(ctx.window_queries[layer_idx], keys, ctx.scaling)):
             total = sum(scores[sink:])
             entries += [(2.0 if j < sink else scores[j] / total, layer_idx, kv, j) for j in range(len(scores))]
     winners = sorted(entries, key=lambda e: -e[0])[: layers * num_kv * (budget - window)]
