@@ -112,6 +112,11 @@ class LayerSpec:
             return next_position % self.chunk
         return None
 
+    def held_slots(self, num_tokens: int) -> int:
+        """Slots an uncompressed cache of this layer holds after `num_tokens` tokens."""
+        bound = self.max_slots(num_tokens)
+        return num_tokens if bound is None else min(num_tokens, bound)
+
     def first_needed_position(self, next_position: int) -> int:
         """The oldest position a query at `next_position` or later can still see."""
         if self.kind == SLIDING:

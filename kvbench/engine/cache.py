@@ -316,7 +316,10 @@ class KVLayer(CacheLayerMixin):
 
     def copy(self) -> KVLayer:
         """A copy-on-write copy: it shares the buffers until either layer writes; extras are cloned."""
-        other = KVLayer(self.spec)
+        return self.share_slots_with(KVLayer(self.spec))
+
+    def share_slots_with(self, other: KVLayer) -> KVLayer:
+        """Make `other` (a fresh layer) a copy-on-write copy of this layer's slots, extras and flags."""
         if self.is_initialized:
             other.dtype, other.device = self.dtype, self.device
             other._key_buf, other._value_buf, other._position_buf = self._key_buf, self._value_buf, self._position_buf
@@ -409,16 +412,8 @@ class HybridLayer(StateLayer, KVLayer):
         KVLayer.drop_unreachable(self, next_position)
 
     def copy(self) -> HybridLayer:
-        plain = KVLayer.copy(self)
-        other = HybridLayer(self.spec, self.number_of_states)
-        for name in ("_key_buf", "_value_buf", "_position_buf", "_length", "_shared", "is_initialized", "extras"):
-            setattr(other, name, getattr(plain, name))
-        other.evicted, other.per_head, other.padded = plain.evicted, plain.per_head, plain.padded
-        if plain.is_initialized:
-            other.dtype, other.device = plain.dtype, plain.device
-            self._shared = True
+        other = self.share_slots_with(HybridLayer(self.spec, self.number_of_states))
         other.copy_states_from(self)
-        other.is_initialized = plain.is_initialized
         return other
 
 

@@ -72,12 +72,12 @@ class LoadedModel:
     def full_kv_bytes(self, num_tokens: int) -> int:
         """Bytes of K/V a full cache holds after `num_tokens` tokens: full layers hold all of them, sliding and
         chunked layers at most what their next query sees (state bytes excluded: `KVCache.kv_bytes` has them)."""
-        total = 0
-        for spec in self.attention_specs:
-            bound = spec.max_slots(num_tokens)
-            held = num_tokens if bound is None else min(num_tokens, bound)
-            total += held * spec.kv_bytes_per_token(self.element_size)
-        return total
+        element = self.element_size
+        return sum(spec.held_slots(num_tokens) * spec.kv_bytes_per_token(element) for spec in self.layer_specs)
+
+    def full_kv_entries(self, num_tokens: int) -> int:
+        """KV entries (slots x KV heads) an uncompressed cache holds after `num_tokens` tokens."""
+        return sum(spec.held_slots(num_tokens) * spec.num_kv_heads for spec in self.layer_specs)
 
 
 def head_dim_of(config: Any) -> int:

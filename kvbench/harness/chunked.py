@@ -76,23 +76,6 @@ def prefill_mode(prefill_chunk: int | None) -> str:
     return ONESHOT if prefill_chunk is None else f"chunked:{prefill_chunk}"
 
 
-def full_kv_bytes(cache: KVCache, tokens: int) -> int:
-    """Bytes an uncompressed cache of `tokens` tokens would hold with this cache's layer shapes and dtypes: full
-    layers every token, sliding / chunked layers what their next query sees, state layers their state."""
-    total = 0
-    for layer in cache.layers:
-        if not layer.spec.attends:
-            total += layer.nbytes()
-            continue
-        heads, key_dim, value_dim = layer.keys.shape[1], layer.keys.shape[-1], layer.values.shape[-1]
-        per_slot = key_dim * layer.keys.element_size() + value_dim * layer.values.element_size()
-        bound = layer.spec.max_slots(tokens)
-        total += heads * (tokens if bound is None else min(tokens, bound)) * per_slot
-        if layer.spec.has_state:
-            total += layer.state_nbytes()
-    return total
-
-
 def chunked_prefill(
     lm: LoadedModel,
     token_ids: list[int],
@@ -171,7 +154,7 @@ def chunked_prefill(
         max_cache_len=max_len,
         compressions=compressions,
         compress_seconds=compress_seconds,
-        kv_bytes_full=full_kv_bytes(cache, total),
+        kv_bytes_full=lm.full_kv_bytes(total) + cache.kv_bytes_by_type().get("state", 0),
         prefill_stats=observer,
     )
 

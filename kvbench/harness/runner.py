@@ -214,7 +214,7 @@ class RowMeter:
         self.split = split
         # What the uncompressed cache of the compressed segment holds (sliding layers: their window): kept fractions
         # and bits per element are relative to it.
-        self.uncompressed_entries = full_entries(lm, split)
+        self.uncompressed_entries = lm.full_kv_entries(split)
         self.compressed_state = cache_state(job_cache.cache, split, self.uncompressed_entries, "_compressed")
         # A new token's bytes come from the model's shape (a quantised layer would have to materialise to tell).
         self.peak = PeakBytes(job_cache.cache, lm.kv_bytes_per_token)
@@ -310,20 +310,10 @@ def shared_prefill(
     return prefill(lm, token_ids, min(window, len(token_ids)), stopwatch, attached, cache), observers
 
 
-def full_entries(lm: LoadedModel, split: int) -> int:
-    """KV entries (slots x KV heads) an uncompressed cache holds for `split` tokens: every token in full layers,
-    the window in sliding / chunked ones."""
-    total = 0
-    for spec in lm.attention_specs:
-        bound = spec.max_slots(split)
-        total += spec.num_kv_heads * (split if bound is None else min(split, bound))
-    return total
-
-
 def cache_state(cache: KVCache, split: int, uncompressed_entries: int, suffix: str = "", logical: bool = True) -> dict:
     """Entries and bytes `cache` holds now, as row fields named with `suffix`. `kept_fraction` counts only the
     slots of the compressed segment (original position < split), so appended tokens never inflate it, relative to
-    `uncompressed_entries`, the entries the uncompressed cache of the segment holds (`full_entries`)."""
+    `uncompressed_entries`, the entries the uncompressed cache of the segment holds (`LoadedModel.full_kv_entries`)."""
     layers = [layer for layer in cache.layers if layer.spec.attends]
     if not any(layer.is_initialized for layer in layers):  # nothing cached yet (an empty scoring context)
         kept, in_context = [[0] for _ in layers], 0
