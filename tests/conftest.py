@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kvbench.engine.models import LoadedModel, load_model  # noqa: E402
+
+# absl (imported by rouge-score) logs through a handler bound to whatever sys.stderr is at its import, and closes
+# that stream when the handler is closed unless it is a process stream. Under pytest that is the capture file, and a
+# Hydra run inside a test (logging.config clears every handler) would close pytest's own capture. Bind it to the
+# process's stderr, which it never closes.
+with contextlib.suppress(ImportError):
+    import absl.logging  # noqa: E402
+
+    absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
 
 # The tiny model's matrices are too small to gain from threads: one thread runs its tests several times faster,
 # and much faster still on a busy machine. Tests on the real model get every core through `smollm2_lm`.
