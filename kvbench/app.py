@@ -141,14 +141,40 @@ def prepare(cfg: Any) -> PreparedRun:
     first = next(samples, None)
     if first is None:
         raise run_config.ConfigError(f"task {task.name} yields no samples with this config; nothing to run")
-    sample = first.build() if isinstance(first, PlannedSample) else first
-    check_scenario(lm, sample, api.plan(lm, sample, methods, options), options)
-    if isinstance(first, PlannedSample):
-        first = dataclasses.replace(first, build=lambda: sample)
-    samples = itertools.chain([first], samples)
+    done = store.done_keys()
+    built = built_fingerprints(store.rows()) if done else {}
+    recipe = first.recipe if isinstance(first, PlannedSample) else None
+    # A generated sample whose rows are all done was checked by the run that wrote them: a resume builds nothing.
+    if recipe is None or finished_fingerprint(recipe, built, done, lm, methods, options) is None:
+        sample = first.build() if isinstance(first, PlannedSample) else first
+        check_scenario(lm, sample, api.plan(lm, sample, methods, options), options)
+        if isinstance(first, PlannedSample):
+            first = dataclasses.replace(first, build=lambda: sample)
+    samples = first_then(first, samples)
     if settings.max_samples is not None:
         samples = itertools.islice(samples, settings.max_samples)
     return PreparedRun(settings, method, task, store, config, lm, methods, options, samples)
+
+
+def finished_fingerprint(
+    recipe: str | None, built: dict[str, set[str]], done: set[str], lm: LoadedModel, methods: list, options: RunOptions
+) -> tuple[str, int] | None:
+    """For a generated sample's `recipe`: a fingerprint it was built into before whose rows are all `done`, and
+    how many rows that is (None: the sample must be built and run)."""
+    for fingerprint in sorted(built.get(recipe, ())):
+        jobs = api.plan_fingerprint(lm, fingerprint, methods, options)
+        if all(job.key in done for job in jobs):
+            return fingerprint, len(jobs)
+    return None
+
+
+def first_then(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    """`first`, then `rest`, holding no reference to `first` once it is handed out (itertools.chain keeps its
+    arguments until the end: the first sample would stay in memory for the whole run)."""
+    holder = [first]
+    del first
+    yield holder.pop()
+    yield from rest
 
 
 def run(cfg: Any) -> dict[str, Any]:
@@ -189,14 +215,9 @@ def execute(prepared: PreparedRun) -> dict[str, Any]:
             planned_recipe = item.recipe if isinstance(item, PlannedSample) else None
             # A generated sample whose recipe was built before into a fingerprint whose rows are all done is
             # skipped without generating its prompt.
-            known = [api.plan_fingerprint(lm, fp, methods, options) for fp in built.get(planned_recipe, ())]
-            finished = [
-                fp
-                for fp, jobs in zip(built.get(planned_recipe, ()), known, strict=True)
-                if all(j.key in done for j in jobs)
-            ]
-            if finished:
-                skipped += len(known[0])
+            finished = finished_fingerprint(planned_recipe, built, done, lm, methods, options)
+            if finished is not None:
+                skipped += finished[1]
                 fingerprints.add(finished[0])
                 continue
             sample = item.build() if isinstance(item, PlannedSample) else item
