@@ -23,6 +23,9 @@ BASE: dict[str, Any] = dict(
 )
 WINDOW = 32
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+MAMBA2 = dict(
+    mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, mamba_n_groups=1, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16
+)
 
 # architecture -> config overrides on BASE (None: drop the BASE key)
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -82,6 +85,32 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     ),
     "lfm2": dict(layer_types=["conv", "full_attention", "conv", "full_attention"]),
     "gemma4_text": dict(sliding_window=WINDOW),
+    "jamba": dict(
+        num_experts=2,
+        num_experts_per_tok=1,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        mamba_d_state=8,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_dt_rank=8,
+    ),
+    "bamba": dict(attn_layer_indices=[1, 3], **MAMBA2),
+    "granitemoehybrid": dict(
+        layer_types=["mamba", "attention", "mamba", "attention"], num_local_experts=2, num_experts_per_tok=1, **MAMBA2
+    ),
+    "nemotron_h": dict(
+        hybrid_override_pattern="M*M*",
+        mamba_num_heads=4,
+        mamba_head_dim=32,
+        ssm_state_size=16,
+        n_groups=1,
+        conv_kernel=4,
+        expand=2,
+        chunk_size=16,
+    ),
 }
 
 

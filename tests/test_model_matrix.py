@@ -81,6 +81,8 @@ def test_layer_kinds_read_from_the_configs(tmp_path_factory):
     assert (mla.num_kv_heads, mla.head_dim, mla.value_head_dim) == (4, 16, 16)
     assert [spec.kind for spec in load("qwen3_next", tmp_path_factory).layer_specs] == ["state", "full_attention"] * 2
     assert [spec.rope for spec in load("smollm3", tmp_path_factory).layer_specs] == [True, False, True, False]
+    for hybrid in ("jamba", "bamba", "granitemoehybrid", "nemotron_h"):
+        assert [spec.kind for spec in load(hybrid, tmp_path_factory).layer_specs] == ["state", "full_attention"] * 2
 
 
 def test_chunked_prefill_of_a_sliding_model_equals_one_shot(tmp_path_factory):
@@ -166,6 +168,26 @@ def test_kv_sharing_is_refused_in_one_line(tmp_path_factory):
     with pytest.raises(UnsupportedModel, match="gemma4_text.*shares KV") as err:
         kinds = ["sliding_attention", "full_attention"] * 3
         load("gemma4_text", tmp_path_factory, num_hidden_layers=6, layer_types=kinds, num_kv_shared_layers=2)
+    assert "\n" not in str(err.value)
+
+
+def test_attention_outside_kvbench_is_refused_in_one_line(tmp_path_factory):
+    """Zamba 2's hybrid layers run one shared attention block with its own cache class: refused before any sample."""
+    zamba = dict(
+        mamba_headdim=16,
+        mamba_d_state=16,
+        n_mamba_heads=8,
+        mamba_ngroups=1,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        chunk_size=16,
+        num_mem_blocks=1,
+        layers_block_type=["mamba", "hybrid", "mamba", "hybrid"],
+    )
+    path = tmp_path_factory.mktemp("zamba2") / "config.json"
+    path.write_text(json.dumps({"model_type": "zamba2", **config_kwargs("llama"), **zamba}))
+    with pytest.raises(UnsupportedModel, match="zamba2.*does not go through kvbench's attention") as err:
+        api.load_model({"kind": "hf", "name": "zamba2", "name_or_path": str(path), "config_only": True}, device="cpu")
     assert "\n" not in str(err.value)
 
 
