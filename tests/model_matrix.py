@@ -24,7 +24,13 @@ BASE: dict[str, Any] = dict(
 WINDOW = 32
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 MAMBA2 = dict(
-    mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, mamba_n_groups=1, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16
+    mamba_n_heads=4,
+    mamba_d_head=32,
+    mamba_d_state=16,
+    mamba_n_groups=1,
+    mamba_d_conv=4,
+    mamba_expand=2,
+    mamba_chunk_size=16,
 )
 
 # architecture -> config overrides on BASE (None: drop the BASE key)
