@@ -22,6 +22,7 @@ from kvbench.engine.generation import forward_tokens, greedy_decode
 from kvbench.engine.measure import Stopwatch
 from kvbench.harness.options import RunOptions
 from kvbench.harness.sample import Sample
+from kvbench.report import format_table, summarize
 
 PROMPT = 100
 NEW_TOKENS = 20
@@ -162,6 +163,9 @@ def test_budgets_apply_to_the_layers_the_policy_names(layers, tmp_path_factory):
         "2 full_attention" if layers == "global" else "2 sliding_attention(window 32), 2 full_attention"
     )
     assert set(row["kv_bytes_by_type"]) == {"full", "sliding"}
+    summary = summarize([row])  # the printed summary says which layers were compressed
+    assert list(summary["layers"]) == [row["compressed_layers"]]
+    assert "layers: the layers the method compressed" in format_table(summary)
 
 
 def test_kv_sharing_is_refused_in_one_line(tmp_path_factory):

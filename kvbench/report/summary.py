@@ -18,6 +18,8 @@ FULL = "full"
 
 # What each summary column means (printed under the table for the columns it shows; docs/rows.md lists them).
 COLUMN_LEGEND = {
+    "layers": "the layers the method compressed (`layers=global|all`; shown on models with sliding, chunked or "
+    "state layers, whose others keep their window or state)",
     "n": "rows averaged (samples; conversation: every turn)",
     "n_scored": "rows with a score, which accuracy averages (conversation: the question turns)",
     "accuracy": "mean task score of the scored rows",
@@ -127,6 +129,12 @@ def summarize(rows: Any, x_axis: str = "budget") -> pd.DataFrame:
     for column in ("question_position", "subtask", "prefill_mode"):
         if column in frame and frame[column].nunique() > 1:
             keys.insert(1, column)
+    if "compressed_layers" in frame and any(
+        column.startswith("kv_bytes_by_type.") and column != "kv_bytes_by_type.full" and frame[column].notna().any()
+        for column in frame
+    ):
+        frame["layers"] = frame["compressed_layers"].fillna("")
+        keys.insert(keys.index("compress"), "layers")
     ok = frame[frame["ok"]]
     # Rows from before a column existed (older runs) lack it; the summary then leaves it out.
     optional = {
@@ -164,7 +172,7 @@ def summarize(rows: Any, x_axis: str = "budget") -> pd.DataFrame:
 
 
 TABLE_COLUMNS = (
-    "task", "subtask", "method", "compress", "question_position", "prefill_mode", "budget", "n", "n_scored",
+    "task", "subtask", "method", "layers", "compress", "question_position", "prefill_mode", "budget", "n", "n_scored",
     "accuracy", "token_match", "kl_full", "entries", "compressed", "kept_frac", "kv_frac", "kv_mib",
     "kv_mib_peak", "kv_mib_full", "bits_per_element", "ttft_s", "tpot_ms", "errors",
 )  # fmt: skip
