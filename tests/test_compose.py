@@ -35,8 +35,10 @@ SLOT_SUBSET = (SCORERS - MERGERS) | {
 }
 PLAIN_KV = SLOT_SUBSET | {"full", "kv_distill", "razor"}  # full never evicts: no quantiser takes it as base
 PLAIN_KV |= {"key_rerotation"} | MERGERS
+PLAIN_KV |= {"cam"}  # evicts at decode time, kept values rewritten by its merges
 OWN_STORAGE = {"gear", "kivi", "kv_direct", "mikv", "octopus", "rotatekv", "rtn", "transformers_quantized"}
 OWN_STORAGE |= {"think", "fp8", "turboquant", "kvquant"}
+OWN_STORAGE |= {"minicache", "quest"}  # depth-merged pairs; paged layers with key bounds
 QUANTISERS = ("gear", "kivi", "octopus", "rotatekv", "rtn", "fp8", "turboquant", "kvquant")
 
 # Each wrapper, with the registered methods it must accept as base and the reason a refused one gets.

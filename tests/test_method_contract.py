@@ -35,6 +35,8 @@ TINY_MODEL_PARAMS = {
     "transformers_quantized": {"q_group_size": 16},
     "simlayerkv": {"lazy_threshold": 0.45},  # the random tiny model's attention is flat: a mix of lazy layers
     "threshold": {"window": 16, "threshold": 0.5},  # its default window (128) holds the whole prompt
+    # The random model's adjacent layers are unrelated: at the default gamma nearly every token is retained whole.
+    "minicache": {"retention_gamma": 0.9},
 }
 # Methods that need an optional dependency (skipped, with the reason, only where it is missing).
 OPTIONAL_MODULES = {"transformers_quantized": "optimum.quanto"}
@@ -163,6 +165,11 @@ def test_runs_on_the_tiny_model_and_keeps_exactly_its_budget(name, compress, lm,
         assert record["mikv_high_entries"] == BUDGET * layers * heads  # the base (h2o) evicts every decode step
         assert record["mikv_high_entries"] + record["mikv_low_entries"] == row["kept_entries"]
         assert row["kv_bytes_compressed"] < full["kv_bytes_full"]
+    elif name == "quest":  # selects pages per decode step, frees nothing: every slot held, bytes read reported
+        assert kept == every_slot and record["memory_freed"] is False
+        assert record["quest_decode_steps"] == row["output_tokens"] - 1
+        assert 0 < record["quest_bytes_read_per_step"] < record["quest_bytes_held_per_step"]
+        assert row["kv_bytes_compressed"] > full["kv_bytes_full"]  # + the page bounds
     elif name == "kv_direct":  # the recent budget keeps K/V, every older token is recomputed from checkpoints
         assert kept == BUDGET * layers * heads
         assert row["kv_bytes"] == record["kv_direct_window_kv_bytes"] + record["kv_direct_checkpoint_bytes"]

@@ -196,6 +196,11 @@ def kvbench_attention(
     layer = cache.layers[module.layer_idx]
     check_layer_kwargs(layer, module.layer_idx, kwargs)
     mask, is_causal = layer.attention_mask(cache.step_positions)
+    # A layer that reads a query-dependent subset of its slots (Quest's pages, `kvbench.engine.layers.paged`) narrows
+    # K/V and the mask for a one-token query.
+    read_subset = getattr(layer, "read_subset", None)
+    if read_subset is not None and query.shape[2] == 1:
+        key, value, mask = read_subset(query, key, value, mask)
     triton_step = query.shape[2] == 1 and cache.decode_kernels == "triton"
     # Quantised layers (kvbench.engine.quant) with one packed segment + fp tail per tensor: the kernel reads the codes
     # (it has no soft-cap or sinks: such layers read their K/V dequantised).
