@@ -80,7 +80,7 @@ class CriticalKV(ScorerWrapper):
     def layer_scores(self, layer_idx: int, layer: KVLayer, budget: int, ctx: CompressionContext) -> LayerScores:
         verdict = super().layer_scores(layer_idx, layer, budget, ctx)
         scored = verdict.scores.shape[-1]
-        weight = output_projection(ctx.model, layer_idx)
+        weight = output_projection(ctx.model, ctx.model_layer_index(layer_idx))
         norms = projected_value_norms(layer.values[0, :, :scored], weight, ctx.num_heads)
         first = int(max(0, budget - verdict.protected) * self.first_stage_ratio)
         merged = two_stage_scores(verdict.scores, norms, [first] * layer.num_heads, self.epsilon)
@@ -124,7 +124,9 @@ class CriticalAdaKV(ScorerWrapper):
             scored = verdict.scores.shape[-1]
             heads = head_budgets(verdict.scores, max(0, budget - verdict.protected), self.alpha)
             norms = projected_value_norms(
-                layer.values[0, :, :scored], output_projection(ctx.model, layer_idx), ctx.num_heads
+                layer.values[0, :, :scored],
+                output_projection(ctx.model, ctx.model_layer_index(layer_idx)),
+                ctx.num_heads,
             )
             first = [int(b * self.first_stage_ratio) for b in heads]
             merged = two_stage_scores(verdict.scores, norms, first, self.epsilon)

@@ -60,6 +60,9 @@ class KeyRerotation(Composed):
 
     base: str = field(default="snapkv", kw_only=True)
 
+    def rope_dependent(self) -> bool:
+        return True  # kept keys are re-rotated with the model's one RoPE
+
     def validate(self) -> None:
         if getattr(self.inner, "decode_budget", None) is not None:
             raise ValueError("key_rerotation cannot wrap a base with a decode_budget (its re-scoring reads positions)")
