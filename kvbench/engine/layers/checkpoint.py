@@ -52,6 +52,8 @@ def config_problem(config: Any) -> str | None:
         return "layers other than full attention (sliding, chunked, linear attention / SSM: layer_types)"
     if float(partial_rotary(config)) != 1.0:
         return "partial rotary dimensions"
+    if getattr(config, "kv_lora_rank", None):
+        return "per-head K/V projections (multi-head latent attention projects a shared latent)"
     return None
 
 
