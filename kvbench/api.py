@@ -25,7 +25,15 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from kvbench.engine.architecture import model_type, require_full_attention, rope_difference
+from kvbench.engine.architecture import (
+    HYBRID,
+    compressible_layers,
+    describe,
+    layer_shape_configs,
+    model_type,
+    require_full_attention,
+    rope_difference,
+)
 from kvbench.engine.models import LoadedModel
 from kvbench.engine.models import load_model as _load_model
 from kvbench.harness.budget import parse_budget
@@ -185,7 +193,18 @@ def check_model(lm: LoadedModel, methods: Iterable[Method]) -> None:
     difference = None
     for method in methods:
         if hasattr(method, "check_model"):
-            method.check_model(lm.config)
+            # A loaded model is checked per attention layer shape (per-layer head dims, MHA, MLA's K/V widths).
+            configs = layer_shape_configs(lm.config, lm.layer_specs) if isinstance(lm, LoadedModel) else [lm.config]
+            for config in configs:
+                method.check_model(config)
+        # A layer type of the method's own (quantised storage, checkpoints) replaces the cache layer, and with it the
+        # SSM state a hybrid layer (Falcon-H1) holds beside its K/V.
+        hybrid = isinstance(lm, LoadedModel) and any(spec.kind == HYBRID for spec in lm.layer_specs)
+        if hybrid and method.compresses and not method.plain_kv_layers:
+            raise ValueError(
+                f"method {method.name} stores the cache in its own layer type, which cannot keep the SSM state "
+                f"that architecture '{model_type(lm.config)}' holds beside the K/V of its hybrid layers"
+            )
         # The per-layer RoPE check reads the loaded model's layer specs (a bare config has none to read).
         if isinstance(lm, LoadedModel) and method.rope_dependent():
             difference = difference or rope_difference(lm.model, lm.layer_specs)
@@ -215,12 +234,21 @@ def iter_rows(
     options = options.resolved(lm.device)
     truncated: set[str] = set()  # samples middle-truncated to fit the context: said once, then counted
     warned: set[tuple[str, str]] = set()  # (method, parameter) whose reserved slots exceeded a budget: said once
+    said_no_layers = False  # the layer policy leaves no layer to compress: said once
     for sample, jobs in work:
         scenario = scenario_of(sample)
         if scenario is not None:
             require_full_attention(lm.layer_specs, model_type(lm.config), f"the {scenario} scenario")
         check_prefill_chunk(scenario, options.prefill_chunk)
         runner = run_sample if scenario is None else scenario_runner(scenario)
+        compresses = any(job.method.compresses for job in jobs)
+        if compresses and not (said_no_layers or compressible_layers(lm.layer_specs, options.layers)):
+            said_no_layers = True
+            log.warning(
+                "layers=%s leaves no layer of architecture '%s' (%s) to compress: methods run on the uncompressed "
+                "cache (rows: compressed_layers=none); layers=all compresses sliding / chunked layers too",
+                options.layers, model_type(lm.config), describe(lm.layer_specs),
+            )  # fmt: skip
         for job, row in runner(lm, sample, jobs, options):
             if row.get("truncated_tokens") and sample.sample_id not in truncated:
                 if not truncated:

@@ -182,7 +182,7 @@ def test_razor_keeps_retrieval_heads_full_and_caches_the_profile(tiny_lm, tmp_pa
     budget = 16
     method = build_method({"name": "razor"})
     cache, ctx = prefilled(tiny_lm, budget, 0, cache_dir=tmp_path)
-    retrieval = method.retrieval_heads(ctx)
+    retrieval = method.retrieval_heads(ctx, len(cache.layers))
     assert int(retrieval.sum()) == 2  # round(0.14 * 8) = 1 induction + at least 1 echo head, here distinct
     assert len(list((tmp_path / "razor").glob("*.json"))) == 1
 
@@ -190,7 +190,7 @@ def test_razor_keeps_retrieval_heads_full_and_caches_the_profile(tiny_lm, tmp_pa
         raise AssertionError("the cached head profile should have been read")
 
     monkeypatch.setattr("kvbench.methods.razor.profile_heads", no_profiling)
-    assert torch.equal(method.retrieval_heads(ctx), retrieval)
+    assert torch.equal(method.retrieval_heads(ctx, len(cache.layers)), retrieval)
     compressed = cache.copy()
     method.compress(compressed, ctx)
     for layer_idx, layer in enumerate(compressed.layers):

@@ -311,6 +311,27 @@ def require_full_attention(specs: list[LayerSpec], arch: str, what: str) -> None
         )
 
 
+class LayerShapeConfig:
+    """A model's config as one attention layer shape sees it: `num_key_value_heads` and `head_dim` are the layer's
+    (MHA configs without `num_key_value_heads`, MLA's K/V widths, per-layer head dims), every other attribute the
+    config's. What a method's config check (quantisation groups must divide the head dim) reads."""
+
+    def __init__(self, config: Any, num_key_value_heads: int, head_dim: int) -> None:
+        self._config = config
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._config, name)
+
+
+def layer_shape_configs(config: Any, specs: list[LayerSpec]) -> list[LayerShapeConfig]:
+    """One `LayerShapeConfig` per distinct (KV heads, head dim) of the attention layers, keys' and values' dims."""
+    attention = [spec for spec in specs if spec.attends]
+    shapes = {(spec.num_kv_heads, dim) for spec in attention for dim in (spec.head_dim, spec.value_head_dim)}
+    return [LayerShapeConfig(text_config(config), heads, dim) for heads, dim in sorted(shapes)]
+
+
 LAYER_POLICIES = ("global", "all")
 
 
@@ -326,7 +347,8 @@ def compressible_layers(specs: list[LayerSpec], policy: str = "global") -> list[
 
 
 def describe(specs: list[LayerSpec]) -> str:
-    """`12 full_attention, 12 sliding_attention(window 512)`: the layer mix in one phrase (logs, summaries)."""
+    """`12 full_attention, 12 sliding_attention(window 512)`: the layer mix in one phrase (logs, summaries);
+    `none` for no layer."""
     counts: dict[str, int] = {}
     for spec in specs:
         label = spec.kind
@@ -335,4 +357,4 @@ def describe(specs: list[LayerSpec]) -> str:
         if spec.chunk:
             label += f"(chunk {spec.chunk})"
         counts[label] = counts.get(label, 0) + 1
-    return ", ".join(f"{count} {label}" for label, count in counts.items())
+    return ", ".join(f"{count} {label}" for label, count in counts.items()) or "none"

@@ -451,6 +451,11 @@ class KVCache(Cache):
         self.decode_kernels = "torch"
 
     @property
+    def model_cache(self) -> KVCache:
+        """The cache a forward of the model goes through (a `LayerSubset`'s base; this cache itself)."""
+        return self
+
+    @property
     def attention_layers(self) -> list[int]:
         """Indices of the layers that cache per-token K/V."""
         return [i for i, layer in enumerate(self.layers) if layer.spec.attends]
@@ -573,8 +578,14 @@ class LayerSubset(KVCache):
     def next_positions(self, num_tokens: int, device: torch.device | str) -> torch.Tensor:
         return self.base.next_positions(num_tokens, device)
 
-    def copy(self) -> KVCache:
-        raise TypeError("a LayerSubset is a view of a job's cache; copy the full cache instead")
+    @property
+    def model_cache(self) -> KVCache:
+        return self.base
+
+    def copy(self) -> LayerSubset:
+        """The same layers of an independent (copy-on-write) copy of the base cache: a scratch forward through
+        the copy's `model_cache` (KVzip's repeat, DAPQ's pseudo queries) leaves this cache untouched."""
+        return LayerSubset(self.base.copy(), self.indices)
 
     def update(self, *args, **kwargs):
         raise TypeError("a LayerSubset is not a model's cache: forward through the full cache")

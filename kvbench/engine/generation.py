@@ -71,6 +71,7 @@ def forward_tokens(
     """Append `token_ids` at their original positions; returns the logits of the last one, `[vocab]`, or with
     `logits_to_keep=n` those of the last n, `[n, vocab]` (scoring continuations)."""
     positions = cache.next_positions(len(token_ids), lm.device)
+    cache = cache.model_cache  # the model forwards through every layer (a `LayerSubset` is a method's view)
     output = lm.model(
         input_ids=torch.tensor([token_ids], device=lm.device),
         position_ids=positions[None],

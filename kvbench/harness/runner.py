@@ -89,11 +89,12 @@ def compress_copy(
     cache.reserve(reserve)
     split = len(input_ids)
     entries = entries_for(job.budget, split)
-    # A method that takes no budget (a quantiser alone) applies to every prompt with budget null.
-    applies = job.method.compresses and (entries is not None or not job.method.takes_budget)
-    compressed = applies and entries is not None and entries < split
     layers = compressible_layers(lm.layer_specs, options.layers)
-    view = layer_subset(cache, layers) if applies else cache
+    # A method that takes no budget (a quantiser alone) applies to every prompt with budget null; a policy that
+    # leaves no layer to compress (layers=global on a model whose every layer is sliding) leaves the cache as is.
+    applies = job.method.compresses and bool(layers) and (entries is not None or not job.method.takes_budget)
+    compressed = applies and entries is not None and entries < split
+    view = layer_subset(cache, layers) if job.method.compresses else cache
     ctx = CompressionContext.for_prompt(
         lm,
         entries if entries is not None else split,

@@ -58,10 +58,18 @@ class CompressionContext:
     cache_dir: Any = None  # pathlib.Path for per-model artefacts (e.g. head profiles), outside the repo
     record: dict[str, Any] = field(default_factory=dict)
     kernels: str = "torch"  # "torch" or "triton": which implementation shared kernels should use
+    # The model's numbers of the cache layers the method is handed (`engine.cache.LayerSubset` numbers them 0..n-1);
+    # None: every layer, in order.
+    layers: list[int] | None = None
 
     @property
     def model(self) -> Any:
         return None if self.lm is None else self.lm.model
+
+    def model_layer_index(self, index: int) -> int:
+        """The model's number of the method's cache layer `index`: where its module (o_proj) or its per-model
+        calibration is found."""
+        return index if self.layers is None else self.layers[index]
 
     @classmethod
     def for_prompt(
@@ -87,6 +95,7 @@ class CompressionContext:
             num_heads=lm.config.num_attention_heads,
             num_kv_heads=lm.num_kv_heads,
             lm=lm,
+            layers=None if layers is None else list(layers),
             **fields,
         )
 

@@ -66,6 +66,9 @@ class Cap(ScoringMethod):
     n_sink: int = 4
     epsilon: float = 1e-6
 
+    def rope_dependent(self) -> bool:
+        return True  # future queries are rotated with the model's one RoPE
+
     def validate(self) -> None:
         if self.n_future_positions < 1 or self.epsilon < 0:
             raise ValueError(

@@ -58,6 +58,9 @@ class Compactor(ScoringMethod):
     def prefill_observer(self) -> NonCausalAttention:
         return NonCausalAttention(self.chunk_size, self.sink_size_start, self.sink_size_end, self.scaled)
 
+    def rope_dependent(self) -> bool:
+        return True  # leverage over keys un-rotated with the model's one RoPE
+
     def layer_scores(self, layer_idx: int, layer: KVLayer, budget: int, ctx: CompressionContext) -> LayerScores:
         length = layer.get_seq_length()
         first, last = sink_split(length, self.sink_size_start, self.sink_size_end)

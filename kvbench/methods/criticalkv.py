@@ -11,14 +11,18 @@ from kvbench.methods.scorer import LayerScores
 from kvbench.methods.scoring import mask_to_indices, topk_keep
 from kvbench.methods.wrapped import ScorerWrapper
 
+# What architectures name the attention output projection (Llama-likes, LFM2 / Falcon, GPT-NeoX).
+OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "dense")
+
 
 def output_projection(model: torch.nn.Module, layer_idx: int) -> torch.Tensor:
-    """The weight `[hidden, H * d]` of layer `layer_idx`'s attention output projection (`o_proj`)."""
+    """The weight `[hidden, H * d]` of model layer `layer_idx`'s attention output projection (`o_proj`)."""
     for module in model.modules():
-        if getattr(module, "layer_idx", None) == layer_idx and isinstance(
-            getattr(module, "o_proj", None), torch.nn.Linear
-        ):
-            return module.o_proj.weight.detach()
+        if getattr(module, "layer_idx", None) != layer_idx or "attention" not in type(module).__name__.lower():
+            continue  # a layer's SSM / conv mixer may carry the same index and an out_proj
+        for name in OUTPUT_PROJECTIONS:
+            if isinstance(getattr(module, name, None), torch.nn.Linear):
+                return getattr(module, name).weight.detach()
     raise ValueError(f"criticalkv needs the attention output projection (o_proj) of layer {layer_idx}; none found")
 
 
@@ -80,7 +84,7 @@ class CriticalKV(ScorerWrapper):
     def layer_scores(self, layer_idx: int, layer: KVLayer, budget: int, ctx: CompressionContext) -> LayerScores:
         verdict = super().layer_scores(layer_idx, layer, budget, ctx)
         scored = verdict.scores.shape[-1]
-        weight = output_projection(ctx.model, layer_idx)
+        weight = output_projection(ctx.model, ctx.model_layer_index(layer_idx))
         norms = projected_value_norms(layer.values[0, :, :scored], weight, ctx.num_heads)
         first = int(max(0, budget - verdict.protected) * self.first_stage_ratio)
         merged = two_stage_scores(verdict.scores, norms, [first] * layer.num_heads, self.epsilon)
@@ -124,7 +128,9 @@ class CriticalAdaKV(ScorerWrapper):
             scored = verdict.scores.shape[-1]
             heads = head_budgets(verdict.scores, max(0, budget - verdict.protected), self.alpha)
             norms = projected_value_norms(
-                layer.values[0, :, :scored], output_projection(ctx.model, layer_idx), ctx.num_heads
+                layer.values[0, :, :scored],
+                output_projection(ctx.model, ctx.model_layer_index(layer_idx)),
+                ctx.num_heads,
             )
             first = [int(b * self.first_stage_ratio) for b in heads]
             merged = two_stage_scores(verdict.scores, norms, first, self.epsilon)

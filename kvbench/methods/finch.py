@@ -99,6 +99,9 @@ class Finch(ScoringMethod):
         scores = aggregate_gqa(probs.mean(dim=1), layer.num_heads, "mean")
         return LayerScores(scores, protected=window)
 
+    def rope_dependent(self) -> bool:
+        return self.rerotate
+
     def select(self, verdict: LayerScores, budget: int, ctx: CompressionContext, layer_idx: int) -> torch.Tensor:
         scores = verdict.scores
         prefix = scores.shape[1]

@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from kvbench.engine import rope
+from kvbench.engine.architecture import CHUNKED, SLIDING, config_layer_types, model_type
 from kvbench.engine.cache import PAD_POSITION, KVCache, KVLayer
 from kvbench.methods.base import CompressionContext, register_method
 from kvbench.methods.compose import SLOT_SUBSET, BaseKind, Composed
@@ -59,6 +60,20 @@ class KeyRerotation(Composed):
     keeps_slot_subset: ClassVar[bool] = False
 
     base: str = field(default="snapkv", kw_only=True)
+
+    def rope_dependent(self) -> bool:
+        return True  # kept keys are re-rotated with the model's one RoPE
+
+    def check_model(self, config: Any) -> None:
+        """Refuse, in one line, models with sliding-window or chunked layers: renumbering moves the one position
+        counter every layer shares, and those layers' windows are defined on it."""
+        bounded = sorted({kind for kind in config_layer_types(config) if kind in (SLIDING, CHUNKED)})
+        if bounded:
+            raise ValueError(
+                f"key_rerotation renumbers the positions every layer shares; architecture '{model_type(config)}' has "
+                f"{', '.join(bounded)} layers whose windows are defined on them"
+            )
+        super().check_model(config)
 
     def validate(self) -> None:
         if getattr(self.inner, "decode_budget", None) is not None:

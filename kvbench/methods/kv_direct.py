@@ -43,7 +43,14 @@ from typing import Any, ClassVar
 import torch
 
 from kvbench.engine.cache import KVCache, KVLayer
-from kvbench.engine.layers.checkpoint import CheckpointLayer, ForwardCapture, PrefixReplay, Recomputer
+from kvbench.engine.layers.checkpoint import (
+    CheckpointLayer,
+    ForwardCapture,
+    PrefixReplay,
+    Recomputer,
+    UnsupportedArchitecture,
+    config_problem,
+)
 from kvbench.methods.base import CompressionContext, Method, register_method
 
 CHECKPOINTS = ("per_layer", "ids")
@@ -95,6 +102,13 @@ class KVDirect(Method):
 
     def rope_dependent(self) -> bool:
         return True
+
+    def check_model(self, config: Any) -> None:
+        """Refuse, before any sample runs, a model whose config says its K/V cannot be recomputed (one line)."""
+        missing = config_problem(config)
+        if missing is not None:
+            kind = getattr(config, "model_type", type(config).__name__)
+            raise UnsupportedArchitecture(f"kv_direct cannot recompute K/V for model_type '{kind}': missing {missing}")
 
     def validate(self) -> None:
         if self.checkpoint not in CHECKPOINTS:

@@ -60,6 +60,9 @@ class KVQuant(QuantizedMethod):
         if isinstance(self.calibration_tokens, bool) or self.calibration_tokens < 16:
             raise ValueError(f"calibration_tokens must be an int >= 16, got {self.calibration_tokens!r}")
 
+    def rope_dependent(self) -> bool:
+        return True  # keys are calibrated and quantised pre-RoPE (the model's one RoPE)
+
     def codec(self, head_dim: int | None = None) -> KVQuantCodec:
         return KVQuantCodec(self.bits, float(self.outlier_fraction))
 
@@ -68,7 +71,8 @@ class KVQuant(QuantizedMethod):
         rotary = rotary_embedding(ctx.model)
         for index, layer in enumerate(cache.layers):
             layer.extras[SINK_EXTRA] = (layer.positions < self.fp16_sinks).float()
-            codec = KVQuantCodec(self.bits, float(self.outlier_fraction), calibrations[index])
+            calibration = calibrations[ctx.model_layer_index(index)]  # calibrated per model layer
+            codec = KVQuantCodec(self.bits, float(self.outlier_fraction), calibration)
             cache.layers[index] = KVQuantLayer.from_layer(layer, codec, rotary)
         ctx.record["quant"] = {**self.codec().describe(), "fp16_sinks": self.fp16_sinks,
                                "calibration": CALIBRATION_SOURCE}  # fmt: skip
@@ -79,24 +83,29 @@ class KVQuant(QuantizedMethod):
         digest = hashlib.sha256(f"{identity}|{settings}".encode()).hexdigest()[:16]
         return Path(cache_dir or default_cache_dir(lm)) / "kvquant" / f"{lm.name}-{digest}.pt"
 
-    def calibrations(self, lm: Any, cache_dir: Path | None) -> list[KVQuantCalibration]:
-        """Per layer, the calibration, computed once per (model, bits, outlier_fraction, tokens) and cached."""
+    def calibrations(self, lm: Any, cache_dir: Path | None) -> list[KVQuantCalibration | None]:
+        """Per model layer, the calibration (None for a linear-attention / SSM layer, which caches no K/V),
+        computed once per (model, bits, outlier_fraction, tokens) and cached."""
         path = self.calibration_path(lm, cache_dir)
         if path.exists():
             saved = torch.load(path, weights_only=True)["layers"]
-            return [KVQuantCalibration(*(layer[name] for name in FIELDS)) for layer in saved]
+            return [None if layer is None else KVQuantCalibration(*(layer[name] for name in FIELDS)) for layer in saved]
         ids = lm.tokenizer(essay_text(), add_special_tokens=False)["input_ids"][: self.calibration_tokens]
-        cache = KVCache(lm.config.num_hidden_layers)
+        cache = KVCache(lm.layer_specs)
         forward_tokens(lm, cache, ids)
         rotary = rotary_embedding(lm.model)
-        fitted = []
+        fitted: list[KVQuantCalibration | None] = []
         for layer in cache.layers:
+            if not layer.spec.attends:
+                fitted.append(None)
+                continue
+            # A sliding layer holds its window: the statistics of its last tokens.
             keys, values = layer.keys[0], layer.values[0]
             pre = unrotate_keys(keys, layer.positions, rotary)
             fitted.append(fit_calibration(pre, values, self.bits, float(self.outlier_fraction), keys.dtype))
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        layers = [{name: getattr(c, name).cpu() for name in FIELDS} for c in fitted]
+        layers = [None if c is None else {name: getattr(c, name).cpu() for name in FIELDS} for c in fitted]
         torch.save({"layers": layers, "source": CALIBRATION_SOURCE, "tokens": self.calibration_tokens}, temporary)
         temporary.replace(path)  # atomic: parallel runs never read a half-written file
         return fitted

@@ -70,6 +70,9 @@ class Leverage(ScoringMethod):
 
     sketch_dimension: int = 48
 
+    def rope_dependent(self) -> bool:
+        return True  # its keys are un-rotated with the model's one RoPE
+
     def validate(self) -> None:
         if self.sketch_dimension < 1:
             raise ValueError(f"leverage needs sketch_dimension >= 1, got {self.sketch_dimension}")

@@ -3,7 +3,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvbench.engine.cache import KVCache
-from kvbench.engine.models import head_dim_of
 from kvbench.engine.quant.octopus import OctopusCodec, codebooks
 from kvbench.methods.base import CompressionContext, register_method
 from kvbench.methods.quantized import QuantizedMethod
@@ -44,4 +43,5 @@ class Octopus(QuantizedMethod):
 
     def after_compress(self, cache: KVCache, ctx: CompressionContext) -> None:
         super().after_compress(cache, ctx)
-        ctx.record["quant"]["split_abr"] = list(codebooks(head_dim_of(ctx.lm.config), self.bits).split)
+        head_dim = cache.layers[0].keys.shape[-1] if cache.layers else ctx.lm.head_dim  # the stored layers' own
+        ctx.record["quant"]["split_abr"] = list(codebooks(head_dim, self.bits).split)

@@ -70,6 +70,6 @@ class PerLayer(ScorerWrapper):
     def layer_budgets(self, ctx: CompressionContext, num_layers: int) -> list[int]:
         if self.layer_weights is None:
             return super().layer_budgets(ctx, num_layers)
-        if len(self.layer_weights) != num_layers:
-            raise ValueError(f"per_layer layer_weights has {len(self.layer_weights)} entries, not {num_layers}")
-        return weighted_layer_budgets(ctx.budget, self.layer_weights, ctx.prompt_len)
+        # One weight per model layer (`check_model`); the method is handed the layers the policy compresses.
+        weights = [self.layer_weights[ctx.model_layer_index(i)] for i in range(num_layers)]
+        return weighted_layer_budgets(ctx.budget, weights, ctx.prompt_len)

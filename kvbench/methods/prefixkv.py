@@ -40,9 +40,10 @@ def importance_cdf(importance: torch.Tensor, grid: int = GRID) -> torch.Tensor:
     return cumulative[steps]
 
 
-def calibrate(lm: Any, text: str, samples: int, tokens: int) -> list[list[float]]:
+def calibrate(lm: Any, text: str, samples: int, tokens: int) -> list[list[float] | None]:
     """Per-layer importance CDFs `[L][GRID + 1]`, averaged over `samples` consecutive `tokens`-token chunks of
-    `text`. Importance = attention each prompt token receives, summed over all prompt queries, mean over heads."""
+    `text`. Importance = attention each prompt token receives, summed over all prompt queries, mean over heads.
+    A linear-attention / SSM layer (no attention, never compressed) has None."""
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) < samples * tokens:
         raise ValueError(f"prefixkv calibration text has {len(ids)} tokens, needs samples*tokens={samples * tokens}")
@@ -53,9 +54,10 @@ def calibrate(lm: Any, text: str, samples: int, tokens: int) -> list[list[float]
         observer = PromptAttentionSums("mean")
         cache.observers.append(observer)
         forward_tokens(lm, cache, ids[sample * tokens : (sample + 1) * tokens])
-        for layer in range(num_layers):
+        for layer in observer.sums:
             total[layer] += importance_cdf(observer.sums[layer].mean(dim=0).cpu())
-    return (total / samples).tolist()
+    attends = [spec.attends for spec in lm.layer_specs]
+    return [cdf if attends[layer] else None for layer, cdf in enumerate((total / samples).tolist())]
 
 
 def keep_fraction(cdf: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -134,7 +136,8 @@ class PrefixKV(ScorerWrapper):
         load_calibration(lm, cache_dir, self.calibration_samples, self.calibration_tokens)
 
     def layer_budgets(self, ctx: CompressionContext, num_layers: int) -> list[int]:
-        cdf = torch.tensor(load_calibration(ctx.lm, ctx.cache_dir, self.calibration_samples, self.calibration_tokens))
+        cdfs = load_calibration(ctx.lm, ctx.cache_dir, self.calibration_samples, self.calibration_tokens)
+        cdf = torch.tensor([cdfs[ctx.model_layer_index(i)] for i in range(num_layers)])  # the layers it compresses
         floor = max(1, self.inner.window_queries_needed())
         budgets = allocate(cdf, ctx.budget, ctx.prompt_len, floor)
         ctx.record["prefixkv_layer_budgets"] = budgets
@@ -147,7 +150,7 @@ def calibration_path(lm: Any, cache_dir: Path | None, samples: int, tokens: int)
     return Path(cache_dir or default_cache_dir(lm)) / "prefixkv" / f"{cache_name(lm.name)}-{digest}.json"
 
 
-def load_calibration(lm: Any, cache_dir: Path | None, samples: int, tokens: int) -> list[list[float]]:
+def load_calibration(lm: Any, cache_dir: Path | None, samples: int, tokens: int) -> list[list[float] | None]:
     path = calibration_path(lm, cache_dir, samples, tokens)
     if not path.exists():
         where = f" --cache-dir {cache_dir}" if cache_dir else ""

@@ -58,7 +58,7 @@ def profile_heads(lm: Any, period: int, samples: int, seed: int) -> dict[str, li
         observer = RepeatAttention(len(prefix), period)
         cache.observers.append(observer)
         forward_tokens(lm, cache, prefix + tokens + tokens)
-        for layer_idx in range(num_layers):
+        for layer_idx in observer.echo:  # attention layers only: a linear-attention / SSM layer's row stays 0
             echo[layer_idx] += observer.echo[layer_idx].cpu() / samples
             induction[layer_idx] += observer.induction[layer_idx].cpu() / samples
     return {"echo": echo.tolist(), "induction": induction.tolist()}
@@ -139,17 +139,20 @@ class RazorAttention(Method):
         temporary.replace(path)  # atomic: parallel runs never read a half-written profile
         return profile
 
-    def retrieval_heads(self, ctx: CompressionContext) -> torch.Tensor:
-        """Boolean `[L, Hkv]`: the KV heads that keep their full cache."""
+    def retrieval_heads(self, ctx: CompressionContext, num_layers: int) -> torch.Tensor:
+        """Boolean `[L, Hkv]` over the `num_layers` layers the method is handed: the KV heads that keep their full
+        cache, ranked among those layers (the profile covers every layer of the model)."""
         profile = self.head_profile(ctx.lm, ctx.cache_dir)
         num_kv = ctx.num_kv_heads
+        rows = [ctx.model_layer_index(i) for i in range(num_layers)]
         per_kv = {
-            kind: torch.tensor(profile[kind]).unflatten(1, (num_kv, -1)).amax(dim=-1) for kind in ("echo", "induction")
+            kind: torch.tensor(profile[kind])[rows].unflatten(1, (num_kv, -1)).amax(dim=-1)
+            for kind in ("echo", "induction")
         }
         return top_heads(per_kv["induction"], self.induction_fraction) | top_heads(per_kv["echo"], self.echo_fraction)
 
     def compress(self, cache: KVCache, ctx: CompressionContext) -> None:
-        retrieval = self.retrieval_heads(ctx)
+        retrieval = self.retrieval_heads(ctx, len(cache.layers))
         for layer_idx, layer in enumerate(cache.layers):
             compress_layer(layer, retrieval[layer_idx], ctx.budget, self.n_sink, self.compensation)
         kept = cache.kept_entries()

