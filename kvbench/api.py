@@ -192,6 +192,17 @@ def check_model(lm: LoadedModel, methods: Iterable[Method]) -> None:
     """Model-dependent parameter checks (e.g. quantisation groups must divide the head dim), before any forward."""
     difference = None
     for method in methods:
+        # MLA modules cache a latent and expand it to per-head K/V after the cache: a method that reads, scores or
+        # re-encodes cached K/V would work on the latent, not on the keys the queries meet.
+        latent = isinstance(lm, LoadedModel) and any(spec.latent for spec in lm.layer_specs)
+        if latent and method.compresses and not method.position_only:
+            spec = next(spec for spec in lm.layer_specs if spec.latent)
+            raise ValueError(
+                f"method {method.name} reads or re-encodes cached K/V, but architecture '{model_type(lm.config)}' "
+                f"caches an MLA latent ({spec.head_dim} latent + {spec.value_head_dim} RoPE-key dims per token) that "
+                "its attention expands to per-head K/V after the cache; only position-based methods (streamingllm, "
+                "window, random) run on it"
+            )
         if hasattr(method, "check_model"):
             # A loaded model is checked per attention layer shape (per-layer head dims, MHA, MLA's K/V widths).
             configs = layer_shape_configs(lm.config, lm.layer_specs) if isinstance(lm, LoadedModel) else [lm.config]

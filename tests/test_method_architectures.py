@@ -66,6 +66,9 @@ KV_DIRECT_REFUSALS = {
     "gpt_neox": "partial rotary dimensions",
     "deepseek_v3": "per-head K/V projections (multi-head latent attention projects a shared latent)",
 }
+# MLA caches a latent (kv_lora_rank wide, plus the shared RoPE key) that the module expands after the cache: only
+# position-based methods (`Method.position_only`) run on it.
+LATENT = {"deepseek_v3": "24 latent + 8 RoPE-key dims per token"}
 # key_rerotation renumbers the one position counter every layer shares: sliding / chunked windows are defined on it.
 BOUNDED = {"mistral": "sliding_attention", "llama4_text": "chunked_attention"}
 BOUNDED |= {arch: "sliding_attention" for arch in ("gemma2", "gemma3_text", "gpt_oss", "gemma4_text")}
@@ -92,6 +95,11 @@ def expected_refusal(arch: str, name: str) -> str | None:
     if name == "kv_direct" and arch in KV_DIRECT_REFUSALS:
         return f"kv_direct cannot recompute K/V for model_type '{arch}': missing {KV_DIRECT_REFUSALS[arch]}"
     method = built(name)
+    if arch in LATENT and method.compresses and not method.position_only:
+        return (
+            f"method {name} reads or re-encodes cached K/V, but architecture '{arch}' caches an MLA latent "
+            f"({LATENT[arch]}) that its attention expands to per-head K/V after the cache"
+        )
     if name == "key_rerotation" and arch in BOUNDED:
         return (
             f"key_rerotation renumbers the positions every layer shares; architecture '{arch}' has {BOUNDED[arch]} "
@@ -141,10 +149,7 @@ def run(arch: str, policy: str, tmp: str) -> dict[str, Any]:
 
 
 # Known engine gaps, reported by the test until fixed (strict: a fix turns the case into a failure to remove here).
-KNOWN_ERRORS = {
-    "deepseek_v3": "its cache layers hold 1 K/V head of widths 16 / 8 where the layer spec reads 4 heads of 16 / 16 "
-    "(MLA): quantisers' channel groups of 16 fail on the values",
-}
+KNOWN_ERRORS: dict[str, str] = {}
 
 
 def case_params(known_errors: bool = False) -> list:

@@ -79,7 +79,7 @@ def test_layer_kinds_read_from_the_configs(tmp_path_factory):
     assert all(spec.sinks for spec in specs) and specs[0].window == WINDOW
     assert all(spec.softcap == 50.0 for spec in load("gemma2", tmp_path_factory).layer_specs)
     mla = load("deepseek_v3", tmp_path_factory).layer_specs[0]
-    assert (mla.num_kv_heads, mla.head_dim, mla.value_head_dim) == (4, 16, 16)
+    assert (mla.num_kv_heads, mla.head_dim, mla.value_head_dim, mla.latent) == (1, 24, 8, True)  # the cached latent
     assert [spec.kind for spec in load("qwen3_next", tmp_path_factory).layer_specs] == ["state", "full_attention"] * 2
     assert [spec.rope for spec in load("smollm3", tmp_path_factory).layer_specs] == [True, False, True, False]
     for hybrid in ("jamba", "bamba", "granitemoehybrid", "nemotron_h"):

@@ -20,10 +20,12 @@ sample is run.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
@@ -71,7 +73,9 @@ class LayerSpec:
     itself included; `chunk` (chunked): block size; `softcap`: logits become `softcap * tanh(s / softcap)` before
     the softmax; `sinks`: one learned logit per query head joins the softmax and takes probability mass without a
     value (gpt-oss); `rope`: False for NoPE layers. `num_kv_heads`, `head_dim`, `value_head_dim`: what the layer's
-    cache stores per token (0 for STATE layers).
+    cache stores per token (0 for STATE layers). `latent`: the cache stores a compressed latent that the module
+    expands into per-head K/V after reading it (MLA: DeepSeek V2/V3, Kimi, ...); the three sizes then describe the
+    latent as the cache holds it (one "head": the KV latent as keys, the shared RoPE key as values).
     """
 
     kind: str = FULL
@@ -83,6 +87,7 @@ class LayerSpec:
     num_kv_heads: int = 0
     head_dim: int = 0
     value_head_dim: int = 0
+    latent: bool = False
 
     @property
     def attends(self) -> bool:
@@ -202,6 +207,26 @@ def rope_flags(model: torch.nn.Module, config: Any, modules: dict[int, torch.nn.
     return flags
 
 
+def cache_argument(model_class: type) -> str:
+    """The keyword a model's forward takes its cache by: `cache` in recent transformers 5.x, which deprecates
+    `past_key_values` (removed in 5.40); `past_key_values` in the 5.x releases before `cache` existed."""
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+class StoredShapes(DynamicCache):
+    """transformers' own cache for the probe forward, noting what each layer's attention hands the cache (heads,
+    key width, value width): MLA modules cache a latent, not the per-head K/V their attention sees."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config=config)
+        self.shapes: dict[int, tuple[int, int, int]] = {}
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.shapes[layer_idx] = (key_states.shape[1], key_states.shape[-1], value_states.shape[-1])
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
 class ProbeRecorder:
     """Filled by kvbench's attention function during the probe forward: one record per attention layer."""
 
@@ -232,7 +257,9 @@ def read_layer_specs(model: torch.nn.Module, probe_kwarg: str = "kvbench_probe")
     recorder = ProbeRecorder()
     device = next(model.parameters()).device
     token = int(getattr(config, "bos_token_id", None) or 0)
-    model(input_ids=torch.tensor([[token, token]], device=device), use_cache=False, **{probe_kwarg: recorder})
+    stored = StoredShapes(config)
+    ids = torch.tensor([[token, token]], device=device)
+    model(input_ids=ids, **{cache_argument(type(model)): stored}, use_cache=True, **{probe_kwarg: recorder})
     records = recorder.records
     types = config_layer_types(config)
     rope = rope_flags(model, config, {index: record["module"] for index, record in records.items()})
@@ -269,6 +296,8 @@ def read_layer_specs(model: torch.nn.Module, probe_kwarg: str = "kvbench_probe")
                 f"attention passes sliding_window={passed}"
             )
         softcap = record["softcap"]
+        seen = (int(record["num_kv_heads"]), int(record["head_dim"]), int(record["value_head_dim"]))
+        cached = stored.shapes.get(index, seen)
         specs.append(
             LayerSpec(
                 kind=kind,
@@ -277,9 +306,10 @@ def read_layer_specs(model: torch.nn.Module, probe_kwarg: str = "kvbench_probe")
                 softcap=float(softcap) if softcap else None,
                 sinks=record["sinks"],
                 rope=rope[index],
-                num_kv_heads=int(record["num_kv_heads"]),
-                head_dim=int(record["head_dim"]),
-                value_head_dim=int(record["value_head_dim"]),
+                num_kv_heads=cached[0],
+                head_dim=cached[1],
+                value_head_dim=cached[2],
+                latent=cached != seen,
             )
         )
     if not any(spec.attends for spec in specs):

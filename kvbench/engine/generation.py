@@ -8,12 +8,12 @@ cache length). `model.generate` is never used for compressed runs.
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from kvbench.engine.architecture import cache_argument
 from kvbench.engine.attention import CACHE_KWARG
 from kvbench.engine.cache import KVCache
 from kvbench.engine.measure import Stopwatch
@@ -57,13 +57,6 @@ class Prefill:
 
 
 @functools.cache
-def cache_argument(model_class: type) -> str:
-    """The keyword a model's forward takes its cache by: `cache` in recent transformers 5.x, which deprecates
-    `past_key_values` (removed in 5.40); `past_key_values` in the 5.x releases before `cache` existed."""
-    parameters = inspect.signature(model_class.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
 @torch.inference_mode()
 def forward_tokens(
     lm: LoadedModel, cache: KVCache, token_ids: list[int], logits_to_keep: int | None = None

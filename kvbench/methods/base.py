@@ -121,6 +121,9 @@ class Method:
     # method's is, and also the caches of methods that rewrite kept values or add slots: quantised storage can take
     # such a cache over (`kvbench.methods.quantized`). Declared by every registered method.
     plain_kv_layers: ClassVar[bool] = False
+    # Whether the method selects slots by position alone, never reading the cached K/V: the only kind that is
+    # right on a cache of MLA latents (`LayerSpec.latent`), whose stored "keys" are not the keys queries meet.
+    position_only: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         """Check or normalise the fields after construction (subclasses call the parent's). Default: nothing."""

@@ -14,3 +14,4 @@ class Full(Method):
     compresses: ClassVar[bool] = False
     keeps_slot_subset: ClassVar[bool] = False  # never evicts: nothing for a slot-subset wrapper to work on
     plain_kv_layers: ClassVar[bool] = True
+    position_only: ClassVar[bool] = True

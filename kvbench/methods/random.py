@@ -23,6 +23,7 @@ class RandomKeep(Method):
 
     keeps_slot_subset: ClassVar[bool] = True
     plain_kv_layers: ClassVar[bool] = True
+    position_only: ClassVar[bool] = True
 
     window: int = 32
 

@@ -35,6 +35,7 @@ class StreamingLLM(Method):
     # rerotate=true renumbers the kept keys to contiguous positions: a wrapper sees them as StreamingLLM leaves them.
     keeps_slot_subset: ClassVar[bool] = True
     plain_kv_layers: ClassVar[bool] = True
+    position_only: ClassVar[bool] = True
 
     n_sink: int = 4
     rerotate: bool = False

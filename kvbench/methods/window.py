@@ -32,6 +32,7 @@ class Window(Method):
     supports_chunked_prefill: ClassVar[bool] = True
     keeps_slot_subset: ClassVar[bool] = True
     plain_kv_layers: ClassVar[bool] = True
+    position_only: ClassVar[bool] = True
 
     def compress(self, cache: KVCache, ctx: CompressionContext) -> None:
         keep_recent(cache, ctx.budget)
