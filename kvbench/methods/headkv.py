@@ -42,7 +42,9 @@ NAMES = ("Alice", "Bruno", "Clara", "Dmitri", "Elena", "Farid", "Greta", "Hiro",
 COLOURS = ("red", "blue", "green", "yellow", "white", "black", "orange", "purple", "grey", "brown")
 
 
-def calibration_example(tokenizer: Any, length: int, depth: float, rng: random.Random) -> tuple[list[int], int, int, int]:
+def calibration_example(
+    tokenizer: Any, length: int, depth: float, rng: random.Random
+) -> tuple[list[int], int, int, int]:
     """One teacher-forced needle example: (token ids = [bos] + haystack with the needle at `depth` + question +
     answer without its last token, needle start, needle end, answer length). Pieces are tokenised separately so
     the needle's token span is exact."""
@@ -148,9 +150,7 @@ def head_capacities(importance: torch.Tensor, selectable: list[int], caps: list[
     scores = importance.float().clamp(min=0).flatten()
     weights = scores / scores.sum() if float(scores.sum()) > 0 else torch.full_like(scores, 1 / scores.numel())
     pool = sum(num_heads * s / beta for s in selectable)
-    desired = [
-        selectable[i // num_heads] * (1 - 1 / beta) + pool * float(w) for i, w in enumerate(weights.tolist())
-    ]
+    desired = [selectable[i // num_heads] * (1 - 1 / beta) + pool * float(w) for i, w in enumerate(weights.tolist())]
     flat = capped_allocation(desired, [caps[i // num_heads] for i in range(len(desired))], num_heads * sum(selectable))
     return [flat[layer * num_heads : (layer + 1) * num_heads] for layer in range(num_layers)]
 

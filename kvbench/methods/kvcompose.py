@@ -35,7 +35,11 @@ class SecondPassScorer:
         total = None
         for lo in range(0, rows, self.row_block):
             probs = window_attention(
-                queries[:, lo : lo + self.row_block], keys, query_positions[lo : lo + self.row_block], positions, scaling
+                queries[:, lo : lo + self.row_block],
+                keys,
+                query_positions[lo : lo + self.row_block],
+                positions,
+                scaling,
             )[..., : self.length]
             block = probs.amax(dim=1) if self.task == "max" else probs.sum(dim=1)
             total = block if total is None else (torch.maximum(total, block) if self.task == "max" else total + block)
@@ -174,7 +178,9 @@ class KVCompose(Method):
         """Boolean `[L, Hkv, T]` of the kept slots for `budget` entries per KV head and layer on average."""
         num_layers, num_heads, length = scores.shape
         if self.structured:
-            counts = global_counts(composite_scores(scores, self.agg_head, self.keep_token_lower_bound), budget * num_layers)
+            counts = global_counts(
+                composite_scores(scores, self.agg_head, self.keep_token_lower_bound), budget * num_layers
+            )
             counts = counts[:, None].expand(num_layers, num_heads)
         else:
             ranked = torch.sort(scores, dim=-1, descending=True).values
