@@ -219,6 +219,10 @@ class RowMeter:
         self.compressed_state = cache_state(job_cache.cache, split, self.uncompressed_entries, "_compressed")
         # A new token's bytes come from the model's shape (a quantised layer would have to materialise to tell).
         self.peak = PeakBytes(job_cache.cache, lm.kv_bytes_per_token)
+        # A method whose compression held more KV than the cache (kvcompose's extra pass over a scratch copy) records
+        # it as `transient_kv_bytes`: the peak counts it.
+        record = job_cache.ctx.record if job_cache.ctx is not None else {}
+        self.peak.bytes = max(self.peak.bytes, int(record.get("transient_kv_bytes", 0)))
         self.tail_state: dict[str, Any] = {}  # no question tail fed: no `*_tail` fields
 
     def before_forward(self, num_new: int) -> None:
@@ -253,7 +257,8 @@ class RowMeter:
             # What the cache holds at the END of the row (after the question tail and decoding or scoring, during
             # which decode-time methods keep evicting); `kept_fraction` is the share of the compressed segment's
             # entries still held. `*_compressed`: right after the prefill compression; `*_tail`: after the
-            # question tail (compress=context); `kv_bytes_peak`: the most held at any point after compression.
+            # question tail (compress=context); `kv_bytes_peak`: the most held at any point after compression (and
+            # during it, for methods that record `transient_kv_bytes`).
             **cache_state(cache, split, self.uncompressed_entries),
             **self.compressed_state,
             **self.tail_state,
