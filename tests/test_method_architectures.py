@@ -64,7 +64,6 @@ KV_DIRECT_REFUSALS = {
     **{arch: MIXED_LAYERS for arch in ("gemma2", "gemma3_text", "gpt_oss", "llama4_text", "gemma4_text")},
     **{arch: MIXED_LAYERS for arch in ("qwen3_next", "falcon_h1", "lfm2")},
     "gpt_neox": "partial rotary dimensions",
-    "deepseek_v3": "per-head K/V projections (multi-head latent attention projects a shared latent)",
 }
 # MLA caches a latent (kv_lora_rank wide, plus the shared RoPE key) that the module expands after the cache: only
 # position-based methods (`Method.position_only`) run on it.
@@ -92,14 +91,15 @@ def expected_refusal(arch: str, name: str) -> str | None:
     """The reason `api.check_model` must give for this method on this architecture (None: it must run)."""
     if name in OPTIONAL_MODULES:  # refused only where its optional dependency is missing: skipped instead
         return None
-    if name == "kv_direct" and arch in KV_DIRECT_REFUSALS:
-        return f"kv_direct cannot recompute K/V for model_type '{arch}': missing {KV_DIRECT_REFUSALS[arch]}"
     method = built(name)
     if arch in LATENT and method.compresses and not method.position_only:
         return (
             f"method {name} reads or re-encodes cached K/V, but architecture '{arch}' caches an MLA latent "
-            f"({LATENT[arch]}) that its attention expands to per-head K/V after the cache"
+            f"({LATENT[arch]}) that its attention expands to per-head K/V after the cache; only position-based "
+            "methods (streamingllm, window, random) run on it"
         )
+    if name == "kv_direct" and arch in KV_DIRECT_REFUSALS:
+        return f"kv_direct cannot recompute K/V for model_type '{arch}': missing {KV_DIRECT_REFUSALS[arch]}"
     if name == "key_rerotation" and arch in BOUNDED:
         return (
             f"key_rerotation renumbers the positions every layer shares; architecture '{arch}' has {BOUNDED[arch]} "
@@ -127,7 +127,8 @@ def run(arch: str, policy: str, tmp: str) -> dict[str, Any]:
     lm = api.load_model(cfg, device="cpu", dtype="float32")
     prefixkv = OmegaConf.load(CONF / "prefixkv.yaml")
     text = " ".join(f"Line {i}: the fox number {i % 13} jumps over the lazy dog." for i in range(400))
-    write_calibration(lm, root, text, "test text", prefixkv.calibration_samples, prefixkv.calibration_tokens)
+    if arch not in LATENT:  # prefixkv is refused on an MLA latent cache (and its calibration says so)
+        write_calibration(lm, root, text, "test text", prefixkv.calibration_samples, prefixkv.calibration_tokens)
     refused, methods = {}, []
     for name in METHODS.names():
         try:

@@ -20,6 +20,7 @@ sample is run.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -207,6 +208,7 @@ def rope_flags(model: torch.nn.Module, config: Any, modules: dict[int, torch.nn.
     return flags
 
 
+@functools.cache
 def cache_argument(model_class: type) -> str:
     """The keyword a model's forward takes its cache by: `cache` in recent transformers 5.x, which deprecates
     `past_key_values` (removed in 5.40); `past_key_values` in the 5.x releases before `cache` existed."""

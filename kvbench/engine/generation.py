@@ -7,7 +7,6 @@ cache length). `model.generate` is never used for compressed runs.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,7 +55,6 @@ class Prefill:
     peak_mem_bytes: int | None
 
 
-@functools.cache
 @torch.inference_mode()
 def forward_tokens(
     lm: LoadedModel, cache: KVCache, token_ids: list[int], logits_to_keep: int | None = None

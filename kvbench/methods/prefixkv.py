@@ -44,6 +44,8 @@ def calibrate(lm: Any, text: str, samples: int, tokens: int) -> list[list[float]
     """Per-layer importance CDFs `[L][GRID + 1]`, averaged over `samples` consecutive `tokens`-token chunks of
     `text`. Importance = attention each prompt token receives, summed over all prompt queries, mean over heads.
     A linear-attention / SSM layer (no attention, never compressed) has None."""
+    if any(spec.latent for spec in lm.layer_specs):
+        raise ValueError("prefixkv calibrates attention over cached keys; this model caches an MLA latent instead")
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) < samples * tokens:
         raise ValueError(f"prefixkv calibration text has {len(ids)} tokens, needs samples*tokens={samples * tokens}")
