@@ -63,6 +63,13 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"press": "CriticalKVPress", "inner": {"press": "SnapKVPress"}},
         {"name": "criticalkv", "base": "snapkv", "base_params": SNAP},
     ),
+    # kvpress's first stage takes int(0.5 x kept) slots by the base's scores, which rank SnapKV's window first: with
+    # window 64 of 128 kept it holds just the window, i.e. kvbench's first_stage_ratio=0 on the selectable slots.
+    # kvbench's SnapKV scores are sums over the 64 window rows (kvpress: means), so epsilon is 64 x 1e-4 here.
+    "criticalkv_matched": (
+        {"press": "CriticalKVPress", "inner": {"press": "SnapKVPress"}},
+        {"name": "criticalkv", "base": "snapkv", "base_params": SNAP, "first_stage_ratio": 0.0, "epsilon": 0.0064},
+    ),
     "criticaladakv": (
         {"press": "CriticalAdaKVPress", "inner": {"press": "SnapKVPress"}},
         {"name": "criticaladakv", "base": "snapkv", "base_params": SNAP},
