@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT_LEN = 512  # a multiple of the non-causal chunk (256): kvpress pads its last chunk, kvbench does not
 RATIO = 0.75  # kvpress compression_ratio: the fraction removed
 WINDOW = 32  # Finch's question window: the last WINDOW prompt tokens play the question
+THRESHOLD = -6.2  # DMS / threshold: knorm scores are -||k||; about half the keys have a norm above 6.2
 DELIMITER = 5  # Finch's delimiter token for kvpress (prompt ids start at 10); its embedding hook removes it
 SEED = 0
 
@@ -109,6 +110,15 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         # kvbench's budget = a lazy layer's kept count, kvpress's n_initial + n_recent - n_last = 67
         {"name": "simlayerkv", "lazy_threshold": 0.15, "n_last": 1, "n_initial": 4, "budget": 67},
     ),
+    "threshold_knorm": (
+        {
+            "press": "DMSPress",
+            "inner": {"press": "KnormPress"},
+            "args": {"threshold": THRESHOLD, "sliding_window_size": 128},
+            "read_masks": True,  # its own forward_hook masks slots (`masked_key_indices`), no `compress`
+        },
+        {"name": "threshold", "base": "knorm", "threshold": THRESHOLD, "window": 128},
+    ),
     "think": (
         {"press": "ThinKPress", "args": {"key_channel_compression_ratio": 0.5, "window_size": 32}, "channels": True},
         {"name": "think", "key_channel_compression_ratio": 0.5, "window": 32},
@@ -152,7 +162,7 @@ def build_press(recipe: dict[str, Any], ratio: float) -> Any:
         if "layer_ratios" in recipe:
             return cls(press=inner, compression_ratios=recipe["layer_ratios"])
         press = cls(press=inner, **args)
-        if recipe["press"] != "ChunkKVPress":
+        if recipe["press"] not in ("ChunkKVPress", "DMSPress"):  # these derive or refuse a ratio
             press.compression_ratio = ratio
         return press
     if recipe["press"] in ("ThinKPress", "SimLayerKVPress"):
@@ -221,9 +231,19 @@ def run_kvpress(directory: Path) -> None:
         given = ids
         if recipe.get("delimiter"):
             given = torch.cat([ids[:, :-WINDOW], torch.tensor([[DELIMITER]]), ids[:, -WINDOW:]], dim=1)
+        for module in model.modules():
+            if hasattr(module, "layer_idx"):
+                module.masked_key_indices = None
         try:
             with torch.no_grad(), press(model):
                 model(input_ids=given, past_key_values=DynamicCache(), use_cache=True)
+            if recipe.get("read_masks"):
+                for index, layer in enumerate(model.model.layers):
+                    mask = torch.ones(model.config.num_key_value_heads, ids.shape[1], dtype=torch.bool)
+                    if layer.self_attn.masked_key_indices is not None:
+                        _, heads, slots = layer.self_attn.masked_key_indices
+                        mask[heads, slots] = False
+                    layers[index] = {"len": ids.shape[1], "kept": [torch.nonzero(m).flatten().tolist() for m in mask]}
             results[name] = {"layers": [layers[i] for i in sorted(layers)], "press": repr(press)[:300]}
         except Exception as err:  # noqa: BLE001 - one failing press must not hide the others
             results[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
@@ -245,7 +265,9 @@ def run_kvpress(directory: Path) -> None:
 # ---------------------------------------------------------------- step 3: compare (kvbench's venv)
 
 
-def kvbench_kept(lm: Any, ids: list[int], spec: dict[str, Any], budget: int) -> tuple[list[list[list[int]]], Any]:
+def kvbench_kept(
+    lm: Any, ids: list[int], spec: dict[str, Any], budget: int | None
+) -> tuple[list[list[list[int]]], Any]:
     """Kept original positions per layer and KV head after kvbench's `compress` (ThinK: kept key channels)."""
     from kvbench.api import build_method
     from kvbench.engine.cache import PAD_POSITION
@@ -255,9 +277,11 @@ def kvbench_kept(lm: Any, ids: list[int], spec: dict[str, Any], budget: int) -> 
 
     method = build_method(spec)
     channels = spec["name"] == "think"
+    if channels or not method.takes_budget:  # ThinK alone prunes channels only; threshold's amount is an outcome
+        budget = None
     pre, observers = shared_prefill(lm, ids, [method], Stopwatch(lm.device))
-    options = RunOptions(budgets=(None if channels else budget,), kernels="torch", seed=SEED)
-    job = Job(method=method, budget=None if channels else budget, key="parity")
+    options = RunOptions(budgets=(budget,), kernels="torch", seed=SEED)
+    job = Job(method=method, budget=budget, key="parity")
     stats = observers.get(id(method))
     kept = compress_copy(lm, pre, job, ids, options, Stopwatch(lm.device), stats, context_end=len(ids) - WINDOW)
     layers = []
@@ -272,6 +296,19 @@ def kvbench_kept(lm: Any, ids: list[int], spec: dict[str, Any], budget: int) -> 
     return layers, kept.ctx.record
 
 
+def spec_label(spec: dict[str, Any]) -> str:
+    """`name k=v ...` for a method spec (kvpress's SnapKV defaults in base_params: `snapkv(64,5,avg)`)."""
+    parts = [spec["name"]]
+    for key, value in spec.items():
+        if key == "name":
+            continue
+        if key == "base_params" and value == SNAP:
+            parts[-1] += "(64,5,avg)"
+            continue
+        parts.append(f"{key}={json.dumps(value, separators=(',', ':')).strip(chr(34))}")
+    return " ".join(parts)
+
+
 def compare(directory: Path, table: Path | None) -> None:
     """Run each case's kvbench method and compare its kept sets with kvpress's; print (and write) the table."""
     import torch
@@ -284,16 +321,16 @@ def compare(directory: Path, table: Path | None) -> None:
     ids = prompt["input_ids"]
     lm = kv.load_model({"kind": "hf", "name_or_path": str(directory / "model")}, device="cpu", dtype="float32")
     lines = [
-        "| kvpress press | kvbench method | kvpress kept / head (layer 0) | match | exact |",
-        "| --- | --- | --- | --- | --- |",
+        "| case | kvpress press | kvbench method | kept / head (layer 0) | match | exact |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, (recipe, spec) in CASES.items():
         case = peer["cases"].get(name, {"error": "not run"})
         label = f"`{recipe['press']}`" + (f"({recipe['inner']['press']})" if "inner" in recipe else "")
-        method = f"`{json.dumps(spec, separators=(',', ':'))}`"
+        method = "`" + spec_label(spec) + "`"
         if "error" in case or not case["layers"] or not all(entry["kept"] for entry in case["layers"]):
             why = case.get("error", "kept rows not recovered")
-            lines.append(f"| {label} | {method} | - | kvpress failed: {why} | - |")
+            lines.append(f"| {name} | {label} | {method} | - | kvpress failed: {why} | - |")
             print(f"{name}: kvpress {why}")
             continue
         theirs = [entry["kept"] for entry in case["layers"]]
@@ -303,7 +340,7 @@ def compare(directory: Path, table: Path | None) -> None:
         try:
             ours, _ = kvbench_kept(lm, ids, spec, budget)
         except Exception as err:  # noqa: BLE001 - report the case and go on
-            lines.append(f"| {label} | {method} | - | kvbench failed: {type(err).__name__}: {err} | - |")
+            lines.append(f"| {name} | {label} | {method} | - | kvbench failed: {type(err).__name__}: {err} | - |")
             print(f"{name}: kvbench {type(err).__name__}: {err}")
             continue
         fractions, exact = [], True
@@ -314,7 +351,7 @@ def compare(directory: Path, table: Path | None) -> None:
                 exact = exact and head_ours == head_theirs
         match = sum(fractions) / len(fractions)
         kept0 = len(theirs[0][0])
-        lines.append(f"| {label} | {method} | {kept0} | {match:.3f} | {'yes' if exact else 'no'} |")
+        lines.append(f"| {name} | {label} | {method} | {kept0} | {match:.3f} | {'yes' if exact else 'no'} |")
         print(f"{name:24s} budget={budget:4d} match={match:.3f} exact={'yes' if exact else 'no'}")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
