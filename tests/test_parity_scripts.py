@@ -13,6 +13,8 @@ import torch
 import kvbench.api as kv
 from kvbench.engine.generation import prefill
 from kvbench.engine.measure import Stopwatch
+from kvbench.harness.options import RunOptions
+from kvbench.harness.runner import Job, compress_copy, shared_prefill
 from kvbench.methods.base import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,3 +79,19 @@ def test_kvbench_kept_streamingllm_and_rerotated_positions(tiny) -> None:
     rerotated, _ = parity.kvbench_kept(lm, ids, {"name": "key_rerotation", "base": "knorm"}, 40)
     plain, _ = parity.kvbench_kept(lm, ids, {"name": "knorm"}, 40)
     assert rerotated == plain
+
+
+@pytest.mark.parametrize("rerotate", [True, False])
+def test_finch_next_token_follows_the_kept_keys_as_kvpress_pipeline(tiny, rerotate: bool) -> None:
+    """kvpress's pipeline continues at the compressed length after a re-rotating FinchPress; kvbench's finch too
+    (found by the zoo table: the next token sat at its original position, far past the renumbered keys)."""
+    lm, ids = tiny
+    method = kv.build_method({"name": "finch", "rerotate": rerotate})
+    pre, _ = shared_prefill(lm, ids, [method], Stopwatch(lm.device))
+    options = RunOptions(budgets=(40,), kernels="torch")
+    job = Job(method=method, budget=40, key="k")
+    kept = compress_copy(lm, pre, job, ids, options, Stopwatch(lm.device), context_end=len(ids) - 8)
+    expected = 40 if rerotate else len(ids)
+    assert kept.cache.next_positions(1, "cpu").tolist() == [expected]
+    if rerotate:
+        assert all(layer.positions.tolist() == [list(range(40))] * layer.num_heads for layer in kept.cache.layers)
