@@ -13,6 +13,7 @@ Markdown table.
 
     python scripts/zoo_table.py                                  # every registered zoo-2 method + baselines
     python scripts/zoo_table.py --methods keydiff lagkv cam      # these (full, snapkv, kivi always added)
+    python scripts/zoo_table.py --methods cam --baselines       # cam alone (+ full), rows to merge with a run
     python scripts/zoo_table.py --list                           # the zoo-2 names and which are registered
 """
 
@@ -68,17 +69,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ielts-types", nargs="+", default=["tfng", "multiple_choice"])
     parser.add_argument("--max-new-tokens", type=int, default=12, help="the 7-digit needle needs about 10")
     parser.add_argument("--no-quant-base", action="store_true", help="quantisers alone only (no SnapKV base)")
+    parser.add_argument("--baselines", nargs="*", default=BASELINES, help="always added (full is added anyway)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "zoo_table.jsonl")
     parser.add_argument("--table", type=Path, default=None, help="write the Markdown table here")
-    parser.add_argument("--from-rows", type=Path, default=None, help="summarise this JSONL of rows (no run)")
+    parser.add_argument("--from-rows", type=Path, nargs="+", default=None, help="summarise these JSONL files (no run)")
     return parser.parse_args()
 
 
-def method_specs(names: list[str], quant_base: bool) -> list[Any]:
+def method_specs(names: list[str], quant_base: bool, baselines: list[str] = BASELINES) -> list[Any]:
     """Method specs for `kv.build_method`: each name with its yaml defaults, quantisers also over SnapKV."""
     specs: list[Any] = []
-    for name in dict.fromkeys([*names, *BASELINES]):
+    for name in dict.fromkeys([*names, *baselines]):
         if name not in METHODS.names():
             raise SystemExit(f"zoo_table: method '{name}' is not registered (registered zoo-2: {registered_zoo()})")
         if name in SNAPKV_BASED:
@@ -106,6 +108,17 @@ def tasks(args: argparse.Namespace) -> list[tuple[str, Any]]:
         )
         columns.append(("ielts", kv.load_task("ielts", **ielts)))
     return columns
+
+
+def merged_rows(paths: list[Path]) -> list[dict[str, Any]]:
+    """Rows of several runs on the same samples: a later file's rows replace an earlier file's rows of the same
+    method label (so a rerun of one method replaces its old rows; the full rows of every run are the same)."""
+    by_file = [[json.loads(line) for line in path.read_text().splitlines() if line.strip()] for path in paths]
+    rows: list[dict[str, Any]] = []
+    for index, file_rows in enumerate(by_file):
+        later = {row["method_label"] for rows_after in by_file[index + 1 :] for row in rows_after}
+        rows += [row for row in file_rows if row["method_label"] not in later]
+    return rows
 
 
 def summary(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -156,12 +169,12 @@ def main() -> None:
             print(f"{name}: {'registered' if name in METHODS.names() else 'missing'}")
         return
     if args.from_rows is not None:
-        rows = [json.loads(line) for line in args.from_rows.read_text().splitlines() if line.strip()]
+        rows = merged_rows(args.from_rows)
     else:
         torch.set_num_threads(args.threads)
         lm = kv.load_model(args.model)
         names = args.methods if args.methods is not None else registered_zoo()
-        methods = [kv.build_method(spec) for spec in method_specs(names, not args.no_quant_base)]
+        methods = [kv.build_method(spec) for spec in method_specs(names, not args.no_quant_base, args.baselines)]
         rows = evaluate_columns(lm, tasks(args), methods, args.budgets, args.out)
     table = summary(rows)
     print("\n" + table.round(3).to_string())
