@@ -6,7 +6,7 @@ from typing import ClassVar
 import torch
 
 from kvbench.engine import rope
-from kvbench.engine.cache import KVCache, KVLayer
+from kvbench.engine.cache import KVCache, KVLayer, LayerSubset
 from kvbench.engine.kernels.window_attention import aggregate_gqa, window_attention
 from kvbench.methods.base import CompressionContext, register_method
 from kvbench.methods.scorer import LayerScores, ScoringMethod
@@ -52,10 +52,11 @@ class Finch(ScoringMethod):
     `window` prompt tokens.
 
     `rerotate=true` (Finch's and kvpress's default): after the selection the kept keys are re-rotated to contiguous
-    positions 0..n-1 per head, as kvpress's KeyRerotationPress; later tokens keep their original positions (the
-    kvpress pipeline), so a gap separates the kept keys from the question. Decode-time re-scoring (`decode_budget`)
-    does not re-rotate. kvpress marks the question with a delimiter token it adds to the vocabulary; kvbench uses the
-    prompt's own context/question split instead.
+    positions 0..n-1 per head, as kvpress's KeyRerotationPress, and the next token takes position n (the longest
+    head), as kvpress's pipeline continues at the compressed length after a FinchPress: the kept keys and what
+    follows form one contiguous sequence (on models with layers left uncompressed, later tokens keep their original
+    positions). Decode-time re-scoring (`decode_budget`) does not re-rotate. kvpress marks the question with a
+    delimiter token it adds to the vocabulary; kvbench uses the prompt's own context/question split instead.
 
     Hyperparameters: window=32 (fallback), max_window=256, chunk_length=null, normalize_scores=true, rerotate=true.
     """
@@ -114,6 +115,10 @@ class Finch(ScoringMethod):
         if not self.rerotate:
             return
         rope.check_shiftable_rope(ctx.model, "finch rerotate=true")
-        for layer in cache.layers:
-            if layer.evicted:
-                renumber_contiguous(layer, ctx.model)
+        renumbered = [layer for layer in cache.layers if layer.evicted]
+        for layer in renumbered:
+            renumber_contiguous(layer, ctx.model)
+        # Without this the next token would sit at its original position, far past the renumbered keys. Only when
+        # every layer was renumbered: layers left alone (uncompressed, or outside a LayerSubset) keep their positions.
+        if renumbered and len(renumbered) == len(cache.layers) and not isinstance(cache, LayerSubset):
+            cache.seen_tokens = max(int(layer.lengths().max()) for layer in renumbered)
