@@ -188,10 +188,18 @@ def row_identity(job: Job, sample: Sample, lm: LoadedModel, options: RunOptions)
     }
 
 
-def check_model(lm: LoadedModel, methods: Iterable[Method]) -> None:
-    """Model-dependent parameter checks (e.g. quantisation groups must divide the head dim), before any forward."""
+def check_model(lm: LoadedModel, methods: Iterable[Method], layers: str = "global") -> None:
+    """Model-dependent parameter checks (e.g. quantisation groups must divide the head dim), before any forward.
+    `layers`: the layer policy (`RunOptions.layers`) the methods will be handed layers by."""
     difference = None
     for method in methods:
+        bounded = isinstance(lm, LoadedModel) and any(spec.bounded for spec in lm.layer_specs)
+        if layers == "all" and bounded and method.compresses and not method.handles_bounded_layers():
+            raise ValueError(
+                f"method {method.name} assumes one slot per prompt token in every layer it compresses, but "
+                f"architecture '{model_type(lm.config)}' has sliding / chunked layers and layers=all hands them to "
+                "it: use layers=global (those layers keep their window)"
+            )
         # MLA modules cache a latent and expand it to per-head K/V after the cache: a method that reads, scores or
         # re-encodes cached K/V would work on the latent, not on the keys the queries meet.
         latent = isinstance(lm, LoadedModel) and any(spec.latent for spec in lm.layer_specs)
@@ -324,12 +332,12 @@ def evaluate(
     if isinstance(methods, (str, Method)):
         methods = [methods]
     built = with_full([build_method(m) for m in methods], include_full)
-    check_model(lm, built)
     values = list(budgets) if isinstance(budgets, (list, tuple)) else [budgets]
     if not values:
         raise ValueError("budgets must list at least one budget (None: no compression)")
     parsed = tuple(dict.fromkeys(parse_budget(b) for b in values))
     run_options = RunOptions(budgets=parsed, compress=compress, seed=seed, **options)
+    check_model(lm, built, run_options.layers)
     check_chunked_methods(run_options.prefill_chunk, built)
     work = ((sample, plan(lm, sample, built, run_options)) for sample in samples)
     return list(iter_rows(lm, work, run_options))

@@ -125,7 +125,7 @@ def prepare(cfg: Any) -> PreparedRun:
     config = OmegaConf.to_container(cfg, resolve=True)
     store.check_config(config)
     lm = load_model(cfg.model)
-    api.check_model(lm, [method])
+    api.check_model(lm, [method], settings.options.layers)
     if hasattr(task, "check_model"):  # model-dependent task checks (scenarios that re-rotate cached keys)
         task.check_model(lm)
     methods = api.with_full([method], settings.include_full)

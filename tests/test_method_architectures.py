@@ -76,9 +76,9 @@ BOUNDED |= {arch: "sliding_attention" for arch in ("gemma2", "gemma3_text", "gpt
 HYBRID_REFUSAL = "stores the cache in its own layer type, which cannot keep the SSM state that architecture"
 HYBRID_ARCHS = {"falcon_h1"}
 # (architecture, layer policy): each kind of layer and each RoPE / attention variant at least once. Under
-# layers=all, methods whose scoring state assumes one slot per prompt token (h2o, treekv, kvzip, noncausal,
-# compactor, ...) do not yet handle bounded sliding / chunked layers: that policy is not in the matrix.
-CASES = [(arch, "global") for arch in LAYERS]
+# layers=all, methods whose scoring state assumes one slot per prompt token (`Method.handles_bounded_layers`) are
+# refused on models with sliding / chunked layers; the others compress those layers too.
+CASES = [(arch, "global") for arch in LAYERS] + [(arch, "all") for arch in ("gemma3_text", "llama4_text", "gpt_oss")]
 # A fast subset: sliding + global layers, linear-attention states between attention layers, a hybrid layer.
 FAST = {("gemma3_text", "global"), ("qwen3_next", "global"), ("falcon_h1", "global")}
 
@@ -87,11 +87,17 @@ def built(name: str):
     return api.build_method(name, **PARAMS.get(name, {}))
 
 
-def expected_refusal(arch: str, name: str) -> str | None:
+def expected_refusal(arch: str, name: str, policy: str = "global") -> str | None:
     """The reason `api.check_model` must give for this method on this architecture (None: it must run)."""
     if name in OPTIONAL_MODULES:  # refused only where its optional dependency is missing: skipped instead
         return None
     method = built(name)
+    if policy == "all" and arch in BOUNDED and method.compresses and not method.handles_bounded_layers():
+        return (
+            f"method {name} assumes one slot per prompt token in every layer it compresses, but architecture "
+            f"'{arch}' has sliding / chunked layers and layers=all hands them to it: use layers=global (those "
+            "layers keep their window)"
+        )
     if arch in LATENT and method.compresses and not method.position_only:
         return (
             f"method {name} reads or re-encodes cached K/V, but architecture '{arch}' caches an MLA latent "
@@ -133,7 +139,7 @@ def run(arch: str, policy: str, tmp: str) -> dict[str, Any]:
     for name in METHODS.names():
         try:
             method = built(name)
-            api.check_model(lm, [method])
+            api.check_model(lm, [method], policy)
         except (ValueError, ImportError) as err:
             refused[name] = str(err)
             continue
@@ -173,7 +179,7 @@ def test_refusals_are_the_expected_ones_in_one_line(arch, policy, tmp):
     result = run(arch, policy, tmp)
     assert [spec.kind for spec in result["lm"].layer_specs] == [KINDS[k] for k in LAYERS[arch]]
     for name in METHODS.names():
-        want = expected_refusal(arch, name)
+        want = expected_refusal(arch, name, policy)
         got = result["refused"].get(name)
         if name in OPTIONAL_MODULES and got is not None:
             assert "\n" not in got and OPTIONAL_MODULES[name].split(".")[-1] in got

@@ -124,6 +124,9 @@ class Method:
     # Whether the method selects slots by position alone, never reading the cached K/V: the only kind that is
     # right on a cache of MLA latents (`LayerSpec.latent`), whose stored "keys" are not the keys queries meet.
     position_only: ClassVar[bool] = False
+    # Whether the method can compress sliding-window / chunked layers (`layers=all`), which hold only their window
+    # rather than one slot per prompt token; methods whose scoring state is sized by the prompt declare False.
+    compresses_bounded_layers: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         """Check or normalise the fields after construction (subclasses call the parent's). Default: nothing."""
@@ -158,6 +161,10 @@ class Method:
         """Whether this method moves, removes or re-applies the rotary embedding of cached keys or queries (it is
         refused on models whose layers do not share one RoPE: NoPE layers, per-layer-type tables)."""
         return False
+
+    def handles_bounded_layers(self) -> bool:
+        """Whether `layers=all` may hand this method sliding-window / chunked layers (wrappers ask their base too)."""
+        return self.compresses_bounded_layers
 
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

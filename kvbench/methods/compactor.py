@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -38,6 +39,8 @@ class Compactor(ScoringMethod):
     Hyperparameters (kvpress defaults): sink_size_start=8, sink_size_end=4, chunk_size=256, sketch_dimension=48,
     blending=null, scaled=true. Prefill only: a `decode_budget` is refused.
     """
+
+    compresses_bounded_layers: ClassVar[bool] = False  # its non-causal part scores the one-shot prefill's slots
 
     sink_size_start: int = 8
     sink_size_end: int = 4

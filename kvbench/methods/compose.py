@@ -137,6 +137,9 @@ class Composed(Method):
     def rope_dependent(self) -> bool:
         return self.inner is not None and self.inner.rope_dependent()
 
+    def handles_bounded_layers(self) -> bool:
+        return self.compresses_bounded_layers and (self.inner is None or self.inner.handles_bounded_layers())
+
     # ------------------------------------------------------------------ prefill
 
     def window_queries_needed(self) -> int:

@@ -114,6 +114,8 @@ class H2O(Method):
     prompt), decode_evict=true, gqa_agg=mean.
     """
 
+    compresses_bounded_layers: ClassVar[bool] = False  # attention sums sized by the prompt
+
     supports_chunked_prefill: ClassVar[bool] = True
     keeps_slot_subset: ClassVar[bool] = True
     plain_kv_layers: ClassVar[bool] = True

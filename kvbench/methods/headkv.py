@@ -6,7 +6,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -190,6 +190,8 @@ class HeadKV(ScorerWrapper):
     `method.base_params={window:8}`), base_params={}, beta=1.01 (the official `head_beta`),
     calibration_tokens=1024, calibration_samples=8, calibration_seed=0.
     """
+
+    compresses_bounded_layers: ClassVar[bool] = False  # its pooled scores need the prompt's slots
 
     beta: float = 1.01
     calibration_tokens: int = 1024

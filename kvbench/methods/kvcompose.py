@@ -115,6 +115,8 @@ class KVCompose(Method):
     add_v_norm=false, add_mean_across_heads=true, keep_token_lower_bound=0.
     """
 
+    compresses_bounded_layers: ClassVar[bool] = False  # its second pass scores every prompt token of every layer
+
     needs_fresh_prefill: ClassVar[bool] = True
     keeps_slot_subset: ClassVar[bool] = True  # every head keeps a subset of its slots, unchanged
     plain_kv_layers: ClassVar[bool] = True

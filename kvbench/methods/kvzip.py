@@ -104,6 +104,8 @@ class KVzip(Method):
     Hyperparameters: chunk_size=2048 (the official self_task uses 2000), prev_tokens=8, n_sink=4.
     """
 
+    compresses_bounded_layers: ClassVar[bool] = False  # its replay scores every prompt token of every layer
+
     needs_fresh_prefill: ClassVar[bool] = True
     keeps_slot_subset: ClassVar[bool] = True
     plain_kv_layers: ClassVar[bool] = True

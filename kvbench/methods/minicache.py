@@ -42,6 +42,8 @@ class MiniCache(Method):
     cache grows: the rule saves memory only where adjacent layers agree, as the paper measures on trained models.
     """
 
+    compresses_bounded_layers: ClassVar[bool] = False  # pairs layers holding the same slots
+
     takes_budget: ClassVar[bool] = False
     keeps_slot_subset: ClassVar[bool] = False  # K/V are rewritten and shared across layers
     plain_kv_layers: ClassVar[bool] = False

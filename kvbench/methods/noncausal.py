@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -81,6 +82,8 @@ class NonCausal(ScoringMethod):
     Hyperparameters: chunk_size=256 (kvpress), scaled=true. Prefill only: a `decode_budget` is refused, as is a
     cache other than the one prefilled (the scores come from the prefill's queries).
     """
+
+    compresses_bounded_layers: ClassVar[bool] = False  # scores the one-shot prefill's slots
 
     chunk_size: int = 256
     scaled: bool = True

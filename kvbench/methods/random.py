@@ -30,6 +30,8 @@ class RandomKeep(Method):
     def compress(self, cache: KVCache, ctx: CompressionContext) -> None:
         generator = torch.Generator().manual_seed(ctx.seed)
         for layer in cache.layers:
+            if layer.get_seq_length() <= ctx.budget:  # a sliding / chunked layer already within the budget
+                continue
             window = min(self.window, ctx.budget)
             prefix = layer.get_seq_length() - window
             scores = torch.rand((layer.num_heads, prefix), generator=generator).to(layer.device)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -41,6 +42,8 @@ class Threshold(ScorerWrapper):
     value depends on the base), base_params={}; threshold=0.05; window=128 (kvpress's sliding_window_size);
     decoding=false (kvpress's default: prefill only).
     """
+
+    compresses_bounded_layers: ClassVar[bool] = False  # its pooled scores need the prompt's slots
 
     threshold: float = field(default=0.05, metadata={"min": None})  # on the base's scale, which may be negative
     window: int = 128

@@ -67,6 +67,8 @@ class TreeKV(Method):
     Hyperparameters: n_sink=4, window=null (B // 4), tie_break=newer (newer | older).
     """
 
+    compresses_bounded_layers: ClassVar[bool] = False  # attention mass sized by the prompt
+
     keeps_slot_subset: ClassVar[bool] = True
     plain_kv_layers: ClassVar[bool] = True
 
