@@ -378,6 +378,7 @@ MODEL_FIELDS: dict[str, dict[str, tuple[Any, float | None]]] = {
         "name_or_path": (str, None),
         "config_only": (bool, None),
         "trust_remote_code": (bool, None),
+        "device_map": (str | None, None),
     },
     "gguf_package": {
         **_COMMON_MODEL_FIELDS,

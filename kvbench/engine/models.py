@@ -167,6 +167,12 @@ def _load_hf(cfg: Any, device: torch.device, dtype: torch.dtype) -> tuple[Any, A
     # A hub id: only the local Hugging Face cache when offline or when the hub does not answer (fails at once).
     cache_only = not is_local and local_files_only()
     trust = bool(cfg.get("trust_remote_code", False))
+    # accelerate's placement of the layers over the GPUs (auto, balanced, sequential): each layer's cache then lives
+    # on its layer's device (the cache takes the device of the K/V it is handed).
+    device_map = cfg.get("device_map")
+    if device_map and cfg.get("config_only", False):
+        raise ValueError("model.device_map needs real weights; config_only=true builds the model on model.device")
+    placement = {"device_map": device_map} if device_map else {}
     try:
         if cfg.get("config_only", False):
             # Random weights from a real config: for memory/latency benchmarks without downloading weights.
@@ -195,6 +201,7 @@ def _load_hf(cfg: Any, device: torch.device, dtype: torch.dtype) -> tuple[Any, A
                 attn_implementation=attention.ATTN_IMPLEMENTATION,
                 trust_remote_code=trust,
                 use_safetensors=True,
+                **placement,
             )
     except OSError as err:
         if cache_only:
@@ -239,7 +246,8 @@ def _load_tiny_random(cfg: Any, device: torch.device, dtype: torch.dtype) -> tup
 
 def load_model(cfg: Any) -> LoadedModel:
     """Load (or reuse) the model described by the `model` config group."""
-    device = resolve_device(cfg.get("device", "auto"))
+    # model.device_map places the layers itself (on the GPUs when there are any): model.device is not used.
+    device = resolve_device("auto" if cfg.get("device_map") else cfg.get("device", "auto"))
     dtype = resolve_dtype(cfg.get("dtype", "auto"), device)
     backend = cfg.get("attn_backend", "sdpa")
     if backend not in ("sdpa", "eager"):
@@ -249,7 +257,13 @@ def load_model(cfg: Any) -> LoadedModel:
     key = json.dumps(identity, sort_keys=True, default=str)
     if key not in _LOADED:
         model, tokenizer = MODEL_KINDS.get(cfg.kind)(cfg, device, dtype)
-        model.to(device).eval()
+        if cfg.get("device_map"):
+            # Placed by accelerate: moving it would undo the placement. Inputs go to the embeddings' device;
+            # accelerate's hooks carry the hidden states from layer to layer (hf_device_map says where each is).
+            device = model.get_input_embeddings().weight.device
+        else:
+            model.to(device)
+        model.eval()
         model.config.kvbench_attn_backend = backend
         specs = read_layer_specs(model, attention.PROBE_KWARG)
         max_context = int(cfg.get("max_context") or getattr(model.config, "max_position_embeddings", None) or 4096)
