@@ -378,8 +378,15 @@ MODEL_FIELDS: dict[str, dict[str, tuple[Any, float | None]]] = {
         "name_or_path": (str, None),
         "config_only": (bool, None),
         "trust_remote_code": (bool, None),
+        "device_map": (str | None, None),
     },
-    "gguf_package": {**_COMMON_MODEL_FIELDS, "package": (str, None), "version": (str, None), "gguf_file": (str, None)},
+    "gguf_package": {
+        **_COMMON_MODEL_FIELDS,
+        "package": (str, None),
+        "version": (str, None),
+        "gguf_file": (str, None),
+        "assemble": (bool, None),
+    },
 }
 NAME_MAX = 255  # bytes in one path component on the common Linux file systems
 

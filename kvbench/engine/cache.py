@@ -565,9 +565,22 @@ class LayerSubset(KVCache):
     def __init__(self, base: KVCache, indices: list[int]) -> None:  # noqa: D107 - no Cache.__init__: nothing to own
         self.base = base
         self.indices = list(indices)
-        self.layers = SubsetLayers(base, self.indices)
+        self._layers = SubsetLayers(base, self.indices)
         self.observers: list = []
         base.observers.append(IndexMappedObserver(self.observers, {real: i for i, real in enumerate(self.indices)}))
+
+    @property
+    def layers(self) -> SubsetLayers:
+        return self._layers
+
+    @layers.setter
+    def layers(self, layers: list) -> None:
+        # `cache.layers = [...]` (quantised storage replaces every layer at once) must reach the full cache too, as
+        # an item assignment does: a new plain list would leave the model's cache holding the old layers.
+        if len(layers) != len(self.indices):
+            raise ValueError(f"a subset of {len(self.indices)} layers was assigned {len(layers)}")
+        for index, layer in enumerate(layers):
+            self._layers[index] = layer
 
     seen_tokens = property(
         lambda self: self.base.seen_tokens, lambda self, value: setattr(self.base, "seen_tokens", value)

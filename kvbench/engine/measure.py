@@ -49,6 +49,9 @@ class Stopwatch:
         self.device = device
         self.cuda = device.type == "cuda"
         self.rss_per_phase = not self.cuda and reset_peak_rss()
+        # A model split over GPUs (device_map) runs on all of them: every one is synchronised, and peaks are summed
+        # (this process's allocations only, so a GPU it does not use adds 0).
+        self.devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())] if self.cuda else []
 
     @property
     def memory_kind(self) -> str:
@@ -58,19 +61,20 @@ class Stopwatch:
 
     def peak_mem_bytes(self) -> int:
         if self.cuda:
-            return int(torch.cuda.max_memory_allocated(self.device))
+            return sum(int(torch.cuda.max_memory_allocated(device)) for device in self.devices)
         return peak_rss_since_reset_bytes() if self.rss_per_phase else process_peak_rss_bytes()
 
     def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
+        for device in self.devices:
+            torch.cuda.synchronize(device)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[PhaseReading]:
         reading = PhaseReading()
         self.sync()
         if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
+            for device in self.devices:
+                torch.cuda.reset_peak_memory_stats(device)
         elif self.rss_per_phase:
             reset_peak_rss()
         start = time.perf_counter()

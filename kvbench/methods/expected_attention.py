@@ -49,6 +49,7 @@ class QueryStatistics:
         if self.rotary is None:
             raise RuntimeError("QueryStatistics.bind_model(lm) must be called before the prefill")
         self.scaling = scaling
+        query_positions = query_positions.to(query.device)  # a layer of a multi-device model: its own device
         kept = query_positions >= self.skip
         if not bool(kept.any()):
             return

@@ -100,6 +100,6 @@ class Merging(ScorerWrapper):
             )
             layer.keep(kept)
             layer.values = values[None]
-            weights.append(received.flatten())
+            weights.append(received.flatten().cpu())  # layers of a multi-device model sit on their own devices
         if weights:
             ctx.record["merging_weight_mean"] = float(torch.cat(weights).mean())

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from kvbench.engine.kernels.dispatch import dot_in_fp32, multiprocessors, resolve_kernels
+from kvbench.engine.kernels.dispatch import dot_in_fp32, multiprocessors, on_first_tensor_device, resolve_kernels
 
 
 def _check_args(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -99,6 +99,7 @@ def decode_attention_torch(
     return (out, probs.flatten(0, 1)) if return_probs else out
 
 
+@on_first_tensor_device
 def decode_attention_triton(
     query: torch.Tensor,
     keys: torch.Tensor,

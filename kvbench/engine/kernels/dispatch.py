@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -34,6 +38,23 @@ def resolve_kernels(mode: str, device: torch.device | str) -> str:
     if not runnable:
         raise ValueError(f"kernels=triton needs a CUDA device (or TRITON_INTERPRET=1), got device {device}.")
     return "triton"
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Triton launches a kernel on the CURRENT CUDA device, not on its tensors' device: a layer of a model split over
+    GPUs (`device_map="auto"`) runs its kernels under its own device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def on_first_tensor_device(launch: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: run a Triton launcher under the device of its first argument (`on_device`)."""
+
+    @functools.wraps(launch)
+    def call(first: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        with on_device(first.device):
+            return launch(first, *args, **kwargs)
+
+    return call
 
 
 def multiprocessors(device: torch.device) -> int:

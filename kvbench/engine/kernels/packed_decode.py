@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from kvbench.engine.kernels.decode_attention import decode_attention_torch, split_k_plan
-from kvbench.engine.kernels.dispatch import resolve_kernels
+from kvbench.engine.kernels.dispatch import on_first_tensor_device, resolve_kernels
 from kvbench.engine.quant.segments import UniformSegment
 
 # (key codes, key fp tail, value codes, value fp tail): `QuantKVLayer.packed_operands()`
@@ -49,6 +49,7 @@ def _tensor_args(codes: UniformSegment | None, tail: torch.Tensor | None, dummy:
     return ptrs, strides, fp, fp_strides
 
 
+@on_first_tensor_device
 def packed_decode_attention_triton(
     query: torch.Tensor,
     operands: PackedOperands,

@@ -39,6 +39,7 @@ def window_attention(
     logits = torch.einsum("hgwd,htd->hgwt", q, keys.float()) * scaling
     if bias is not None:
         logits = logits + bias.float()[:, None, None, :]
-    visible = key_positions[:, None, None, :] <= query_positions[None, None, :, None]
+    # Query positions come from the model's first device; a layer of a model split over devices keeps its own.
+    visible = key_positions[:, None, None, :] <= query_positions.to(key_positions.device)[None, None, :, None]
     logits = logits.masked_fill(~visible, float("-inf"))
     return logits.softmax(dim=-1).flatten(0, 1)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kvbench.engine.kernels.dispatch import dot_in_fp32, multiprocessors, resolve_kernels
+from kvbench.engine.kernels.dispatch import dot_in_fp32, multiprocessors, on_first_tensor_device, resolve_kernels
 from kvbench.engine.kernels.window_attention import GQA_AGGREGATIONS, aggregate_gqa, window_attention
 
 WINDOW_REDUCTIONS = ("sum", "max")
@@ -54,6 +54,7 @@ def window_scores_torch(
     return aggregate_gqa(per_query_head, keys.shape[0], gqa_agg)
 
 
+@on_first_tensor_device
 def window_scores_triton(
     queries: torch.Tensor,
     keys: torch.Tensor,
