@@ -20,6 +20,7 @@ SCORERS = {"adakv", "dapq", "expected_attention", "knorm", "kvcrush", "prefixkv"
 SCORERS |= {"chunk", "compression_ratio_decoding", "per_layer", "threshold", "merging"}
 SCORERS |= {"cap", "chunkkv", "compactor", "criticaladakv", "criticalkv", "cur", "keydiff", "lagkv", "leverage"}
 SCORERS |= {"noncausal", "scissorhands", "nacl", "finch", "lukv", "headkv"}
+SCORERS |= {"entropy_chunkkv"}
 # Scorers whose kept values (merging) or keys (finch re-rotates) are rewritten: not a subset of the slots unchanged.
 MERGERS = {"merging", "finch"}
 SLOT_SUBSET = (SCORERS - MERGERS) | {
@@ -52,6 +53,7 @@ WRAPPERS = {
     "key_rerotation": (SLOT_SUBSET, "it does not evict by keeping a subset of the cache's slots"),
     **{name: (SCORERS - {name}, "not a scoring method") for name in ("chunkkv", "criticaladakv", "criticalkv", "lukv")},
     "headkv": (SCORERS - {"headkv"}, "not a scoring method"),
+    "entropy_chunkkv": (SCORERS - {"entropy_chunkkv"}, "not a scoring method"),
     "kv_distill": (SLOT_SUBSET, "it does not keep a subset of the cache's slots as plain K/V"),
     "mikv": (SLOT_SUBSET, "it does not evict by choosing slots"),
     **{

@@ -10,28 +10,37 @@ from kvbench.methods.scoring import topk_keep
 from kvbench.methods.wrapped import ScorerWrapper
 
 
-def chunk_selection(scores: torch.Tensor, chunk: int, keep: int) -> torch.Tensor:
+def chunk_means(layer: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Mean of each run of `chunk` consecutive entries of `layer [n]` (the last run shorter), `[ceil(n / chunk)]`."""
+    return torch.stack([block.mean() for block in layer.split(chunk)])
+
+
+def chunk_selection(scores: torch.Tensor, chunk: int, keep: int, caps: list[int] | None = None) -> torch.Tensor:
     """ChunkKV's kept slots (ascending, `[keep]`) of a layer's scores `[Hkv, n]`: the scores are summed over the
     heads, chunks of `chunk` consecutive slots (the last one shorter) are ranked by their mean, and whole chunks
     are kept best first; the first chunk that no longer fits contributes its best remaining slots, so exactly
-    `keep` slots are kept. Ties go to the earlier chunk / slot."""
+    `keep` slots are kept. Ties go to the earlier chunk / slot.
+
+    `caps[i]`, when given, bounds the slots chunk i contributes (its best ones); budget the caps leave unspent
+    after every chunk was visited goes to the best slots not yet kept."""
     layer = scores.float().sum(dim=0)
     length = layer.shape[0]
-    starts = list(range(0, length, chunk))
-    means = torch.stack([layer[s : s + chunk].mean() for s in starts])
-    kept: list[torch.Tensor] = []
     remaining = min(keep, length)
-    for index in torch.sort(means, descending=True, stable=True).indices.tolist():
+    if remaining <= 0:
+        return torch.empty(0, dtype=torch.long, device=scores.device)
+    kept = torch.zeros(length, dtype=torch.bool, device=scores.device)
+    for index in torch.sort(chunk_means(layer, chunk), descending=True, stable=True).indices.tolist():
         if remaining <= 0:
             break
-        start = starts[index]
+        start = index * chunk
         block = layer[start : start + chunk]
-        take = min(remaining, block.shape[0])
-        kept.append(start + topk_keep(block[None], take)[0])
+        take = min(remaining, block.shape[0] if caps is None else min(caps[index], block.shape[0]))
+        kept[start + topk_keep(block[None], take)[0]] = True
         remaining -= take
-    if not kept:
-        return torch.empty(0, dtype=torch.long, device=scores.device)
-    return torch.cat(kept).sort().values
+    if remaining > 0:
+        leftover = (~kept).nonzero().squeeze(-1)
+        kept[leftover[topk_keep(layer[leftover][None], remaining)[0]]] = True
+    return kept.nonzero().squeeze(-1)
 
 
 @register_method("chunkkv")
@@ -59,8 +68,12 @@ class ChunkKV(ScorerWrapper):
             raise ValueError(f"chunkkv needs chunk_length >= 1, got {self.chunk_length}")
         self.refuse_decode_budget()
 
+    def choose(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        """The `keep` slots (ascending) chosen from the selectable slots' scores `[Hkv, n]`, one set per layer."""
+        return chunk_selection(scores, self.chunk_length, keep)
+
     def select(self, verdict: LayerScores, budget: int, ctx: CompressionContext, layer_idx: int) -> torch.Tensor:
         num_heads, prefix = verdict.scores.shape
-        chosen = chunk_selection(verdict.scores, self.chunk_length, budget - verdict.protected)
+        chosen = self.choose(verdict.scores, budget - verdict.protected)
         tail = torch.arange(prefix, prefix + verdict.protected, device=chosen.device)
         return torch.cat([chosen, tail]).expand(num_heads, -1)
