@@ -829,14 +829,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="run the cases whose item or name contains this")
     parser.add_argument("--markdown", type=Path, help="also write the table of cases as Markdown here")
+    parser.add_argument("--shard", default="0/1", help="K/N: run every N-th case from the K-th (parallel shards)")
+    parser.add_argument("--json", type=Path, help="also write each case's result here, one JSON object a line")
+    parser.add_argument("--combine", type=Path, nargs="+", help="print the table and counts of shards' --json files")
     args = parser.parse_args()
-    cases = [c for c in all_cases() if args.only in c.item or args.only in c.name]
-    results = []
-    for case in cases:
-        result = run_case(case)
-        results.append(result)
-        mark = "pass" if result.passed else "FAIL"
-        print(f"[{mark}] {case.item:3} {case.name}: {result.got} ({result.seconds:.0f} s) {result.detail}", flush=True)
+    if args.combine:
+        combined = [json.loads(line) for path in args.combine for line in path.read_text().splitlines()]
+        order = {(c.item, c.name): index for index, c in enumerate(all_cases())}
+        combined.sort(key=lambda r: order.get((r["item"], r["name"]), len(order)))
+        cases = {(c.item, c.name): c for c in all_cases()}
+        results = [Result(cases[(r["item"], r["name"])], r["got"], r["passed"], r["seconds"], r["detail"])
+                   for r in combined]  # fmt: skip
+    else:
+        shard, shards = (int(part) for part in args.shard.split("/"))
+        cases = [c for c in all_cases() if args.only in c.item or args.only in c.name][shard::shards]
+        results = []
+        for case in cases:
+            result = run_case(case)
+            results.append(result)
+            mark = "pass" if result.passed else "FAIL"
+            print(f"[{mark}] {case.item:3} {case.name}: {result.got} ({result.seconds:.0f} s) {result.detail}",
+                  flush=True)  # fmt: skip
+            if args.json:
+                with args.json.open("a") as handle:
+                    fields = {"got": result.got, "passed": result.passed, "seconds": result.seconds}
+                    handle.write(json.dumps({"item": case.item, "name": case.name, **fields,
+                                             "detail": result.detail}) + "\n")  # fmt: skip
     counts = Counter(r.got for r in results)
     print("\nclasses: " + ", ".join(f"{name} {counts.get(name, 0)}" for name in (*CLASSES, "skipped")))
     passed = sum(r.passed for r in results)
