@@ -262,7 +262,7 @@ def lm_eval_cases() -> list[Case]:
 def report_cases() -> list[Case]:
     def synthetic(work: Path) -> Outcome:
         results = work / "results"
-        first = kvbench(work, *TINY, "task=synthetic_length", "task.lengths=[128]", "task.num_samples=1",
+        first = kvbench(work, *TINY, "task=synthetic_length", "task.lengths=[128]", "task.samples_per_length=1",
                         "budget=[16]", f"results_dir={results}")  # fmt: skip
         if first.rc != 0:
             return first
