@@ -308,7 +308,7 @@ def report_cases() -> list[Case]:
         samples.write_text("".join(json.dumps(row) + "\n" for row in broken))
         outcome = run_module(work, "kvbench.report", str(samples.parent), "--out", str(work / "report"))
         header = next((line for line in outcome.out.splitlines() if line.startswith("| method")), "")
-        outcome.check = "failed rows" in header and "snapkv" in outcome.out
+        outcome.check = header.rstrip(" |").endswith("errors") and "| snapkv | 16 |" in outcome.out
         return outcome
 
     return [
@@ -391,7 +391,7 @@ def disk_cases() -> list[Case]:
             data = samples.read_bytes() if samples.exists() else b""
             whole = data == b"" or data.endswith(b"\n")
             outcome.check = "No space left" in message(outcome) and whole
-            outcome.note = f"{data.count(b'{chr(10)}')} whole rows kept" if whole else "a partial row"
+            outcome.note = f"{data.count(bytes([10]))} whole rows kept" if whole else "a partial row"
             return outcome
         finally:
             umount(mount)
