@@ -831,10 +831,19 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, help="also write the table of cases as Markdown here")
     parser.add_argument("--shard", default="0/1", help="K/N: run every N-th case from the K-th (parallel shards)")
     parser.add_argument("--json", type=Path, help="also write each case's result here, one JSON object a line")
-    parser.add_argument("--combine", type=Path, nargs="+", help="print the table and counts of shards' --json files")
+    parser.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        help="print the table and counts of --json files (a later file's result wins)",
+    )
     args = parser.parse_args()
     if args.combine:
-        combined = [json.loads(line) for path in args.combine for line in path.read_text().splitlines()]
+        latest = {}  # a case re-run in a later file counts once, with its latest result
+        for line in (line for path in args.combine for line in path.read_text().splitlines()):
+            record = json.loads(line)
+            latest[(record["item"], record["name"])] = record
+        combined = list(latest.values())
         order = {(c.item, c.name): index for index, c in enumerate(all_cases())}
         combined.sort(key=lambda r: order.get((r["item"], r["name"]), len(order)))
         cases = {(c.item, c.name): c for c in all_cases()}
