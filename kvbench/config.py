@@ -247,7 +247,7 @@ def check_command_line(overrides: list[str], multirun: bool = False, conf_dir: P
         if "/" in name or name in SELECTABLE_GROUPS:
             plus = "+" if override.is_add() else ""
             if override.is_sweep_override():
-                choices = list(override.sweep_string_iterator()) if override.is_discrete_sweep() else []
+                choices = sweep_values(override, conf_dir) or []
             else:
                 choices = [override.get_value_element_as_str()]
             if choices:
@@ -275,7 +275,7 @@ def check_command_line(overrides: list[str], multirun: bool = False, conf_dir: P
             else:
                 raise errors[0]
         if multirun or any(o.is_sweep_override() for o in parsed):
-            check_sweep(parsed)
+            check_sweep(parsed, conf_dir)
             return None
         try:
             cfg = compose("config", overrides=overrides)
@@ -288,32 +288,66 @@ def check_command_line(overrides: list[str], multirun: bool = False, conf_dir: P
     return check_values(cfg)
 
 
-def sweep_jobs(parsed: list[Any]) -> list[list[str]] | None:
+def sweep_values(override: Any, conf_dir: Path = CONF_DIR) -> list[str] | None:
+    """The values a sweep override takes, as override strings; a glob() over a config group filtered against the
+    group's files in conf_dir (Hydra's own expansion needs its config loader, which exists only once it runs);
+    None where they cannot be listed here (interval sweeps, a glob over a plain key)."""
+    from hydra.core.override_parser.types import Glob
+
+    if not override.is_discrete_sweep():
+        return None
+    value = override.value()
+    if isinstance(value, Glob):
+        group = conf_dir / override.key_or_group
+        if not group.is_dir():
+            return None
+        return value.filter(sorted(path.stem for path in group.glob("*.yaml")))
+    return list(override.sweep_string_iterator())
+
+
+def sweep_jobs(parsed: list[Any], conf_dir: Path = CONF_DIR) -> list[list[str]] | None:
     """The override list of every job of a sweep, in Hydra's basic-sweeper order (the cartesian product of the
-    swept values); None for sweeps not enumerated here (glob(), interval sweeps) or above MAX_CHECKED_JOBS."""
+    swept values); None for sweeps not enumerated here (interval sweeps) or above MAX_CHECKED_JOBS."""
     axes: list[list[str]] = []
     for override in parsed:
         if not override.is_sweep_override():
             axes.append([override.input_line])
             continue
-        if not override.is_discrete_sweep() or "glob(" in override.input_line:
+        values = sweep_values(override, conf_dir)
+        if values is None:
             return None
-        axes.append([f"{override.get_key_element()}={value}" for value in override.sweep_string_iterator()])
+        axes.append([f"{override.get_key_element()}={value}" for value in values])
     if math.prod(len(axis) for axis in axes) > MAX_CHECKED_JOBS:
         return None
     return [list(job) for job in itertools.product(*axes)]
 
 
-def check_sweep(parsed: list[Any]) -> None:
+def check_sweep_outputs(parsed: list[Any], conf_dir: Path = CONF_DIR) -> None:
+    """For a sweep whose jobs are not enumerated: each results_dir it names is a directory that can be written
+    (Hydra creates its sweep directory there before any job runs, with a traceback if it cannot)."""
+    from hydra import compose
+
+    fixed = [override.input_line for override in parsed if not override.is_sweep_override()]
+    roots = [str(compose("config", overrides=fixed).get("results_dir", "results"))]
+    for override in parsed:
+        if override.is_sweep_override() and override.key_or_group == "results_dir":
+            roots = sweep_values(override, conf_dir) or []
+    for root in roots:
+        check_output_names(root, "")
+        ResultsStore(Path(to_absolute_path(root))).check_writable()
+
+
+def check_sweep(parsed: list[Any], conf_dir: Path = CONF_DIR) -> None:
     """Every job of a sweep checked before Hydra launches any (a launcher such as submitit would wrap a job's
-    one-line error in its own traceback, after the other jobs started): each job's values, and that jobs writing
-    the same run directory agree with each other and with the config.yaml already there (the keys a run may vary,
-    method and budgets among them, excepted)."""
+    one-line error in its own traceback, after the other jobs started): each job's values, that each run
+    directory can be written, and that jobs writing the same run directory agree with each other and with the
+    config.yaml already there (the keys a run may vary, method and budgets among them, excepted)."""
     from hydra import compose
     from omegaconf import OmegaConf
 
-    jobs = sweep_jobs(parsed)
+    jobs = sweep_jobs(parsed, conf_dir)
     if jobs is None:
+        check_sweep_outputs(parsed, conf_dir)
         return  # each job checks its own values when it runs
     first_of_run: dict[Path, dict] = {}
     swept = [index for index, override in enumerate(parsed) if override.is_sweep_override()]
@@ -329,6 +363,8 @@ def check_sweep(parsed: list[Any]) -> None:
             raise ConfigError(f"{missing[0]} needs {what}: pass {missing[0]}=... on the command line")
         settings = check_values(cfg)
         config = OmegaConf.to_container(cfg, resolve=True)
+        if settings.run_dir not in first_of_run:
+            ResultsStore(settings.run_dir).check_writable()
         ResultsStore(settings.run_dir).check_config(config)
         first = first_of_run.setdefault(settings.run_dir, config)
         differences = config_differences(first, config)

@@ -28,7 +28,9 @@ from tests.helpers import SMALL_NIAH, TINY, composed, needle_sample
 def main_error(monkeypatch, capsys, tmp_path, *args: str) -> str:
     """`python -m kvbench *args` run in this process: its one stderr line (it must exit 2 before Hydra starts)."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["kvbench", *TINY, *SMALL_NIAH, *args])
+    flags = [arg for arg in args if arg.startswith("-")]  # before the overrides, as Hydra's parser wants them
+    overrides = [arg for arg in args if not arg.startswith("-")]
+    monkeypatch.setattr(sys, "argv", ["kvbench", *flags, *TINY, *SMALL_NIAH, *overrides])
     with pytest.raises(SystemExit) as exited:
         cli_main.main()
     assert exited.value.code == 2
@@ -44,6 +46,36 @@ def test_results_dir_that_is_not_a_directory(monkeypatch, capsys, tmp_path, kind
     blocker = "/dev/null" if kind == "devnull" else tmp_path / "afile"
     message = main_error(monkeypatch, capsys, tmp_path, f"results_dir={path}")
     assert message == f"results_dir {path} is not a directory ({blocker} is a file); choose another"
+
+
+@pytest.mark.parametrize(
+    "sweep",
+    [
+        ["budget=64,128"],
+        ["budget=range(1,300)"],  # more jobs than check_sweep enumerates
+        ["method=glob(snap*)"],  # a glob over a config group
+    ],
+)
+@pytest.mark.parametrize("kind", ["file", "devnull"])
+def test_multirun_results_dir_that_is_not_a_directory(monkeypatch, capsys, tmp_path, kind, sweep):
+    (tmp_path / "afile").write_text("x")
+    path = "/dev/null" if kind == "devnull" else tmp_path / "afile"
+    message = main_error(monkeypatch, capsys, tmp_path, "-m", f"results_dir={path}", *sweep)
+    assert message == f"results_dir {path} is not a directory ({path} is a file); choose another"
+
+
+def test_multirun_on_a_read_only_results_dir(monkeypatch, capsys, tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    undo = read_only(results)
+    try:
+        for sweep in (["budget=64,128"], ["budget=range(1,300)"], ["method=glob(snap*)"]):
+            message = main_error(monkeypatch, capsys, tmp_path, "-m", f"results_dir={results}", *sweep)
+            assert message.startswith(f"cannot write in {results}: "), message
+            assert message.endswith("(choose another results_dir)")
+    finally:
+        undo()
+    assert not any(results.iterdir())
 
 
 def read_only(path):

@@ -254,3 +254,30 @@ def test_rows_path_resume_answers_done_requests_from_their_rows(tmp_path, monkey
 
     with pytest.raises(AdapterArgError, match=r"^rows_path .* holds rows of another setting"):
         KVBenchLM.create_from_arg_string(f"{TINY},method=snapkv,budget=8,rows_path={tmp_path}")
+
+
+def test_rows_path_resume_of_a_quantiser_with_a_base_method(tmp_path, monkeypatch):
+    """kivi over snapkv: the manifest's composed label (`kivi[snapkv](k_bits=4)`) is written and read back the same,
+    so the rerun is accepted and answers from its rows; another base is refused."""
+    args = f"{TINY},method=kivi,method.base=snapkv,method.k_bits=4,budget=8,rows_path={tmp_path}"
+    generate = [Instance("generate_until", {}, ("The sky is", {"until": ["\n"], "max_gen_toks": 4}), 0, ("g", 0, 1))]
+    first = KVBenchLM.create_from_arg_string(args)
+    generated = first.generate_until(generate)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["lm_eval"]["method"] == "kivi[snapkv](k_bits=4)"
+    [row] = read_jsonl(tmp_path / "samples.jsonl")
+    assert row["method_label"] == "kivi[snapkv](k_bits=4)" and row["status"] == "ok"
+
+    calls = []
+    original = runner.shared_prefill
+    monkeypatch.setattr(runner, "shared_prefill", lambda *a, **k: calls.append(len(a[1])) or original(*a, **k))
+    # The same setting with its parameters in another order and a default spelled out.
+    again = KVBenchLM.create_from_arg_string(
+        f"{TINY},method=kivi,method.k_bits=4,method.v_bits=2,method.base=snapkv,budget=8,rows_path={tmp_path}"
+    )
+    assert again.generate_until(generate) == generated and calls == []
+    assert len(read_jsonl(tmp_path / "samples.jsonl")) == 1
+    with pytest.raises(AdapterArgError, match=r"holds rows of another setting"):
+        KVBenchLM.create_from_arg_string(
+            f"{TINY},method=kivi,method.base=h2o,method.k_bits=4,budget=8,rows_path={tmp_path}"
+        )
