@@ -241,7 +241,7 @@ def test_minicache_slerp_and_reconstruction_golden():
     # token 0: orthogonal unit vectors -> (cos(0.6 pi/2), sin(0.6 pi/2)); token 1: parallel -> the common direction
     assert torch.allclose(direction[0, 0], torch.tensor([math.cos(0.3 * math.pi), math.sin(0.3 * math.pi)]))
     assert torch.allclose(direction[0, 1], torch.tensor([1.0, 1.0]) / math.sqrt(2))
-    pair = MergedPair.merge(a, b, 0.6, 1.0)  # gamma 1: nothing retained
+    pair = MergedPair.merge(a, b, 0.6, 0.0)  # gamma 0: nothing retained
     assert not pair.retained.any()
     assert torch.allclose(pair.read(0)[0, 0], 3.0 * direction[0, 0])
     assert torch.allclose(pair.read(1)[0, 0], 2.0 * direction[0, 0])
@@ -250,13 +250,49 @@ def test_minicache_slerp_and_reconstruction_golden():
 
 def test_minicache_retention_rule_golden():
     distance = torch.tensor([[0.1, 0.5, 0.2, 0.9], [0.3, 0.3, 0.3, 0.3]])
-    # head 0: threshold 0.1 + 0.25 * 0.8 = 0.3; head 1: all equal, nothing above the minimum
-    assert retained_tokens(distance, 0.25).tolist() == [[False, True, False, True], [False] * 4]
+    # head 0: retained above 0.9 - 0.5 * 0.8 = 0.5 (strictly); head 1: all equal, nothing retained
+    assert retained_tokens(distance, 0.5).tolist() == [[False, False, False, True], [False] * 4]
+    assert retained_tokens(distance, 0.6).tolist() == [[False, True, False, True], [False] * 4]
+    assert retained_tokens(distance, 0.0).tolist() == [[False] * 4] * 2
+    assert retained_tokens(distance, 1.0).tolist() == [[False, True, True, True], [False] * 4]
     a = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]])
     b = torch.tensor([[[1.0, 0.1], [0.0, 1.0], [1.0, 0.0]]])  # token 1: 90 degrees apart, retained
     pair = MergedPair.merge(a, b, 0.5, 0.5)
     assert pair.retained.tolist() == [[False, True, False]]
     assert torch.equal(pair.read(0)[0, 1], a[0, 1]) and torch.equal(pair.read(1)[0, 1], b[0, 1])
+
+
+def test_minicache_default_gamma_retains_only_the_most_distinct_pairs():
+    # Five tokens whose directions differ by 0, 30, 60, 90 and 180 degrees between the layers: distances 0, 1/6,
+    # 1/3, 1/2 and 1. At the paper's gamma 0.05 only the opposite pair lies within 0.05 of d_max; a threshold
+    # d_min + gamma (d_max - d_min) used as a lower bound would retain the four pairs above 0.05.
+    angles = torch.tensor([0.0, 30.0, 60.0, 90.0, 180.0]) * math.pi / 180
+    a = torch.tensor([[1.0, 0.0]]).expand(5, 2)[None]
+    b = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)[None] * 2.0
+    pair = MergedPair.merge(a, b, 0.6, 0.05)
+    assert pair.retained.tolist() == [[False, False, False, False, True]]
+    # more retained as gamma grows (the paper's ablation: larger gamma, lower compression)
+    counts = [int(MergedPair.merge(a, b, 0.6, gamma).retained.sum()) for gamma in (0.0, 0.05, 0.6, 0.7, 0.9)]
+    assert counts == [0, 1, 2, 3, 4]
+    # the identical pair reconstructs exactly from the shared direction and its norms; the retained one is stored
+    assert torch.allclose(pair.read(0)[0, 0], a[0, 0]) and torch.allclose(pair.read(1)[0, 0], b[0, 0])
+    assert torch.equal(pair.read(1)[0, 4], b[0, 4])
+
+
+def test_minicache_row_says_when_merging_grows_the_cache(tiny_lm):
+    tokens = list(range(5, 45))
+    pre = prefill(tiny_lm, tokens, 0, Stopwatch(tiny_lm.device), [])
+    plain = pre.cache.layers[2].nbytes() + pre.cache.layers[3].nbytes()
+    for gamma, freed in ((0.0, True), (1.0, False)):
+        cache = pre.cache.copy()
+        ctx = CompressionContext.for_prompt(tiny_lm, len(tokens), len(tokens), pre)
+        method = build_method({"name": "minicache", "retention_gamma": gamma})
+        method.setup(cache, ctx)
+        method.after_compress(cache, ctx)
+        merged = cache.layers[2].nbytes() + cache.layers[3].nbytes()
+        assert ctx.record["minicache_bytes_plain_pairs"] == plain
+        assert ctx.record["minicache_bytes_merged_pairs"] == merged
+        assert ctx.record["memory_freed"] is freed and (merged < plain) is freed
 
 
 def test_minicache_pairs():

@@ -35,10 +35,14 @@ def slerp_directions(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor
 
 
 def retained_tokens(distance: torch.Tensor, gamma: float) -> torch.Tensor:
-    """MiniCache's retention rule per head: distance `[Hkv, T]` > d_min + gamma (d_max - d_min) of that head."""
+    """MiniCache's retention rule per head: the tokens whose distance `[Hkv, T]` lies within gamma (d_max - d_min) of
+    that head's d_max (strictly: gamma 0 retains nothing, gamma 1 everything above d_min). The most distinct pairs
+    are retained and more of them as gamma grows, as the paper's gamma ablation reports (larger gamma: higher
+    accuracy, lower compression); a threshold d_min + gamma (d_max - d_min) read as a lower bound would do the
+    opposite and retain almost every token at gamma 0.05."""
     low = distance.amin(dim=-1, keepdim=True)
     high = distance.amax(dim=-1, keepdim=True)
-    return distance > low + gamma * (high - low)
+    return distance > high - gamma * (high - low)
 
 
 @dataclass
