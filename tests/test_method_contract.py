@@ -35,8 +35,6 @@ TINY_MODEL_PARAMS = {
     "transformers_quantized": {"q_group_size": 16},
     "simlayerkv": {"lazy_threshold": 0.45},  # the random tiny model's attention is flat: a mix of lazy layers
     "threshold": {"window": 16, "threshold": 0.5},  # its default window (128) holds the whole prompt
-    # The random model's adjacent layers are unrelated: at the default gamma nearly every token is retained whole.
-    "minicache": {"retention_gamma": 0.9},
 }
 # Methods that need an optional dependency (skipped, with the reason, only where it is missing).
 OPTIONAL_MODULES = {"transformers_quantized": "optimum.quanto"}
