@@ -1,6 +1,7 @@
 """cam, minicache and quest: golden cases on hand-made tensors from the papers' formulas, the mass CaM's merge
-preserves, MiniCache's shared storage and its exact bytes, Quest's page bounds, exactly k pages read and the full
-cache when every page fits; bad hyperparameters refused in one line."""
+preserves, MiniCache's shared storage, retention band and exact bytes, Quest's page bounds, exactly k pages read,
+decode logits equal to a plain reference and the full cache when every page fits; bad hyperparameters refused in
+one line."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import math
 
 import pytest
 import torch
+from transformers import AttentionInterface, DynamicCache
 
+from kvbench.engine.architecture import cache_argument
 from kvbench.engine.attention import attend
 from kvbench.engine.cache import KVCache, KVLayer
 from kvbench.engine.generation import forward_tokens, prefill
@@ -217,6 +220,71 @@ def test_quest_on_the_tiny_model_reads_k_pages_per_sparse_layer(tiny_lm):
     assert dense + (layers - 1) * (kv_heads * (7 + 16) * slot + bounds) <= read
     assert read <= dense + (layers - 1) * (kv_heads * 32 * slot + bounds)
     assert ctx.record["quest_bytes_held_per_step"] == layers * dense == cache.kv_bytes()
+
+
+def quest_reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Quest written out plainly over a DynamicCache's full K/V: dense causal attention, except that a one-token
+    query of a layer >= QUEST_REFERENCE["dense_layers"] sees only the top-k pages of each KV head, k pages scored by
+    the max over the head's query group of sum_i max(q_i min_i, q_i max_i) over the page's keys."""
+    page, k = QUEST_REFERENCE["page_size"], QUEST_REFERENCE["pages"]
+    heads, kv_heads, length = query.shape[1], key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    keys, vals = key[0].float().repeat_interleave(group, 0), value[0].float().repeat_interleave(group, 0)
+    scores = torch.einsum("hqd,hkd->hqk", query[0].float(), keys) * (scaling or query.shape[-1] ** -0.5)
+    visible = torch.arange(length)[None] <= torch.arange(length - query.shape[2], length)[:, None]
+    pages = math.ceil(length / page)
+    if query.shape[2] == 1 and module.layer_idx >= QUEST_REFERENCE["dense_layers"] and k < pages:
+        bounds = torch.zeros(kv_heads, pages)
+        for kv_head in range(kv_heads):
+            for p in range(pages):
+                block = key[0, kv_head, p * page : (p + 1) * page].float()
+                group_queries = query[0, kv_head * group : (kv_head + 1) * group, 0].float()
+                per_query = torch.maximum(group_queries * block.amin(0), group_queries * block.amax(0)).sum(-1)
+                bounds[kv_head, p] = per_query.max()
+        chosen = torch.zeros(kv_heads, pages, dtype=torch.bool)
+        chosen.scatter_(1, bounds.topk(k, dim=-1).indices, True)
+        read = chosen.repeat_interleave(page, 1)[:, :length].repeat_interleave(group, 0)  # [H, L]
+        visible = visible[None] & read[:, None, :]
+    out = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ vals
+    return out.to(query.dtype)[None].transpose(1, 2).contiguous(), None
+
+
+QUEST_REFERENCE = {"page_size": 16, "pages": 2, "dense_layers": 1}
+AttentionInterface.register("kvbench_test_quest_reference", quest_reference_attention)
+
+
+def test_quest_decode_matches_a_plain_reference_on_the_tiny_model(tiny_lm):
+    """The whole path (budget -> pages read, dense layers, GQA groups, the current token's partial page, the mask
+    over the gathered slots) against Quest written out over HF's DynamicCache, teacher-forced on the same tokens."""
+    tokens = list(range(5, 75))  # 70 tokens: 4 full pages and a partial one
+    pre = prefill(tiny_lm, tokens, 0, Stopwatch(tiny_lm.device), [])
+    cache, full = pre.cache.copy(), pre.cache.copy()
+    method = build_method({"name": "quest", "dense_layers": 1})
+    ctx = CompressionContext.for_prompt(tiny_lm, 32, len(tokens), pre)  # budget 32: 2 pages
+    method.setup(cache, ctx)
+    method.after_compress(cache, ctx)
+    steps = [80, 81, 82, 83]
+    quest = torch.stack([forward_tokens(tiny_lm, cache, [t]) for t in steps]).float()
+    dense = torch.stack([forward_tokens(tiny_lm, full, [t]) for t in steps]).float()
+    config = tiny_lm.model.config
+    saved = config._attn_implementation
+    config._attn_implementation = "kvbench_test_quest_reference"
+    try:
+        reference_cache = {cache_argument(type(tiny_lm.model)): DynamicCache()}
+        with torch.no_grad():
+            tiny_lm.model(input_ids=torch.tensor([tokens]), use_cache=True, **reference_cache)
+            reference = torch.stack(
+                [
+                    tiny_lm.model(input_ids=torch.tensor([[t]]), use_cache=True, **reference_cache)
+                    .logits[0, -1]
+                    .float()
+                    for t in steps
+                ]
+            )
+    finally:
+        config._attn_implementation = saved
+    assert torch.allclose(quest, reference, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(quest, dense, atol=1e-3)  # the selection changes the logits: the check has teeth
 
 
 @pytest.mark.parametrize(
