@@ -1,6 +1,7 @@
 """Batched evaluation (`batch_size=B`): rows equal to batch-1 rows (greedy tokens, kept entries, bytes) for the full
 cache, an eviction scorer and a head-adaptive method on prompts of different lengths; padding slots never attended
-(a hand-made case); refusals of what cannot batch and of bad values, in one line, before any model work."""
+(a hand-made case); refusals of what cannot batch and of bad values, in one line, before any model work (CLI and
+API)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import pytest
 import torch
 
 import kvbench.api as kv
+from kvbench import config as run_config
 from kvbench.engine.batched import BatchedKVCache, Sequence, batched_greedy_decode, forward_batch
 from kvbench.engine.cache import PAD_POSITION, KVCache
 from kvbench.engine.generation import forward_tokens, greedy_decode
 from kvbench.engine.measure import Stopwatch
 from kvbench.harness.options import RunOptions
 from kvbench.harness.sample import Sample
+from tests.helpers import SMALL_NIAH, TINY, cli, composed
 
 # Fields that must be identical between batch 1 and batch B (times, peaks of device memory are measurements).
 SAME = (
@@ -152,3 +155,27 @@ def test_refusals_are_one_line_before_model_work(tiny_lm):
         kv.evaluate(tiny_lm, samples(), "snapkv", [16], batch_size=2, prefill_chunk=8)
     with pytest.raises(ValueError, match=r"^method kivi cannot run with batch_size=2"):
         kv.evaluate(tiny_lm, samples(), "kivi", [None], batch_size=2)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["batch_size=0"], "batch_size must be >= 1, got 0"),
+        (["batch_size=abc"], "batch_size must be an int, got 'abc'"),
+        (["method=h2o", "batch_size=2"], "method h2o cannot run with batch_size=2: "),
+        (["task=conversation", "batch_size=2"], "batch_size=2 cannot run the conversation scenario"),
+    ],
+)
+def test_config_refuses_bad_batch_settings(tmp_path, overrides, message):
+    cfg = composed(tmp_path, *overrides, task=[] if "task=conversation" in overrides else SMALL_NIAH)
+    with pytest.raises(ValueError) as err:
+        run_config.check_values(cfg)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_cli_refusal_is_one_line_and_writes_nothing(tmp_path):
+    result = cli(tmp_path, *TINY, *SMALL_NIAH, "method=kivi", "batch_size=2")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvbench: error: method kivi cannot run with batch_size=2")
+    assert not (tmp_path / "results").exists()
