@@ -211,6 +211,7 @@ def execute(prepared: PreparedRun) -> dict[str, Any]:
         log.info("resuming: %d rows already in %s; their jobs are skipped", len(done), store.samples_path)
     skipped = 0
     recipes: dict[str, Any] = {}  # the recipe of each sample being run (by fingerprint), recorded in its rows
+    pending: dict[str, tuple[contextlib.ExitStack, set[str]]] = {}  # batch_size > 1: claims and rows not appended
 
     def work() -> Iterator[tuple[Sample, list[Job]]]:
         nonlocal skipped, claimed_elsewhere
@@ -231,21 +232,37 @@ def execute(prepared: PreparedRun) -> dict[str, Any]:
             if not jobs:
                 continue
             # Claim the rows: those another process is computing (or finished meanwhile) are left to it; the
-            # claim is held until this sample's rows are appended (the generator resumes after them).
-            with store.claim([job.key for job in jobs]) as mine:
-                claimed_elsewhere += [job.key for job in jobs if job.key not in set(mine)]
-                if mine:
-                    # batch_size > 1 pulls several samples before their rows come back: keyed, not "the last"
-                    recipes[sample.fingerprint()] = planned_recipe
+            # claim is held until this sample's rows are appended: the generator resumes after them, or, when
+            # batch_size > 1 pulls the next samples first, the row loop releases it (`pending`).
+            claim = contextlib.ExitStack()
+            mine = claim.enter_context(store.claim([job.key for job in jobs]))
+            claimed_elsewhere += [job.key for job in jobs if job.key not in set(mine)]
+            if not mine:
+                claim.close()
+                continue
+            recipes[sample.fingerprint()] = planned_recipe
+            if options.batch_size > 1:
+                pending[sample.fingerprint()] = (claim, set(mine))
+                yield sample, [job for job in jobs if job.key in set(mine)]
+            else:
+                with claim:
                     yield sample, [job for job in jobs if job.key in set(mine)]
 
     total = 0
-    with tqdm(desc=f"{task.name} x {method.label()}", disable=not settings.progress, unit="row") as bar:
+    with (
+        tqdm(desc=f"{task.name} x {method.label()}", disable=not settings.progress, unit="row") as bar,
+        contextlib.ExitStack() as on_exit,
+    ):
+        on_exit.callback(lambda: [claim.close() for claim, _ in pending.values()])  # a failed run frees its claims
         for row in api.iter_rows(lm, work(), options):
             # once: a concurrent job of the same sweep may have written this row (its full-cache reference) already
             store.append({**row, "sample_recipe": recipes.get(row["sample_fingerprint"])}, once=True)
             total += 1
             bar.update(1)
+            claim, keys = pending.get(row["sample_fingerprint"], (None, set()))
+            keys.discard(row["key"])
+            if claim is not None and not keys:  # every row of the sample is appended: its claim can go
+                pending.pop(row["sample_fingerprint"])[0].close()
     if skipped:
         log.info("resumed: %d rows were already done, %d ran", skipped, total)
     unfinished = sorted(set(claimed_elsewhere) - store.done_keys())

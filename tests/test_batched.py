@@ -5,6 +5,8 @@ API)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from kvbench.engine.cache import PAD_POSITION, KVCache
 from kvbench.engine.generation import forward_tokens, greedy_decode
 from kvbench.engine.measure import Stopwatch
 from kvbench.harness.options import RunOptions
+from kvbench.harness.results import CLAIMS_DIR
 from kvbench.harness.sample import Sample
 from tests.helpers import SMALL_NIAH, TINY, cli, composed
 
@@ -179,3 +182,19 @@ def test_cli_refusal_is_one_line_and_writes_nothing(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kvbench: error: method kivi cannot run with batch_size=2")
     assert not (tmp_path / "results").exists()
+
+
+def test_cli_batched_run_writes_the_batch_1_rows_and_frees_its_claims(tmp_path):
+    task = ["task.lengths=[128,200]", "task.depths=[0,50]", "task.max_new_tokens=4", "budget=[16]"]
+    rows = {}
+    for b in (1, 3):
+        result = cli(tmp_path, *TINY, *task, f"batch_size={b}", f"run_name=b{b}")
+        assert result.returncode == 0, result.stderr
+        run = tmp_path / "results" / f"b{b}"
+        rows[b] = {row["key"]: row for row in map(json.loads, (run / "samples.jsonl").read_text().splitlines())}
+        assert not list((run / CLAIMS_DIR).iterdir())
+    assert rows[3].keys() == rows[1].keys() and len(rows[1]) == 8  # 4 samples x (snapkv, full)
+    for key, row in rows[3].items():
+        assert {k: row[k] for k in SAME} == {k: rows[1][key][k] for k in SAME}
+        assert row["sample_recipe"] == rows[1][key]["sample_recipe"] is not None
+    assert sorted(row["batch_size"] for row in rows[3].values()) == [1, 1, 3, 3, 3, 3, 3, 3]
