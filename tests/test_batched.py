@@ -69,6 +69,9 @@ METHODS = {
     "full": ({"name": "full"}, [None]),
     "snapkv": ({"name": "snapkv", "window": 4}, [16, 24]),
     "adakv": ({"name": "adakv", "base_params": {"window": 4}}, [16]),
+    "pyramidkv": ({"name": "pyramidkv", "window": 4}, [16]),  # layers keep different counts
+    "streamingllm": ({"name": "streamingllm", "decode_evict": False}, [16]),
+    "streamingllm_rerotate": ({"name": "streamingllm", "decode_evict": False, "rerotate": True}, [16]),
 }
 
 
@@ -92,10 +95,12 @@ def test_batched_rows_equal_sequential_rows(tiny_lm, name, compress):
         assert any(row["compressed"] for row in batched if row["method"] != "full")
 
 
-def test_head_adaptive_rows_really_pad_heads(tiny_lm):
-    # The adakv case above must exercise heads of different lengths (padding inside the per-sample cache as well).
+def test_cases_above_exercise_padded_heads_and_uneven_layers(tiny_lm):
+    # AdaKV's heads keep different counts (padding inside each per-sample cache), PyramidKV's layers do.
     rows = kv.evaluate(tiny_lm, samples(), kv.build_method(METHODS["adakv"][0]), [16], batch_size=3)
     assert any(row["kv_bytes_logical"] < row["kv_bytes"] for row in rows)
+    rows = kv.evaluate(tiny_lm, samples(), kv.build_method(METHODS["pyramidkv"][0]), [16], batch_size=3)
+    assert all(len(set(row["kept_per_layer"])) == len(row["kept_per_layer"]) for row in rows)
 
 
 def test_padding_fraction_counts_stacked_slots(tiny_lm):
@@ -154,6 +159,8 @@ def test_refusals_are_one_line_before_model_work(tiny_lm):
         kv.evaluate(tiny_lm, samples(), "h2o", [16], batch_size=2)
     with pytest.raises(ValueError, match=r"^method snapkv cannot run with batch_size=2: decode_budget evicts"):
         kv.evaluate(tiny_lm, samples(), kv.build_method("snapkv", decode_budget=32), [16], batch_size=2)
+    with pytest.raises(ValueError, match=r"^method streamingllm cannot run with batch_size=2: decode_evict=true"):
+        kv.evaluate(tiny_lm, samples(), "streamingllm", [16], batch_size=2)
     with pytest.raises(ValueError, match=r"^batch_size=2 cannot run with prefill_chunk=8"):
         kv.evaluate(tiny_lm, samples(), "snapkv", [16], batch_size=2, prefill_chunk=8)
     with pytest.raises(ValueError, match=r"^method kivi cannot run with batch_size=2"):

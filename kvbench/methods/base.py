@@ -169,6 +169,8 @@ class Method:
             )
         if getattr(self, "decode_budget", None) is not None:
             return "decode_budget evicts during decoding, per sequence"
+        if getattr(self, "decode_evict", False):
+            return "decode_evict=true evicts during decoding, per sequence (decode_evict=false batches)"
         return None
 
     def rope_dependent(self) -> bool:
