@@ -256,7 +256,8 @@ def iter_rows(
     warned: set[tuple[str, str]] = set()  # (method, parameter) whose reserved slots exceeded a budget: said once
     said_no_layers = False  # the layer policy leaves no layer to compress: said once
 
-    def rows_of(sample: Sample, job: Job, row: dict[str, Any]) -> dict[str, Any]:
+    def with_identity(sample: Sample, job: Job, row: dict[str, Any]) -> dict[str, Any]:
+        # The warnings said once per run, then the row with the fields that say what it is.
         if row.get("truncated_tokens") and sample.sample_id not in truncated:
             if not truncated:
                 log.warning(
@@ -294,14 +295,14 @@ def iter_rows(
             group.append((sample, jobs))
             if len(group) == options.batch_size:
                 for each, job, row in run_batch(lm, group, options):
-                    yield rows_of(each, job, row)
+                    yield with_identity(each, job, row)
                 group = []
             continue
         for job, row in runner(lm, sample, jobs, options):
-            yield rows_of(sample, job, row)
+            yield with_identity(sample, job, row)
     if group:
         for each, job, row in run_batch(lm, group, options):
-            yield rows_of(each, job, row)
+            yield with_identity(each, job, row)
     if len(truncated) > 1:
         log.warning(
             "%d samples were middle-truncated to fit the model's context of %d tokens", len(truncated), lm.max_context

@@ -5,6 +5,7 @@ API)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -205,3 +206,17 @@ def test_cli_batched_run_writes_the_batch_1_rows_and_frees_its_claims(tmp_path):
         assert {k: row[k] for k in SAME} == {k: rows[1][key][k] for k in SAME}
         assert row["sample_recipe"] == rows[1][key]["sample_recipe"] is not None
     assert sorted(row["batch_size"] for row in rows[3].values()) == [1, 1, 3, 3, 3, 3, 3, 3]
+
+
+def test_samples_with_different_jobs_left_batch_as_they_run_alone(tiny_lm):
+    # A resumed run hands samples with different jobs left: the k-th jobs stack whatever they are.
+    options = RunOptions(budgets=(16,), fail_fast=True)
+    methods = [kv.build_method("full"), kv.build_method(METHODS["snapkv"][0])]
+    work = [(s, kv.plan(tiny_lm, s, methods, options)) for s in samples()]
+    work[1] = (work[1][0], work[1][1][:1])  # only full left for the second sample
+    work[2] = (work[2][0], work[2][1][1:])  # only snapkv left for the third
+    sequential = list(kv.iter_rows(tiny_lm, work, options))
+    batched = list(kv.iter_rows(tiny_lm, work, dataclasses.replace(options, batch_size=4)))
+    assert [row["key"] for row in batched] == [row["key"] for row in sequential] and len(batched) == 6
+    for one, many in zip(sequential, batched, strict=True):
+        assert {k: many[k] for k in SAME} == {k: one[k] for k in SAME}

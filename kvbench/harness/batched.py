@@ -99,7 +99,8 @@ def run_batch(
     lm: LoadedModel, group: list[tuple[Sample, list[Job]]], options: RunOptions
 ) -> Iterator[tuple[Sample, Job, dict[str, Any]]]:
     """Yield (sample, job, row) for every job of up to B single-prompt samples, sample by sample in `run_sample`'s
-    order. The k-th job of every sample (same method and budget: the jobs are planned alike) decodes in one batch."""
+    order. The k-th job of every sample decodes in one batch: the same method and budget when the samples were
+    planned alike; a resumed run's samples may have different jobs left, and any batchable caches stack."""
     options = options.resolved(lm.device)
     states = [SampleState(sample, jobs, Stopwatch(lm.device)) for sample, jobs in group]
     for state in states:
