@@ -259,14 +259,13 @@ def batched_greedy_decode(
     steps = [0] * len(sequences)
     start_lengths = [max(layer.get_seq_length() for layer in seq.cache.layers) for seq in sequences]
 
-    def stopped(i: int, logits: torch.Tensor) -> bool:
+    def stopped(i: int, token: int) -> bool:
         seq = sequences[i]
-        token = int(torch.argmax(logits))
         tokens[i].append(token)
         eos = seq.stop_at_eos and token in lm.eos_token_ids
         return eos or len(tokens[i]) >= seq.max_new_tokens or (seq.stop is not None and seq.stop(tokens[i]))
 
-    running = [i for i, seq in enumerate(sequences) if not stopped(i, seq.first_logits)]
+    running = [i for i, seq in enumerate(sequences) if not stopped(i, int(torch.argmax(seq.first_logits)))]
     padding = 0.0
     with stopwatch.phase("decode") as phase:
         if running:
@@ -276,11 +275,12 @@ def batched_greedy_decode(
             while batch.rows:
                 began = time.perf_counter()
                 logits = forward_batch(lm, batch, [tokens[running[r]][-1] for r in batch.rows])
+                chosen = logits.argmax(dim=-1).tolist()  # one device sync per step, not one per sequence
                 keep = []
                 for row, r in enumerate(batch.rows):
                     i = running[r]
                     steps[i] += 1
-                    if stopped(i, logits[row]):
+                    if stopped(i, chosen[row]):
                         batch.write_back(row, sequences[i].cache)
                     else:
                         keep.append(row)
