@@ -36,6 +36,7 @@ from kvbench.engine.architecture import (
 )
 from kvbench.engine.models import LoadedModel
 from kvbench.engine.models import load_model as _load_model
+from kvbench.harness.batched import check_batch, run_batch
 from kvbench.harness.budget import parse_budget
 from kvbench.harness.chunked import check_chunked_methods
 from kvbench.harness.options import RunOptions
@@ -254,11 +255,33 @@ def iter_rows(
     truncated: set[str] = set()  # samples middle-truncated to fit the context: said once, then counted
     warned: set[tuple[str, str]] = set()  # (method, parameter) whose reserved slots exceeded a budget: said once
     said_no_layers = False  # the layer policy leaves no layer to compress: said once
+
+    def with_identity(sample: Sample, job: Job, row: dict[str, Any]) -> dict[str, Any]:
+        # The warnings said once per run, then the row with the fields that say what it is.
+        if row.get("truncated_tokens") and sample.sample_id not in truncated:
+            if not truncated:
+                log.warning(
+                    "sample %s is longer than the model's context (%d tokens): %d context tokens were cut from "
+                    "its middle (said once per run; rows record truncated_tokens)",
+                    sample.sample_id, lm.max_context, row["truncated_tokens"],
+                )  # fmt: skip
+            truncated.add(sample.sample_id)
+        warn_reserved_above_budget(job.method, row.get("budget_entries"), warned)
+        if row["status"] != "ok":
+            label = job.method.label()
+            log.warning("%s %s budget=%s failed: %s", sample.sample_id, label, job.budget, row["error"])
+        identity = row_identity(job, sample, lm, options)
+        if row.get("part") is not None:  # one of several rows of a scenario job (`kvbench.scenarios`)
+            identity |= {"key": part_key(job.key, row), "job_key": job.key}
+        return {**identity, **row}
+
+    group: list[tuple[Sample, list[Job]]] = []  # batch_size > 1: samples whose caches decode together
     for sample, jobs in work:
         scenario = scenario_of(sample)
         if scenario is not None:
             require_full_attention(lm.layer_specs, model_type(lm.config), f"the {scenario} scenario")
         check_prefill_chunk(scenario, options.prefill_chunk)
+        check_batch([job.method for job in jobs], options, lm, scenario)
         runner = run_sample if scenario is None else scenario_runner(scenario)
         compresses = any(job.method.compresses for job in jobs)
         if compresses and not (said_no_layers or compressible_layers(lm.layer_specs, options.layers)):
@@ -268,23 +291,18 @@ def iter_rows(
                 "cache (rows: compressed_layers=none); layers=all compresses sliding / chunked layers too",
                 options.layers, model_type(lm.config), describe(lm.layer_specs),
             )  # fmt: skip
+        if options.batch_size > 1:
+            group.append((sample, jobs))
+            if len(group) == options.batch_size:
+                for each, job, row in run_batch(lm, group, options):
+                    yield with_identity(each, job, row)
+                group = []
+            continue
         for job, row in runner(lm, sample, jobs, options):
-            if row.get("truncated_tokens") and sample.sample_id not in truncated:
-                if not truncated:
-                    log.warning(
-                        "sample %s is longer than the model's context (%d tokens): %d context tokens were cut from "
-                        "its middle (said once per run; rows record truncated_tokens)",
-                        sample.sample_id, lm.max_context, row["truncated_tokens"],
-                    )  # fmt: skip
-                truncated.add(sample.sample_id)
-            warn_reserved_above_budget(job.method, row.get("budget_entries"), warned)
-            if row["status"] != "ok":
-                label = job.method.label()
-                log.warning("%s %s budget=%s failed: %s", sample.sample_id, label, job.budget, row["error"])
-            identity = row_identity(job, sample, lm, options)
-            if row.get("part") is not None:  # one of several rows of a scenario job (`kvbench.scenarios`)
-                identity |= {"key": part_key(job.key, row), "job_key": job.key}
-            yield {**identity, **row}
+            yield with_identity(sample, job, row)
+    if group:
+        for each, job, row in run_batch(lm, group, options):
+            yield with_identity(each, job, row)
     if len(truncated) > 1:
         log.warning(
             "%d samples were middle-truncated to fit the model's context of %d tokens", len(truncated), lm.max_context
@@ -326,7 +344,7 @@ def evaluate(
 
     `budgets`: KV entries per KV head per layer (int), a kept fraction (float in (0, 1)) or None (no
     compression); several values sweep on copies of the same prefill. Other keyword arguments are
-    `RunOptions` fields (kernels, prefill_chunk, fail_fast, run_name, task_name, cache_dir).
+    `RunOptions` fields (kernels, prefill_chunk, batch_size, fail_fast, run_name, task_name, cache_dir).
     """
     lm = load_model(model)
     if isinstance(methods, (str, Method)):
@@ -339,6 +357,11 @@ def evaluate(
     run_options = RunOptions(budgets=parsed, compress=compress, seed=seed, **options)
     check_model(lm, built, run_options.layers)
     check_chunked_methods(run_options.prefill_chunk, built)
+    check_batch(built, run_options, lm)
+    if run_options.batch_size > 1:  # refuse a scenario sample before any sample runs
+        samples = list(samples)
+        for scenario in {scenario_of(sample) for sample in samples} - {None}:
+            check_batch(built, run_options, lm, scenario)
     work = ((sample, plan(lm, sample, built, run_options)) for sample in samples)
     return list(iter_rows(lm, work, run_options))
 

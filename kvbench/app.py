@@ -23,6 +23,7 @@ from tqdm import tqdm
 from kvbench import api
 from kvbench import config as run_config
 from kvbench.engine.models import LoadedModel, load_model
+from kvbench.harness.batched import check_batch
 from kvbench.harness.chunked import check_chunked_methods
 from kvbench.harness.options import RunOptions
 from kvbench.harness.results import ResultsStore, manifest
@@ -120,12 +121,14 @@ def prepare(cfg: Any) -> PreparedRun:
     check_chunked_methods(settings.options.prefill_chunk, [method])
     task = build_task(cfg.task)
     check_prefill_chunk(task.scenario, settings.options.prefill_chunk)
+    check_batch(api.with_full([method], settings.include_full), settings.options, scenario=task.scenario)
     store = ResultsStore(settings.run_dir)
     store.check_writable()
     config = OmegaConf.to_container(cfg, resolve=True)
     store.check_config(config)
     lm = load_model(cfg.model)
     api.check_model(lm, [method], settings.options.layers)
+    check_batch([method], settings.options, lm)  # the architecture: known once loaded, before any forward
     if hasattr(task, "check_model"):  # model-dependent task checks (scenarios that re-rotate cached keys)
         task.check_model(lm)
     methods = api.with_full([method], settings.include_full)
@@ -207,10 +210,11 @@ def execute(prepared: PreparedRun) -> dict[str, Any]:
     if done:
         log.info("resuming: %d rows already in %s; their jobs are skipped", len(done), store.samples_path)
     skipped = 0
-    recipe = None  # the recipe of the sample being run, recorded in its rows
+    recipes: dict[str, Any] = {}  # the recipe of each sample being run (by fingerprint), recorded in its rows
+    pending: dict[str, tuple[contextlib.ExitStack, set[str]]] = {}  # batch_size > 1: claims and rows not appended
 
     def work() -> Iterator[tuple[Sample, list[Job]]]:
-        nonlocal skipped, recipe, claimed_elsewhere
+        nonlocal skipped, claimed_elsewhere
         for item in samples:
             planned_recipe = item.recipe if isinstance(item, PlannedSample) else None
             # A generated sample whose recipe was built before into a fingerprint whose rows are all done is
@@ -228,20 +232,37 @@ def execute(prepared: PreparedRun) -> dict[str, Any]:
             if not jobs:
                 continue
             # Claim the rows: those another process is computing (or finished meanwhile) are left to it; the
-            # claim is held until this sample's rows are appended (the generator resumes after them).
-            with store.claim([job.key for job in jobs]) as mine:
-                claimed_elsewhere += [job.key for job in jobs if job.key not in set(mine)]
-                if mine:
-                    recipe = planned_recipe
+            # claim is held until this sample's rows are appended: the generator resumes after them, or, when
+            # batch_size > 1 pulls the next samples first, the row loop releases it (`pending`).
+            claim = contextlib.ExitStack()
+            mine = claim.enter_context(store.claim([job.key for job in jobs]))
+            claimed_elsewhere += [job.key for job in jobs if job.key not in set(mine)]
+            if not mine:
+                claim.close()
+                continue
+            recipes[sample.fingerprint()] = planned_recipe
+            if options.batch_size > 1:
+                pending[sample.fingerprint()] = (claim, set(mine))
+                yield sample, [job for job in jobs if job.key in set(mine)]
+            else:
+                with claim:
                     yield sample, [job for job in jobs if job.key in set(mine)]
 
     total = 0
-    with tqdm(desc=f"{task.name} x {method.label()}", disable=not settings.progress, unit="row") as bar:
+    with (
+        tqdm(desc=f"{task.name} x {method.label()}", disable=not settings.progress, unit="row") as bar,
+        contextlib.ExitStack() as on_exit,
+    ):
+        on_exit.callback(lambda: [claim.close() for claim, _ in pending.values()])  # a failed run frees its claims
         for row in api.iter_rows(lm, work(), options):
             # once: a concurrent job of the same sweep may have written this row (its full-cache reference) already
-            store.append({**row, "sample_recipe": recipe}, once=True)
+            store.append({**row, "sample_recipe": recipes.get(row["sample_fingerprint"])}, once=True)
             total += 1
             bar.update(1)
+            claim, keys = pending.get(row["sample_fingerprint"], (None, set()))
+            keys.discard(row["key"])
+            if claim is not None and not keys:  # every row of the sample is appended: its claim can go
+                pending.pop(row["sample_fingerprint"])[0].close()
     if skipped:
         log.info("resumed: %d rows were already done, %d ran", skipped, total)
     unfinished = sorted(set(claimed_elsewhere) - store.done_keys())

@@ -17,6 +17,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import OmegaConf
 
 from kvbench.engine.kernels.dispatch import KERNEL_MODES
+from kvbench.harness.batched import check_batch
 from kvbench.harness.budget import parse_budget
 from kvbench.harness.chunked import check_chunked_methods, parse_prefill_chunk
 from kvbench.harness.options import RunOptions, check_compress
@@ -135,6 +136,7 @@ def validate(cfg: Any) -> RunSettings:
     threads = check_thread_count(check_field("threads", cfg.get("threads"), int | None, minimum=1))
     check_model_fields(cfg.get("model"))
     seed = check_field("seed", cfg.get("seed"), int, minimum=0)
+    batch_size = check_field("batch_size", cfg.get("batch_size", 1), int, minimum=1)
     flags = {key: check_field(key, cfg.get(key, default), bool) for key, default in BOOL_KEYS.items()}
     results_dir = check_field("results_dir", cfg.get("results_dir"), str)
     run_name = check_field("run_name", cfg.get("run_name"), str)
@@ -151,6 +153,7 @@ def validate(cfg: Any) -> RunSettings:
         fail_fast=flags["fail_fast"],
         kernels=kernels,
         prefill_chunk=parse_prefill_chunk(cfg.get("prefill_chunk")),
+        batch_size=batch_size,
         layers=str(cfg.get("layers", "global")),
         run_name=run_dir.name,
         task_name=str(cfg.task.get("name", "custom")) if cfg.get("task") else "custom",
@@ -383,6 +386,7 @@ def check_values(cfg: Any) -> RunSettings:
     check_chunked_methods(settings.options.prefill_chunk, [method])
     task = build_task(cfg.task)
     check_prefill_chunk(task.scenario, settings.options.prefill_chunk)
+    check_batch([method], settings.options, scenario=task.scenario)
     return settings
 
 

@@ -35,6 +35,8 @@ class RunOptions:
     # Which layers methods compress (`kvbench.engine.architecture.compressible_layers`): global | all.
     layers: str = "global"
     cache_dir: Path | None = None  # per-model artefacts (razor head profiles); None: $KVBENCH_CACHE/<model>
+    # Samples whose compressed caches decode together (`kvbench.harness.batched`); 1: one sample at a time.
+    batch_size: int = 1
     run_name: str = "api"
     task_name: str = "custom"
 
@@ -42,6 +44,8 @@ class RunOptions:
         check_compress(self.compress)
         if self.layers not in LAYER_POLICIES:
             raise ValueError(f"unknown layers '{self.layers}'. Valid layers: {', '.join(LAYER_POLICIES)}.")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
 
     def resolved(self, device: torch.device | str) -> RunOptions:
         """These options with `kernels` resolved for `device` (one-line error when triton cannot run there); options

@@ -144,7 +144,20 @@ def cut_at_stop(text: str, strings: list[str]) -> str:
     return text
 
 
-def run_job(
+@dataclass
+class PreparedJob:
+    """A job's cache compressed and past its question tail, ready to decode (`prepare_job`), and what its row needs."""
+
+    job_cache: JobCache
+    meter: RowMeter
+    pre: Prefill
+    logits: torch.Tensor  # the logits the first generated token comes from
+    tail_seconds: float
+    kl_full: float | None
+    reference: fidelity.Reference | None
+
+
+def prepare_job(
     lm: LoadedModel,
     sample: Sample,
     prompt: Prompt,
@@ -155,9 +168,9 @@ def run_job(
     stopwatch: Stopwatch,
     prefill_stats: Any = None,
     reference: fidelity.Reference | None = None,
-) -> dict[str, Any]:
-    """One job's row for a prefilled prompt: compress a copy of `pre` (or a chunked prefill's own cache), feed the
-    question tail, decode greedily, score, and measure entries, bytes, times and fidelity."""
+) -> PreparedJob:
+    """Compress a copy of `pre` (or a chunked prefill's own cache) by the job, feed the question tail and take the
+    fidelity KL: everything a row does before decoding."""
     chunked = isinstance(pre, ChunkedPrefill)  # compressed between chunks already; this job's own cache
     tail = prompt.input_ids[split:]
     # The tail and every decode forward append to the cache: room for them is made once (by the compression's
@@ -184,13 +197,16 @@ def run_job(
     if tail:
         meter.after_tail()
     kl_full = fidelity.kl_to_reference(lm, cache, logits, reference)  # on a copy, before decoding (not timed)
-    stop_at_eos, stop, stop_strings = stop_rule(lm, sample)
-    decoded = greedy_decode(
-        lm, cache, logits, sample.max_new_tokens, meter.before_forward, stopwatch, stop_at_eos, stop
-    )
-    prediction = cut_at_stop(lm.tokenizer.decode(decoded.tokens, skip_special_tokens=True), stop_strings)
+    return PreparedJob(job_cache, meter, pre, logits, tail_phase.seconds, kl_full, reference)
+
+
+def finish_job(
+    lm: LoadedModel, sample: Sample, prepared: PreparedJob, decoded: Any, stopwatch: Stopwatch
+) -> dict[str, Any]:
+    """The row of a prepared job once `decoded` (a `generation.Decoded` or a batched decode's share) is known."""
+    prediction = cut_at_stop(lm.tokenizer.decode(decoded.tokens, skip_special_tokens=True), stop_rule(lm, sample)[2])
     return {
-        **meter.fields(pre, tail_phase.seconds, stopwatch),
+        **prepared.meter.fields(prepared.pre, prepared.tail_seconds, stopwatch),
         "max_layer_len_decode": decoded.max_layer_len,
         "decode_s": decoded.seconds,
         "tpot_s": decoded.seconds / decoded.steps if decoded.steps else None,
@@ -199,8 +215,37 @@ def run_job(
         "prediction": prediction,
         "score": score(sample.metric, prediction, sample.answers),
         "peak_mem_decode_bytes": decoded.peak_mem_bytes,
-        **fidelity.row_fields(reference, decoded.tokens, kl_full),
+        **fidelity.row_fields(prepared.reference, decoded.tokens, prepared.kl_full),
     }
+
+
+def run_job(
+    lm: LoadedModel,
+    sample: Sample,
+    prompt: Prompt,
+    split: int,
+    pre: Prefill,
+    job: Job,
+    options: RunOptions,
+    stopwatch: Stopwatch,
+    prefill_stats: Any = None,
+    reference: fidelity.Reference | None = None,
+) -> dict[str, Any]:
+    """One job's row for a prefilled prompt: compress a copy of `pre` (or a chunked prefill's own cache), feed the
+    question tail, decode greedily, score, and measure entries, bytes, times and fidelity."""
+    prepared = prepare_job(lm, sample, prompt, split, pre, job, options, stopwatch, prefill_stats, reference)
+    stop_at_eos, stop, _ = stop_rule(lm, sample)
+    decoded = greedy_decode(
+        lm,
+        prepared.job_cache.cache,
+        prepared.logits,
+        sample.max_new_tokens,
+        prepared.meter.before_forward,
+        stopwatch,
+        stop_at_eos,
+        stop,
+    )
+    return finish_job(lm, sample, prepared, decoded, stopwatch)
 
 
 class RowMeter:

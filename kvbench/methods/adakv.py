@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -56,6 +57,7 @@ class AdaKV(ScorerWrapper):
     line); alpha=0.2 (the official setting for GQA models; the paper's default without GQA is 0.5).
     """
 
+    batchable: ClassVar[bool] = True  # tested: tests/test_batched.py (head-padded layers stack like any other)
     alpha: float = 0.2
 
     def validate(self) -> None:

@@ -127,6 +127,10 @@ class Method:
     # Whether the method can compress sliding-window / chunked layers (`layers=all`), which hold only their window
     # rather than one slot per prompt token; methods whose scoring state is sized by the prompt declare False.
     compresses_bounded_layers: ClassVar[bool] = True
+    # Whether the compressed caches of several samples may decode together (`batch_size > 1`,
+    # `kvbench.harness.batched`): plain `KVLayer`s, no per-slot logit bias, nothing done during decoding. Declared in
+    # the method's own class body (not inherited), True only where batched rows are tested equal to batch-1 rows.
+    batchable: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         """Check or normalise the fields after construction (subclasses call the parent's). Default: nothing."""
@@ -156,6 +160,18 @@ class Method:
 
     def before_forward(self, cache: KVCache, ctx: CompressionContext, num_new: int) -> None:
         """Called before each forward after compression. Default: the cache only grows."""
+
+    def batch_refusal(self) -> str | None:
+        """Why this method cannot decode in a batch (None: it can); see `batchable`."""
+        if not vars(type(self)).get("batchable", False):
+            return "its cache or its decode-time work is not supported by batched decode (batchable methods: " + (
+                ", ".join(name for name in METHODS.names() if vars(METHODS.get(name)).get("batchable", False)) + ")"
+            )
+        if getattr(self, "decode_budget", None) is not None:
+            return "decode_budget evicts during decoding, per sequence"
+        if getattr(self, "decode_evict", False):
+            return "decode_evict=true evicts during decoding, per sequence (decode_evict=false batches)"
+        return None
 
     def rope_dependent(self) -> bool:
         """Whether this method moves, removes or re-applies the rotary embedding of cached keys or queries (it is

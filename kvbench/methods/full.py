@@ -15,3 +15,4 @@ class Full(Method):
     keeps_slot_subset: ClassVar[bool] = False  # never evicts: nothing for a slot-subset wrapper to work on
     plain_kv_layers: ClassVar[bool] = True
     position_only: ClassVar[bool] = True
+    batchable: ClassVar[bool] = True  # tested: tests/test_batched.py

@@ -27,6 +27,7 @@ class PyramidKV(SnapKV):
     """
 
     supports_chunked_prefill: ClassVar[bool] = True
+    batchable: ClassVar[bool] = True  # tested: tests/test_batched.py (layers of different lengths stack)
 
     beta: float = 20.0
 

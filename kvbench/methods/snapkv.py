@@ -31,6 +31,7 @@ class SnapKV(ScoringMethod):
     """
 
     supports_chunked_prefill: ClassVar[bool] = True
+    batchable: ClassVar[bool] = True  # tested: tests/test_batched.py
 
     window: int = 32
     kernel: int = 7

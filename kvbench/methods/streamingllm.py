@@ -36,6 +36,7 @@ class StreamingLLM(Method):
     keeps_slot_subset: ClassVar[bool] = True
     plain_kv_layers: ClassVar[bool] = True
     position_only: ClassVar[bool] = True
+    batchable: ClassVar[bool] = True  # with decode_evict=false (`batch_refusal`); tested: tests/test_batched.py
 
     n_sink: int = 4
     rerotate: bool = False
