@@ -10,7 +10,7 @@ from kvbench.engine.cache import IndexMappedObserver, KVCache, KVLayer
 from kvbench.engine.generation import forward_tokens
 from kvbench.engine.kernels.window_attention import aggregate_gqa, window_attention
 from kvbench.methods.base import CompressionContext, Method, register_method
-from kvbench.methods.scoring import SweepShared, mask_to_indices, shared_slot
+from kvbench.methods.scoring import SweepShared, mask_to_indices, require_one_slot_per_token, sweep_shared_scores
 
 AGGREGATIONS = ("max", "mean")
 # Added to the first `keep_token_lower_bound` composite scores so that every layer keeps at least that many.
@@ -191,18 +191,8 @@ class KVCompose(Method):
         return torch.stack([head_top_mask(scores[i], counts[i]) for i in range(num_layers)])
 
     def compress(self, cache: KVCache, ctx: CompressionContext) -> None:
-        if any(layer.get_seq_length() != ctx.prompt_len or layer.evicted for layer in cache.layers):
-            raise ValueError("kvcompose compresses a full prefilled cache (one slot per prompt token in every layer)")
-        shared = shared_slot(ctx.prefill_stats)
-        key = (ctx.prompt_len, tuple(ctx.input_ids))
-        cached = shared.get(key) if shared else None
-        if cached is None:
-            scores = self.head_scores(cache, ctx)
-            if shared:
-                shared.put(key, (scores, dict(ctx.record)))
-        else:
-            scores, record = cached
-            ctx.record.update(record, kvcompose_scores_shared=True)  # computed by an earlier budget of this sweep
+        require_one_slot_per_token("kvcompose", cache.layers, ctx.prompt_len)
+        scores = sweep_shared_scores(ctx, "kvcompose", lambda: self.head_scores(cache, ctx))
         masks = self.keep_masks(scores, ctx.budget)
         per_layer = masks.sum(dim=-1)
         ctx.record["kvcompose_layer_budget_min"] = int(per_layer.min())

@@ -9,7 +9,7 @@ import torch
 from kvbench.engine.cache import KVCache, KVLayer
 from kvbench.engine.generation import forward_tokens
 from kvbench.methods.base import CompressionContext, Method, register_method
-from kvbench.methods.scoring import SweepShared, mask_to_indices, shared_slot
+from kvbench.methods.scoring import SweepShared, mask_to_indices, require_one_slot_per_token, sweep_shared_scores
 
 FIRST_REPEAT_PROMPT = "\n\nRepeat the previous context exactly."
 NEXT_REPEAT_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with "
@@ -170,18 +170,8 @@ class KVzip(Method):
         return SweepShared()  # the scores do not depend on the budget: one scoring pass per sample
 
     def compress(self, cache: KVCache, ctx: CompressionContext) -> None:
-        if any(layer.get_seq_length() != ctx.prompt_len or layer.evicted for layer in cache.layers):
-            raise ValueError("kvzip compresses a full prefilled cache (one slot per prompt token in every layer)")
-        shared = shared_slot(ctx.prefill_stats)
-        key = (ctx.prompt_len, tuple(ctx.input_ids))
-        cached = shared.get(key) if shared else None
-        if cached is None:
-            scores = self.score(cache, ctx)
-            if shared:
-                shared.put(key, (scores, dict(ctx.record)))
-        else:
-            scores, record = cached
-            ctx.record.update(record, kvzip_scores_shared=True)  # computed by an earlier budget of this sweep
+        require_one_slot_per_token("kvzip", cache.layers, ctx.prompt_len)
+        scores = sweep_shared_scores(ctx, "kvzip", lambda: self.score(cache, ctx))
         keep = global_topk_mask(scores, ctx.budget * scores.shape[0] * scores.shape[1])
         for layer, mask in zip(cache.layers, keep, strict=True):
             layer.keep(*mask_to_indices(mask))

@@ -4,6 +4,7 @@ shared with the fused kernels whose torch reference they are. All softmax statis
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -109,3 +110,25 @@ class SweepShared:
 def shared_slot(ctx_prefill_stats: Any) -> SweepShared | None:
     """The sweep-shared holder in `ctx.prefill_stats`, or None (direct calls, chunked prefill)."""
     return ctx_prefill_stats if isinstance(ctx_prefill_stats, SweepShared) else None
+
+
+def sweep_shared_scores(ctx: Any, name: str, compute: Callable[[], Any]) -> Any:
+    """Budget-independent scores of this prompt: `compute()` once per sample, then reused by every later budget of
+    the sweep (`SweepShared`). The record `compute` wrote is replayed with `<name>_scores_shared=True` on reuse."""
+    shared = shared_slot(ctx.prefill_stats)
+    key = (ctx.prompt_len, tuple(ctx.input_ids))
+    cached = shared.get(key) if shared else None
+    if cached is not None:
+        scores, record = cached
+        ctx.record.update(record, **{f"{name}_scores_shared": True})  # computed by an earlier budget of this sweep
+        return scores
+    scores = compute()
+    if shared:
+        shared.put(key, (scores, dict(ctx.record)))
+    return scores
+
+
+def require_one_slot_per_token(name: str, layers: Any, prompt_len: int) -> None:
+    """Methods that score every prompt token of every layer with an extra pass need the untouched prefill."""
+    if any(layer.get_seq_length() != prompt_len or layer.evicted for layer in layers):
+        raise ValueError(f"{name} compresses a full prefilled cache (one slot per prompt token in every layer)")
