@@ -15,6 +15,7 @@ from kvbench.engine.cache import PAD_POSITION, KVCache
 from kvbench.engine.generation import prefill
 from kvbench.engine.measure import Stopwatch
 from kvbench.harness.sample import Sample
+from kvbench.methods import build_method
 from kvbench.methods.base import CompressionContext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +71,16 @@ def prefilled(lm, budget: int, window: int, cache_dir=None) -> tuple[KVCache, Co
     pre = prefill(lm, ids, window, Stopwatch(lm.device))
     ctx = CompressionContext.for_prompt(lm, budget, len(ids), pre, input_ids=ids, cache_dir=cache_dir)
     return pre.cache, ctx
+
+
+def compressed_copy(lm, cfg: dict, budget: int, window: int = 8):
+    """The tiny model's prefilled cache, and a copy compressed by the method `cfg` (its observer attached)."""
+    method = build_method(cfg)
+    cache, ctx = prefilled(lm, budget, max(window, method.window_queries_needed()))
+    compressed = cache.copy()
+    method.setup(compressed, ctx)
+    method.compress(compressed, ctx)
+    return method, cache, compressed, ctx
 
 
 def assert_kept_slots_are_untouched(original: KVCache, compressed: KVCache, skip_biased: bool = False) -> None:

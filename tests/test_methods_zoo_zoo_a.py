@@ -27,7 +27,7 @@ from kvbench.methods.cur import cur_scores
 from kvbench.methods.keydiff import keydiff_scores
 from kvbench.methods.leverage import gaussian_sketch, leverage_scores, zscore
 from kvbench.methods.noncausal import noncausal_chunk_attention
-from tests.helpers import assert_kept_slots_are_untouched, needle_sample, prefilled
+from tests.helpers import assert_kept_slots_are_untouched, compressed_copy, needle_sample
 
 
 def hand_layer(keys: torch.Tensor, values: torch.Tensor | None = None) -> KVLayer:
@@ -46,16 +46,6 @@ def run_rows(lm, cfg: dict, budget: int, compress: str = "prompt") -> dict[str, 
     jobs = [Job(build_method({"name": "full"}), None, "full"), Job(build_method(cfg), budget, "m")]
     rows = run_sample(lm, needle_sample(8), jobs, RunOptions(compress=compress, seed=0, fail_fast=True))
     return {job.key: row for job, row in rows}
-
-
-def compressed_copy(lm, cfg: dict, budget: int, window: int = 8):
-    """The tiny model's prefilled cache, and a copy compressed by the method `cfg` (observer attached)."""
-    method = build_method(cfg)
-    cache, ctx = prefilled(lm, budget, max(window, method.window_queries_needed()))
-    compressed = cache.copy()
-    method.setup(compressed, ctx)
-    method.compress(compressed, ctx)
-    return method, cache, compressed, ctx
 
 
 def kept_positions(layer: KVLayer) -> list[list[int]]:

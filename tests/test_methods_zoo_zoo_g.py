@@ -12,17 +12,7 @@ import pytest
 import torch
 
 from kvbench.methods import build_method
-from tests.helpers import assert_kept_slots_are_untouched, prefilled
-
-
-def compressed_copy(lm, cfg: dict, budget: int, window: int = 8):
-    """The tiny model's prefilled cache, and a copy compressed by the method `cfg`."""
-    method = build_method(cfg)
-    cache, ctx = prefilled(lm, budget, max(window, method.window_queries_needed()))
-    compressed = cache.copy()
-    method.setup(compressed, ctx)
-    method.compress(compressed, ctx)
-    return method, cache, compressed, ctx
+from tests.helpers import assert_kept_slots_are_untouched, compressed_copy
 
 
 def reference_selection(scores: list[list[float]], chunk: int, spiky_keep: int, keep: int) -> list[int]:
