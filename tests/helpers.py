@@ -30,6 +30,19 @@ def store_row(key: str, status: str = "ok", extra: dict | None = None) -> dict:
     return {"key": key, "status": status, **identity, "compress": "prompt", **(extra or {})}
 
 
+def sky_sample(repeats: int = 12, max_new_tokens: int = 4) -> Sample:
+    """A short repeated-sentence prompt whose answer ("blue") is in the context."""
+    return Sample(
+        sample_id="s",
+        context=" ".join(["The grass is green. The sky is blue."] * repeats),
+        question="What colour is the sky?",
+        answer_prefix="The sky is",
+        answers=["blue"],
+        metric="string_match_all",
+        max_new_tokens=max_new_tokens,
+    )
+
+
 def needle_sample(max_new_tokens: int = 10) -> Sample:
     """A short noise haystack with one magic number: enough tokens for budgets of 32-64 on the tiny model."""
     return Sample(

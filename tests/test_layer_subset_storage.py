@@ -16,8 +16,8 @@ from kvbench.engine.cache import KVCache, LayerSubset
 from kvbench.engine.generation import forward_tokens
 from kvbench.engine.quant.layer import QuantKVLayer, quantize_cache
 from kvbench.harness.options import RunOptions
-from kvbench.harness.sample import Sample
 from kvbench.methods.kivi import KIVI
+from tests.helpers import sky_sample
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +45,7 @@ def test_replacing_all_layers_of_a_subset_replaces_them_in_the_full_cache(gemma3
 
 
 def test_kivi_rows_hold_quantised_full_layers_and_untouched_sliding_layers(gemma3_tiny):
-    sample = Sample(
-        sample_id="s",
-        context=" ".join(["The grass is green. The sky is blue."] * 12),
-        question="What colour is the sky?",
-        answer_prefix="The sky is",
-        answers=["blue"],
-        metric="string_match_all",
-        max_new_tokens=4,
-    )
+    sample = sky_sample()
     method = api.build_method("kivi", residual_length=32)  # a short fp residual: most of the prompt is 2-bit codes
     rows = api.evaluate(gemma3_tiny, [sample], [method], [None], include_full=True, kernels="torch")
     by_label = {row["method"]: row for row in rows}

@@ -23,6 +23,7 @@ from kvbench.engine.measure import Stopwatch
 from kvbench.harness.options import RunOptions
 from kvbench.harness.sample import Sample
 from kvbench.report import format_table, summarize
+from tests.helpers import sky_sample
 
 PROMPT = 100
 NEW_TOKENS = 20
@@ -134,15 +135,7 @@ def test_state_bytes_are_counted_and_never_compressed(tmp_path_factory):
 
 
 def sample() -> Sample:
-    return Sample(
-        sample_id="s",
-        context=" ".join(["The grass is green. The sky is blue."] * 10),
-        question="What colour is the sky?",
-        answer_prefix="The sky is",
-        answers=["blue"],
-        metric="string_match_all",
-        max_new_tokens=4,
-    )
+    return sky_sample(repeats=10)
 
 
 @pytest.mark.parametrize("layers", ["global", "all"])
