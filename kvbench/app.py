@@ -34,7 +34,7 @@ from kvbench.report import format_table, rows_frame, summarize
 from kvbench.report.figures import accuracy_vs_budget
 from kvbench.report.task_figures import task_figures
 from kvbench.scenarios import conversation, edit, scenario_of, segments
-from kvbench.scenarios.dialogue import Turn, dialogue_pieces, overflow_turn
+from kvbench.scenarios.dialogue import Turn, dialogue_pieces
 from kvbench.scenarios.modes import check_compress_setting
 from kvbench.tasks import Sample, build_task
 from kvbench.tasks.base import PlannedSample, check_prefill_chunk
@@ -98,12 +98,7 @@ def check_scenario(lm: LoadedModel, sample: Sample, jobs: list[Job], options: Ru
             conversation.check_job(job, older)
         turns = [Turn.from_dict(turn) for turn in sample.meta["turns"]]
         pieces = dialogue_pieces(lm.tokenizer, turns, sample.use_chat_template)
-        overflow = overflow_turn(pieces, turns, lm.max_context)
-        if overflow is not None:
-            raise ValueError(
-                f"{sample.sample_id} overflows the model's context of {lm.max_context} tokens at turn {overflow[0]} "
-                f"(up to {overflow[1]} tokens by its end); use fewer or shorter turns"
-            )
+        conversation.check_dialogue_fits(sample.sample_id, pieces, turns, lm.max_context)
     elif scenario in ASSEMBLED_SCENARIOS:
         check_compress_setting(options, jobs, scenario)
 

@@ -57,6 +57,16 @@ from kvbench.scenarios.dialogue import POLICIES, SCENARIO, Pieces, Turn, dialogu
 __all__ = ["POLICIES", "SCENARIO", "run_conversation"]
 
 
+def check_dialogue_fits(sample_id: str, pieces: Pieces, turns: list[Turn], max_context: int) -> None:
+    """Refuse a dialogue whose turns may run past the model's context, naming the first turn that does."""
+    overflow = overflow_turn(pieces, turns, max_context)
+    if overflow is not None:
+        raise ValueError(
+            f"{sample_id} overflows the model's context of {max_context} tokens at turn {overflow[0]} "
+            f"(up to {overflow[1]} tokens by its end); use fewer or shorter turns"
+        )
+
+
 def check_job(job: Job, older: int | None) -> None:
     """One-line refusals of settings the conversation cannot honour (before any model work)."""
     if isinstance(job.budget, float):
@@ -375,12 +385,7 @@ def run_conversation(
         return
     try:
         pieces = dialogue_pieces(lm.tokenizer, turns, sample.use_chat_template)
-        overflow = overflow_turn(pieces, turns, lm.max_context)
-        if overflow is not None:
-            raise ValueError(
-                f"{sample.sample_id} overflows the model's context of {lm.max_context} tokens at turn {overflow[0]} "
-                f"(up to {overflow[1]} tokens by its end)"
-            )
+        check_dialogue_fits(sample.sample_id, pieces, turns, lm.max_context)
         pre, observers = shared_prefill(lm, pieces.user[0], [job.method for job in runnable], Stopwatch(lm.device))
     except Exception as err:
         if settings.fail_fast:
