@@ -28,10 +28,12 @@ from kvbench.harness.chunked import check_chunked_methods
 from kvbench.harness.options import RunOptions
 from kvbench.harness.results import ResultsStore, manifest
 from kvbench.harness.runner import Job
+from kvbench.harness.serving import check_memory, run_serving, samples_by_context, weight_bytes
 from kvbench.methods import build_method
 from kvbench.methods.base import Method
 from kvbench.report import format_table, rows_frame, summarize
 from kvbench.report.figures import accuracy_vs_budget
+from kvbench.report.serving import serving_report
 from kvbench.report.task_figures import task_figures
 from kvbench.scenarios import conversation, edit, scenario_of, segments
 from kvbench.scenarios.dialogue import Turn, dialogue_pieces
@@ -122,6 +124,8 @@ def prepare(cfg: Any) -> PreparedRun:
     config = OmegaConf.to_container(cfg, resolve=True)
     store.check_config(config)
     lm = load_model(cfg.model)
+    if settings.serving is not None:  # a memory budget below the weights: refused before any forward
+        check_memory(settings.serving, weight_bytes(lm.model))
     api.check_model(lm, [method], settings.options.layers)
     check_batch([method], settings.options, lm)  # the architecture: known once loaded, before any forward
     if hasattr(task, "check_model"):  # model-dependent task checks (scenarios that re-rotate cached keys)
@@ -173,6 +177,39 @@ def first_then(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
     del first
     yield holder.pop()
     yield from rest
+
+
+def serving_samples(prepared: PreparedRun) -> list[Sample]:
+    """The task's samples again (the row loop consumed the stream), the first `samples_per_context` of each
+    context length: what the serving phase prefills."""
+    wanted = prepared.settings.serving.samples_per_context
+    planned = prepared.task.planned_samples(prepared.lm.tokenizer, prepared.lm.max_context)
+    if prepared.settings.max_samples is not None:
+        planned = itertools.islice(planned, prepared.settings.max_samples)
+    samples = [item.build() if isinstance(item, PlannedSample) else item for item in planned]
+    return [sample for group in samples_by_context(samples, wanted).values() for sample in group]
+
+
+def serving_phase(prepared: PreparedRun) -> tuple[list[Path], str]:
+    """`experiment=serving`: the serving rows (`kvbench.harness.serving`) appended to the run's store, then the
+    serving tables and figures from every serving row of the run (the jobs of a sweep share it)."""
+    settings, store, lm = prepared.settings, prepared.store, prepared.lm
+    model_name = str(prepared.config.get("model", {}).get("name", "model"))
+    rows = run_serving(
+        lm,
+        model_name,
+        serving_samples(prepared),
+        lambda sample: api.plan(lm, sample, prepared.methods, prepared.options),
+        prepared.options,
+        settings.serving,
+        store.done_keys(),
+    )
+    for row in tqdm(rows, desc="serving", disable=not settings.progress, unit="row"):
+        # the resume checks and the run's summary read these fields; the fingerprint names no sample
+        row.update(status="ok", sample_fingerprint=f"serving:{row['context']}", compress=prepared.options.compress)
+        store.append(row, once=True)
+    with summary_lock(settings.run_dir):
+        return serving_report(store.latest_rows(), settings.run_dir)
 
 
 def run(cfg: Any) -> dict[str, Any]:
@@ -278,6 +315,10 @@ def execute(prepared: PreparedRun) -> dict[str, Any]:
             task.name, frame, settings.run_dir
         )
     table = format_table(summary)
+    if settings.serving is not None:
+        serving_files, serving_text = serving_phase(prepared)
+        figures += serving_files
+        table += f"\n\nserving ({settings.run_dir / 'serving.md'}):\n{serving_text}"
     if unfinished:  # the other process is still computing them (or was stopped): say the summary lacks them
         table += (
             f"\nnote: {len(unfinished)} rows claimed by another process sharing this run are not stored yet (still "

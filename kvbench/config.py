@@ -22,6 +22,7 @@ from kvbench.harness.budget import parse_budget
 from kvbench.harness.chunked import check_chunked_methods, parse_prefill_chunk
 from kvbench.harness.options import RunOptions, check_compress
 from kvbench.harness.results import ResultsStore, config_differences
+from kvbench.harness.serving import ServingSettings
 from kvbench.methods import METHODS, build_method
 from kvbench.registry import UnknownNameError, check_field, unknown_name_message
 from kvbench.report import check_x_axis
@@ -68,6 +69,7 @@ class RunSettings:
     threads: int | None
     x_axis: str = "budget"  # summary order / accuracy figure x axis (kvbench.report.X_AXES)
     results_root: Path | None = None  # results_dir, absolute
+    serving: ServingSettings | None = None  # experiment=serving: the serving phase after the rows
 
 
 def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
@@ -146,6 +148,12 @@ def validate(cfg: Any) -> RunSettings:
         raise ConfigError(str(err)) from None
     check_output_names(results_dir, run_name)
     run_dir = run_dir_for(results_dir, run_name)
+    try:
+        serving = ServingSettings.parse(cfg.serving) if cfg.get("serving") is not None else None
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if serving is not None and options_device_is_cuda(cfg):
+        check_memory_fits_device(serving)
     options = RunOptions(
         budgets=parse_budgets(cfg),
         compress=compress,
@@ -167,7 +175,24 @@ def validate(cfg: Any) -> RunSettings:
         threads=threads,
         x_axis=x_axis,
         results_root=Path(to_absolute_path(results_dir)).resolve(),
+        serving=serving,
     )
+
+
+def options_device_is_cuda(cfg: Any) -> bool:
+    """Whether the model will run on CUDA (`model.device`: cuda, cuda:N, or auto with a GPU)."""
+    device = str((cfg.get("model") or {}).get("device", "cpu"))
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+
+
+def check_memory_fits_device(serving: ServingSettings) -> None:
+    """On CUDA a memory budget is validated by allocating it: one larger than the device is refused up front."""
+    total = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 0
+    for memory in serving.memory_gib:
+        if memory * 2**30 > total:
+            raise ConfigError(
+                f"serving.memory_gib={memory:g} is more than the GPU holds ({total / 2**30:.1f} GiB); lower it"
+            )
 
 
 def _node_keys(cfg: Any, path: list[str]) -> list[str] | None:

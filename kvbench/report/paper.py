@@ -12,6 +12,7 @@ import pandas as pd
 from kvbench.report.figures import accuracy_figure, every_task_figure, run_title
 from kvbench.report.plots import method_colors
 from kvbench.report.runs import ReportInputError, load_runs
+from kvbench.report.serving import serving_report
 from kvbench.report.summary import X_AXES
 from kvbench.report.tables import paper_table, task_names, to_latex, to_markdown
 
@@ -59,4 +60,7 @@ def build_report(runs: list[str | Path], out: str | Path, label_by_setting: bool
     for x_axis in X_AXES:  # budget, kv_mib, bits_per_element (only when rows have it)
         files += accuracy_figure(frame, out, x_axis, colors)
     files += every_task_figure(frame, out)
+    serving = [row for run in loaded for row in run.serving_rows]
+    if serving:  # experiment=serving runs: their serving tables and figures beside the accuracy table
+        files += serving_report([*serving, *(row for run in loaded for row in run.rows)], out)[0]
     return {"table": table, "markdown": markdown, "files": files, "frame": frame}

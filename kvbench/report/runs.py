@@ -9,6 +9,7 @@ carries a `setting` label built from exactly those keys, so no table cell or cur
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from kvbench.harness.results import SAMPLES_FILE, ResultsStore
+from kvbench.report.serving import split_rows
 from kvbench.report.summary import rows_frame
 
 # Top-level config keys that choose what is run inside a setting (methods, budgets) or how (progress, paths).
@@ -38,6 +40,7 @@ class Run:
     setting: dict[str, Any]  # flattened "model.name" -> value
     manifest: dict[str, Any]
     config: dict[str, Any]  # the run's config.yaml ({} for adapter rows)
+    serving_rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # experiment=serving's own rows
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -67,13 +70,13 @@ def load_run(path: str | Path) -> Run:
     path = Path(path)
     if not (path / SAMPLES_FILE).exists():
         raise ReportInputError(f"no rows in {path}: {SAMPLES_FILE} is missing (pass a results/<run> directory)")
-    rows = ResultsStore(path).latest_rows()
+    serving, rows = split_rows(ResultsStore(path).latest_rows())
     if not rows:
         raise ReportInputError(f"no rows in {path}: {path / SAMPLES_FILE} is empty")
     manifest = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").exists() else {}
     config_path = path / "config.yaml"
     config = OmegaConf.to_container(OmegaConf.load(config_path)) if config_path.exists() else {}
-    return Run(path, rows, run_setting(manifest, config), manifest, config)
+    return Run(path, rows, run_setting(manifest, config), manifest, config, serving)
 
 
 def differing_keys(runs: list[Run]) -> list[str]:
