@@ -64,7 +64,8 @@ class ServingSettings:
         if unknown:
             raise ValueError(f"serving.{unknown[0]} is not a serving setting; valid: {', '.join(sorted(known))}")
         memory = node.get("memory_gib", 1.0)
-        memory = list(memory) if isinstance(memory, list | tuple) or hasattr(memory, "__len__") else [memory]
+        # a list (a Hydra ListConfig too) or one number
+        memory = [memory] if isinstance(memory, str) or not hasattr(memory, "__iter__") else list(memory)
         if not memory:
             raise ValueError("serving.memory_gib must name at least one memory budget (GiB)")
         for value in memory:
