@@ -11,6 +11,8 @@
 #   7 bench_overhead kvbench vs transformers generate, Llama-3.1-8B shape, 8K/32K (+128K)  -> bench_overhead*.csv
 #   8 efficiency   reduced experiment=efficiency_8b: 8K/32K/128K, snapkv@1024, one-shot vs chunked:1024
 #                                                                                          -> efficiency.csv
+#   9 serving      reduced experiment=serving_8b: 8K/32K, full and snapkv@1024, batch 1/8/32 and the capacity
+#                  at 40 and 76 GiB (validated by allocating it)             -> serving.csv, serving_batches.csv
 # Every step has a time limit (the remaining budget of 470 s caps it); a failing step is logged and the next runs.
 # steps.csv lists each step's status and seconds; the exit status is the number of failed steps.
 #
@@ -128,7 +130,14 @@ efficiency() {
     cp "$OUT/runs/efficiency_reduced/efficiency.csv" "$OUT/efficiency.csv"
 }
 
-export -f environment install_missing tokenizer kvbench niah_kernels efficiency
+serving() {
+    # experiment=serving_8b reduced to the full cache and snapkv@1024 (the shape and contexts of its config, or the
+    # overrides given): bytes per sequence, capacity, batched decode throughput up to capacity
+    kvbench experiment=serving_8b method=snapkv run_name=serving_reduced "$@" || return 1
+    cp "$OUT/runs/serving_reduced/serving.csv" "$OUT/runs/serving_reduced/serving_batches.csv" "$OUT/"
+}
+
+export -f environment install_missing tokenizer kvbench niah_kernels efficiency serving
 export MODE OUT PY WHEELS TOK
 step env 120 environment
 step deps 90 install_missing
@@ -142,6 +151,7 @@ if [ "$MODE" = gpu ]; then
     step bench_overhead 120 "$PY" scripts/bench_overhead.py --model llama31_8b_random --set "model.tokenizer=$TOK" \
         --lengths 8192,32768 --new-tokens 16 --rounds 2 --csv "$OUT/bench_overhead.csv"
     step efficiency 150 efficiency llama31_8b_random "[8192,32768,131072]" 1024 cuda
+    step serving 150 serving model.device=cuda
     step bench_overhead_128k 90 "$PY" scripts/bench_overhead.py --model llama31_8b_random \
         --set "model.tokenizer=$TOK" --lengths 131072 --new-tokens 16 --rounds 1 --csv "$OUT/bench_overhead_128k.csv"
 else
@@ -155,6 +165,9 @@ else
         --set model.device=cpu --lengths 256,512 --new-tokens 4 --rounds 1 --impls kvbench,transformers,kvbench_concat \
         --csv "$OUT/bench_overhead.csv"
     step efficiency 200 efficiency tiny_random "[256,512]" 128 cpu
+    step serving 200 serving model=tiny_random model.device=cpu "task.lengths=[128,256]" "budget=[32]" \
+        "serving.memory_gib=[0.015,0.02]" serving.activation_reserve_gib=0.001 "serving.batch_sizes=[1,2]" \
+        serving.max_batch=512 serving.decode_tokens=4
 fi
 echo "--- steps ($(($(date +%s) - START)) s in total, $FAILED failed)" | tee -a "$LOG"
 column -s, -t < "$OUT/steps.csv" | tee -a "$LOG"

@@ -342,6 +342,7 @@ def job_rows(
             [*settings.batch_sizes, len(prefilled)], capacity(int(largest * GIB), weights, reserve, per_sequence),
             f"{job.method.label()} at budget {job.budget} and {context} tokens in serving.memory_gib={largest:g}",
         )  # fmt: skip
+    held_prefills = sum(one.pre.cache.kv_bytes() for one in prefilled)
     timings = {calibration.batch: calibration}
 
     def timed(batch: int) -> Timed:
@@ -368,8 +369,11 @@ def job_rows(
             one = timed(cap)
             row.update(timing_fields(one, weights, mean_kv), timed=True)
             if lm.device.type == "cuda" and one.peak_device_bytes is not None:
-                # the capacity batch really decoded: did the device's peak (weights included) stay in the budget?
-                row["capacity_validated"] = one.peak_device_bytes <= memory * GIB
+                # The capacity batch really decoded: did the device's peak (weights, caches, activations) stay in
+                # the budget? The distinct samples' uncompressed prefills, held only to build the batch, are not
+                # part of serving it and are subtracted.
+                served_peak = one.peak_device_bytes - held_prefills
+                row.update(peak_mem_serving_bytes=served_peak, capacity_validated=served_peak <= memory * GIB)
         yield row
 
 
