@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from kvbench.engine.architecture import compressible_layers
 from kvbench.engine.batched import Sequence, batched_greedy_decode
 from kvbench.engine.measure import Stopwatch
 from kvbench.engine.models import LoadedModel
@@ -166,8 +167,6 @@ class Prefilled:
 
 def prefill_samples(lm: LoadedModel, samples: list[Sample], jobs: list[Job], options: RunOptions) -> list[Prefilled]:
     """Prefill each sample once for every job (as `run_sample` does)."""
-    from kvbench.engine.architecture import compressible_layers
-
     out = []
     layers = compressible_layers(lm.layer_specs, options.layers)
     for sample in samples:
