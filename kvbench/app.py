@@ -28,7 +28,7 @@ from kvbench.harness.chunked import check_chunked_methods
 from kvbench.harness.options import RunOptions
 from kvbench.harness.results import ResultsStore, manifest
 from kvbench.harness.runner import Job
-from kvbench.harness.serving import check_memory, run_serving, samples_by_context, weight_bytes
+from kvbench.harness.serving import check_memory, check_serving_batches, run_serving, samples_by_context, weight_bytes
 from kvbench.methods import build_method
 from kvbench.methods.base import Method
 from kvbench.report import format_table, rows_frame, summarize
@@ -119,6 +119,10 @@ def prepare(cfg: Any) -> PreparedRun:
     task = build_task(cfg.task)
     check_prefill_chunk(task.scenario, settings.options.prefill_chunk)
     check_batch(api.with_full([method], settings.include_full), settings.options, scenario=task.scenario)
+    if settings.serving is not None:
+        check_serving_batches(
+            api.with_full([method], settings.include_full), settings.options, settings.serving, None, task.scenario
+        )
     store = ResultsStore(settings.run_dir)
     store.check_writable()
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -128,6 +132,8 @@ def prepare(cfg: Any) -> PreparedRun:
         check_memory(settings.serving, weight_bytes(lm.model))
     api.check_model(lm, [method], settings.options.layers)
     check_batch([method], settings.options, lm)  # the architecture: known once loaded, before any forward
+    if settings.serving is not None:
+        check_serving_batches([method], settings.options, settings.serving, lm)
     if hasattr(task, "check_model"):  # model-dependent task checks (scenarios that re-rotate cached keys)
         task.check_model(lm)
     methods = api.with_full([method], settings.include_full)

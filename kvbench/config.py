@@ -22,7 +22,7 @@ from kvbench.harness.budget import parse_budget
 from kvbench.harness.chunked import check_chunked_methods, parse_prefill_chunk
 from kvbench.harness.options import RunOptions, check_compress
 from kvbench.harness.results import ResultsStore, config_differences
-from kvbench.harness.serving import ServingSettings
+from kvbench.harness.serving import ServingSettings, check_serving_batches
 from kvbench.methods import METHODS, build_method
 from kvbench.registry import UnknownNameError, check_field, unknown_name_message
 from kvbench.report import check_x_axis
@@ -412,6 +412,8 @@ def check_values(cfg: Any) -> RunSettings:
     task = build_task(cfg.task)
     check_prefill_chunk(task.scenario, settings.options.prefill_chunk)
     check_batch([method], settings.options, scenario=task.scenario)
+    if settings.serving is not None:
+        check_serving_batches([method], settings.options, settings.serving, scenario=task.scenario)
     return settings
 
 

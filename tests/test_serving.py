@@ -10,6 +10,8 @@ import random
 import pytest
 
 from kvbench import app
+from kvbench.api import build_method
+from kvbench.harness.options import RunOptions
 from kvbench.harness.sample import Sample
 from kvbench.harness.serving import (
     GIB,
@@ -17,6 +19,7 @@ from kvbench.harness.serving import (
     capacity,
     check_batches_fit,
     check_memory,
+    check_serving_batches,
     kv_share,
     samples_by_context,
     weight_bytes,
@@ -93,7 +96,9 @@ def test_memory_below_the_weights_and_batch_above_capacity_are_refused():
 
 
 def test_samples_by_context_keeps_the_first_of_each_length():
-    samples = [Sample(f"s{i}", "c", "q", "", [], "string_match_all", 4, meta={"length": 100 * (i % 2 + 1)}) for i in range(7)]
+    samples = [
+        Sample(f"s{i}", "c", "q", "", [], "string_match_all", 4, meta={"length": 100 * (i % 2 + 1)}) for i in range(7)
+    ]
     groups = samples_by_context(samples, 2)
     assert {length: [s.sample_id for s in group] for length, group in groups.items()} == {
         100: ["s0", "s2"],
@@ -107,6 +112,19 @@ def test_cli_refuses_a_memory_budget_below_the_weights_before_any_row(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kvbench: error: serving.memory_gib=0.001 cannot hold the weights")
     assert not (tmp_path / "out").exists()
+
+
+def test_serving_refuses_what_batched_decode_refuses_in_one_line(tiny_lm):
+    settings = ServingSettings.parse({"batch_sizes": [1, 4], "samples_per_context": 2})
+    methods = [build_method("full")]
+    with pytest.raises(ValueError) as err:
+        check_serving_batches(methods, RunOptions(), settings, scenario="conversation")
+    message = str(err.value)
+    assert message.startswith("experiment=serving decodes in batches: batch_size=4 cannot run the conversation")
+    assert "\n" not in message
+    with pytest.raises(ValueError, match=r"^experiment=serving decodes in batches: batch_size=4 cannot run with pre"):
+        check_serving_batches(methods, RunOptions(prefill_chunk=8), settings)
+    check_serving_batches(methods, RunOptions(), settings, tiny_lm)
 
 
 def test_serving_run_writes_rows_tables_and_figures_and_resumes(tmp_path, tiny_lm):

@@ -23,6 +23,7 @@ turns them and the ordinary rows (output-length shift) into the serving table an
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ from kvbench.engine.architecture import compressible_layers
 from kvbench.engine.batched import Sequence, batched_greedy_decode
 from kvbench.engine.measure import Stopwatch
 from kvbench.engine.models import LoadedModel
+from kvbench.harness.batched import check_batch
 from kvbench.harness.options import RunOptions
 from kvbench.harness.prompt import build_prompt
 from kvbench.harness.results import stable_hash
@@ -109,6 +111,22 @@ def capacity(memory_bytes: int, weights: int, reserve: int, per_sequence: int) -
     if per_sequence <= 0:
         raise ValueError(f"a sequence must occupy some bytes, got {per_sequence}")
     return max(0, (memory_bytes - weights - reserve) // per_sequence)
+
+
+def check_serving_batches(
+    methods: list[Any],
+    options: RunOptions,
+    settings: ServingSettings,
+    lm: LoadedModel | None = None,
+    scenario: str | None = None,
+) -> None:
+    """The serving phase decodes in batches: what `batch_size > 1` refuses (`harness.batched.check_batch`), it
+    refuses too, in one line, before any model work (`lm`: the architecture check once the model is loaded)."""
+    largest = max([*settings.batch_sizes, settings.samples_per_context, 2])
+    try:
+        check_batch(methods, dataclasses.replace(options, batch_size=largest), lm, scenario)
+    except ValueError as err:
+        raise ValueError(f"experiment=serving decodes in batches: {err}") from None
 
 
 def check_memory(settings: ServingSettings, weights: int) -> None:
@@ -190,6 +208,7 @@ class Timed:
     padding: float
     attention: str
     start_bytes: list[int]  # each sequence's cache after compression
+    end_by_type: dict[str, int]  # the largest sequence's end-of-decode bytes per layer type (full, sliding, state)
     end_bytes: list[int]  # each sequence's cache after its last decode step
     peak_device_bytes: int | None  # the decode's peak device memory (CUDA: allocated; CPU: RSS)
     compress_seconds: float  # per sequence: its job's setup + compression
@@ -213,9 +232,11 @@ def time_batch(
     compress_seconds = sum(one.job_cache.phase.seconds for one in prepared) / batch
     decoded, padding, attention = decode(lm, sequences, Stopwatch(lm.device))
     end_bytes = [one.job_cache.cache.kv_bytes() for one in prepared]
+    largest = max(range(batch), key=lambda i: end_bytes[i])
+    end_by_type = prepared[largest].job_cache.cache.kv_bytes_by_type()
     # Every sequence takes part in every step (same length, EOS ignored): the first one's time is the batch's.
     return Timed(
-        batch, decoded[0].seconds, decoded[0].steps, padding, attention, start_bytes, end_bytes,
+        batch, decoded[0].seconds, decoded[0].steps, padding, attention, start_bytes, end_by_type, end_bytes,
         decoded[0].peak_mem_bytes, compress_seconds,
     )  # fmt: skip
 
@@ -333,6 +354,7 @@ def job_rows(
     base.update(
         kv_bytes_compressed_per_seq=sum(calibration.start_bytes) / len(prefilled),
         kv_bytes_per_seq=per_sequence,
+        kv_bytes_by_type_per_seq=calibration.end_by_type,  # what kv_bytes_per_seq holds, per layer type
         kv_bytes_mean_decode=mean_kv,
     )
     if lm.device.type == "cuda":  # on a GPU a batch is real memory: none above what the largest budget holds
