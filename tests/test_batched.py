@@ -14,6 +14,7 @@ import torch
 
 import kvbench.api as kv
 from kvbench import config as run_config
+from kvbench.engine import attention
 from kvbench.engine.batched import (
     PER_ROW,
     STACKED,
@@ -154,6 +155,29 @@ def test_per_row_batched_rows_equal_sequential_rows(tiny_lm, name, compress):
         assert compressed and all(row["max_layer_len_decode"] <= exercised["max_len"] for row in compressed)
     if exercised.get("quantised"):
         assert all(row["kv_bytes_compressed"] < row["kv_bytes_full"] for row in rows)
+
+
+def test_per_row_batches_run_each_rows_decode_kernels(kernel_lm, monkeypatch):
+    # kernels=triton: each row's single-token steps read its packed codes with the packed decode kernel (the Triton
+    # interpreter without a GPU), as its batch-1 decode does; the rows are the batch-1 rows.
+    cfg, budgets, _ = PER_ROW_METHODS["kivi_residual_8"]
+    method = kv.build_method(cfg)
+    sequential = kv.evaluate(kernel_lm, samples(), method, budgets, kernels="triton")
+    packed_queries = []
+    packed_step = attention.decode_step_packed
+
+    def counted_packed_step(query, *args):
+        packed_queries.append(query.shape[0])
+        return packed_step(query, *args)
+
+    monkeypatch.setattr(attention, "decode_step_packed", counted_packed_step)
+    batched = kv.evaluate(kernel_lm, samples(), method, budgets, kernels="triton", batch_size=3)
+    # One call per row, layer and decode step (5 + 2 + 5 + 4 forwards over 4 layers), each with that row's query.
+    assert packed_queries == [1] * (16 * 4)
+    for one, many in zip(sequential, batched, strict=True):
+        assert one["status"] == "ok", one.get("error")
+        assert {k: many[k] for k in SAME} == {k: one[k] for k in SAME}
+        assert many["batch_attention"] == PER_ROW
 
 
 def test_cases_above_exercise_padded_heads_and_uneven_layers(tiny_lm):
