@@ -193,6 +193,39 @@ def kvbench_attention(
         out = attend(query, key, value, mask, is_causal, scaling, backend, softcap, sinks)
         return out.transpose(1, 2).contiguous(), None
 
+    row_inputs = getattr(cache, "row_attention_inputs", None)
+    if row_inputs is None:
+        out = cached_attention(module, query, key, value, cache, scaling, backend, softcap, sinks, kwargs)
+    else:
+        # A per-row batch (`kvbench.engine.batched.PerRowBatch`): every row attends over its own batch-1 cache, with
+        # the K/V its own layer's `update` returned, exactly as that row's batch-1 forward would.
+        out = torch.cat(
+            [
+                cached_attention(
+                    module, query[row : row + 1], k, v, row_cache, scaling, backend, softcap, sinks, kwargs
+                )
+                for row, (row_cache, k, v) in enumerate(row_inputs(module.layer_idx))
+            ]
+        )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def cached_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: KVCache,
+    scaling: float,
+    backend: str,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    kwargs: dict,
+) -> torch.Tensor:
+    """Attention of `query` `[B, H, q, d]` over the K/V `cache`'s layer `module.layer_idx` returned from its `update`,
+    `[B, H, q, dv]`: the mask from the stored positions, a paged layer's read subset, the Triton or packed decode
+    kernels the cache asks for, then the cache's observers and the layer's `drop_unreachable`. One function for a
+    batch-1 cache, a stacked batch and each row of a per-row batch, so all three attend alike."""
     layer = cache.layers[module.layer_idx]
     check_layer_kwargs(layer, module.layer_idx, kwargs)
     mask, is_causal = layer.attention_mask(cache.step_positions)
@@ -220,7 +253,7 @@ def kvbench_attention(
         observer.on_attention(module.layer_idx, query, layer, cache.step_positions, scaling)
     # Sliding-window / chunked layers free what no later query can see (transformers' sliding layers do the same).
     layer.drop_unreachable(cache.seen_tokens)
-    return out.transpose(1, 2).contiguous(), None
+    return out
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, kvbench_attention)

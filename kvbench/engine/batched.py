@@ -1,14 +1,21 @@
 """Batched greedy decode over several compressed caches of different lengths (`batch_size=B`).
 
-Each sequence is prefilled and compressed on its own (`KVCache`, batch 1); `BatchedKVCache.stack` then lays the B
-caches side by side along the batch dimension, `[B, Hkv, L, d]` per layer, right-padding the shorter ones with
-zero K/V at `PAD_POSITION`, which no query can see (masks compare stored positions with query positions, as
-`KVLayer.attention_mask` does). Every sequence keeps its own original positions (`position_ids` per row) and its
-own stop. A sequence that stops leaves the batch; its decoded slots are appended to its own cache
-(`BatchedKVCache.write_back`), so that cache ends exactly as a batch-1 decode leaves it.
+Each sequence is prefilled and compressed on its own (`KVCache`, batch 1); then the B sequences decode together,
+one model forward per step for all of them (the weights are read once per step). Two ways to attend:
 
-Only plain full-attention `KVLayer`s (no logit bias, no per-slot method state read at decode) can be stacked; the
-harness refuses other methods and architectures before any model work (`kvbench.harness.batched`).
+* stacked (`BatchedKVCache`): `BatchedKVCache.stack` lays the B caches side by side along the batch dimension,
+  `[B, Hkv, L, d]` per layer, right-padding the shorter ones with zero K/V at `PAD_POSITION`, which no query can
+  see (masks compare stored positions with query positions, as `KVLayer.attention_mask` does). A sequence that
+  stops leaves the batch; its decoded slots are appended to its own cache (`BatchedKVCache.write_back`), so that
+  cache ends exactly as a batch-1 decode leaves it. Only plain full-attention `KVLayer`s (no logit bias, no
+  attention observers) whose slots only grow while decoding can be stacked (`stack_refusal`).
+* per row (`PerRowBatch`): every other cache (decode-time eviction by attention observers or before each forward,
+  quantised or custom storage). Each row's own batch-1 cache is updated in place and attended by the batch-1
+  attention code (`kvbench.engine.attention.cached_attention`) with that row's query: its kernels, observers and
+  evictions are those of a batch-1 decode, and no slot is padding.
+
+Every sequence keeps its own original positions (`position_ids` per row) and its own stop. The harness refuses
+methods and architectures not tested here before any model work (`kvbench.harness.batched`).
 """
 
 from __future__ import annotations
@@ -26,9 +33,16 @@ from kvbench.engine.cache import FULL_SPEC, PAD_POSITION, KVCache, KVLayer
 from kvbench.engine.measure import Stopwatch
 from kvbench.engine.models import LoadedModel
 
+# `BatchLayout.attention` and the rows' `batch_attention`: how a batch attended.
+STACKED = "stacked"
+PER_ROW = "per_row"
+
 
 def stack_refusal(cache: KVCache) -> str | None:
-    """Why `cache` cannot join a batch (None: it can): only plain full-attention `KVLayer`s without a logit bias."""
+    """Why `cache` cannot be stacked (None: it can): only plain full-attention `KVLayer`s without a logit bias, and
+    no attention observer (decode-time work on the sequence's own slots, which a stacked batch does not hold)."""
+    if cache.model_cache.observers:
+        return "attention observers work on its slots while decoding"
     for index, layer in enumerate(cache.layers):
         if type(layer) is not KVLayer:
             return f"layer {index} is held as {type(layer).__name__}, not a plain KVLayer"
@@ -210,6 +224,91 @@ class BatchedKVCache(Cache):
         self.rows = [self.rows[i] for i in keep]
 
 
+class RowLayer(CacheLayerMixin):
+    """One layer of a `PerRowBatch` as transformers sees it (lengths, mask sizes): the slots are the rows' own."""
+
+    is_croppable = False
+    is_sliding = False
+    spec = FULL_SPEC
+
+    def __init__(self, batch: PerRowBatch, layer_idx: int) -> None:
+        super().__init__()
+        self.batch, self.layer_idx = batch, layer_idx
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise RuntimeError("a RowLayer holds no slots: the rows' own caches do")
+
+    def update(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        raise RuntimeError("a per-row batch is updated through PerRowBatch.update (each row's own cache)")
+
+    def get_seq_length(self) -> int:
+        return max(cache.layers[self.layer_idx].get_seq_length() for cache in self.batch.caches)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class PerRowBatch(Cache):
+    """B batch-1 caches decoded by one model forward per step, each row attending over its own cache.
+
+    `update` hands each row's new K/V to that row's own cache (`KVCache.update`, at the positions its
+    `next_positions` gave) and keeps what each returned; kvbench's attention function then attends per row
+    (`row_attention_inputs`, `kvbench.engine.attention.cached_attention`) and concatenates the rows' outputs.
+    So every row runs the batch-1 attention code on its own cache (observers, evictions, kernels, storage) and its
+    cache ends as a batch-1 decode leaves it: no padding, nothing to write back.
+
+    `rows[i]` is the index (in the list handed in) of the sequence in batch row i."""
+
+    def __init__(self, caches: list[KVCache], device: torch.device | str) -> None:
+        self.caches = [cache.model_cache for cache in caches]  # the model forwards through every layer
+        super().__init__(layers=[RowLayer(self, index) for index in range(len(self.caches[0].layers))])
+        self.device = device
+        self.rows = list(range(len(caches)))
+        self.padding_fraction = 0.0
+        self.row_kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    @property
+    def seen_tokens(self) -> int:
+        """The longest row's original length so far."""
+        return max(cache.seen_tokens for cache in self.caches)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens before the current forward of the longest sequence (every forward passes `position_ids`)."""
+        return max(cache.get_seq_length() for cache in self.caches)
+
+    def next_positions(self) -> torch.Tensor:
+        """`[B, 1]`: each row's next original position, from its own cache (which then expects one token)."""
+        return torch.stack([cache.next_positions(1, self.device) for cache in self.caches])
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append row i's `key_states[i]` / `value_states[i]` to its own cache; the per-row K/V wait for the
+        attention function (`row_attention_inputs`). Returns the new states themselves (the attention function
+        reads the rows' K/V instead)."""
+        self.row_kv[layer_idx] = [
+            cache.update(key_states[row : row + 1], value_states[row : row + 1], layer_idx)
+            for row, cache in enumerate(self.caches)
+        ]
+        return key_states, value_states
+
+    def row_attention_inputs(self, layer_idx: int) -> list[tuple[KVCache, torch.Tensor, torch.Tensor]]:
+        """(row cache, K, V) per row for layer `layer_idx`'s attention, as each row's `update` returned them (handed
+        over once: the per-row K/V are not kept past the layer's attention)."""
+        return [
+            (cache, key, value) for cache, (key, value) in zip(self.caches, self.row_kv.pop(layer_idx), strict=True)
+        ]
+
+    def drop_rows(self, keep: list[int]) -> None:
+        """Keep only batch rows `keep` (in order); the others' caches are complete already."""
+        self.caches = [self.caches[i] for i in keep]
+        self.rows = [self.rows[i] for i in keep]
+
+
 @dataclass
 class BatchedDecoded:
     """One sequence's share of a batched decode."""
@@ -222,6 +321,15 @@ class BatchedDecoded:
 
 
 @dataclass
+class BatchLayout:
+    """How a batch attended: `attention` is `STACKED` or `PER_ROW`; `padding_fraction` the share of the stacked
+    slots that are padding (0 per row, and for a batch whose every sequence stopped at its first token)."""
+
+    attention: str
+    padding_fraction: float
+
+
+@dataclass
 class Sequence:
     """One sequence handed to `batched_greedy_decode`."""
 
@@ -230,10 +338,17 @@ class Sequence:
     max_new_tokens: int
     stop_at_eos: bool = True
     stop: Callable[[list[int]], bool] | None = None
+    # Called before each of its forwards on the per-row path, as `greedy_decode` calls it (the runner's
+    # `RowMeter.before_forward`: the method's decode-time eviction and the peak bytes). A stacked sequence's cache
+    # only grows while decoding (`grows_only`), so there it has nothing to do and its peak is its final size.
+    before_forward: Callable[[int], None] | None = None
+    # Whether its cache changes while decoding only by appending its tokens (no eviction before a forward): False
+    # sends the batch down the per-row path. Attention observers are seen on the cache itself (`stack_refusal`).
+    grows_only: bool = True
 
 
 @torch.inference_mode()
-def forward_batch(lm: LoadedModel, cache: BatchedKVCache, tokens: list[int]) -> torch.Tensor:
+def forward_batch(lm: LoadedModel, cache: BatchedKVCache | PerRowBatch, tokens: list[int]) -> torch.Tensor:
     """One token per row at each row's own next position; returns the last logits `[B, vocab]`."""
     positions = cache.next_positions()
     output = lm.model(
@@ -247,17 +362,24 @@ def forward_batch(lm: LoadedModel, cache: BatchedKVCache, tokens: list[int]) -> 
     return output.logits[:, -1]
 
 
+def batch_attention(sequences: list[Sequence]) -> str:
+    """`STACKED` when every sequence's cache can be stacked and only grows while decoding, else `PER_ROW`."""
+    stackable = all(seq.grows_only and stack_refusal(seq.cache) is None for seq in sequences)
+    return STACKED if stackable else PER_ROW
+
+
 @torch.inference_mode()  # the caches' buffers are inference tensors (written by the prefill's forwards)
 def batched_greedy_decode(
     lm: LoadedModel, sequences: list[Sequence], stopwatch: Stopwatch
-) -> tuple[list[BatchedDecoded], float]:
+) -> tuple[list[BatchedDecoded], BatchLayout]:
     """Greedy decode of `sequences` together, one forward per step for every sequence still running; each stops
     as `greedy_decode` would stop it (EOS, its stop test, its `max_new_tokens`). Returns per-sequence results (in
-    order) and the padding share of the stacked batch (`BatchedKVCache.stack`)."""
+    order) and how the batch attended (`batch_attention`) with its padding share (`BatchedKVCache.stack`)."""
     tokens: list[list[int]] = [[] for _ in sequences]
     seconds = [0.0] * len(sequences)
     steps = [0] * len(sequences)
-    start_lengths = [max(layer.get_seq_length() for layer in seq.cache.layers) for seq in sequences]
+    max_lengths = [max(layer.get_seq_length() for layer in seq.cache.layers) for seq in sequences]
+    attention = batch_attention(sequences)
 
     def stopped(i: int, token: int) -> bool:
         seq = sequences[i]
@@ -269,28 +391,42 @@ def batched_greedy_decode(
     padding = 0.0
     with stopwatch.phase("decode") as phase:
         if running:
-            longest = max(sequences[i].max_new_tokens for i in running)
-            batch = BatchedKVCache.stack([sequences[i].cache for i in running], reserve=longest)
+            batch: BatchedKVCache | PerRowBatch
+            if attention == STACKED:
+                longest = max(sequences[i].max_new_tokens for i in running)
+                batch = BatchedKVCache.stack([sequences[i].cache for i in running], reserve=longest)
+            else:
+                batch = PerRowBatch([sequences[i].cache for i in running], lm.device)
             padding = batch.padding_fraction
             while batch.rows:
                 began = time.perf_counter()
+                if attention == PER_ROW:
+                    for r in batch.rows:
+                        hook = sequences[running[r]].before_forward
+                        if hook is not None:
+                            hook(1)
                 logits = forward_batch(lm, batch, [tokens[running[r]][-1] for r in batch.rows])
                 chosen = logits.argmax(dim=-1).tolist()  # one device sync per step, not one per sequence
                 keep = []
                 for row, r in enumerate(batch.rows):
                     i = running[r]
                     steps[i] += 1
-                    if stopped(i, chosen[row]):
-                        batch.write_back(row, sequences[i].cache)
-                    else:
+                    if attention == PER_ROW:  # its own cache, as `greedy_decode` measures it after each forward
+                        length = max(layer.get_seq_length() for layer in sequences[i].cache.layers)
+                        max_lengths[i] = max(max_lengths[i], length)
+                    if not stopped(i, chosen[row]):
                         keep.append(row)
+                    elif attention == STACKED:
+                        batch.write_back(row, sequences[i].cache)
                 elapsed = time.perf_counter() - began
                 for r in batch.rows:
                     seconds[running[r]] += elapsed
                 if len(keep) < len(batch.rows):
                     batch.drop_rows(keep)
+    if attention == STACKED:  # the stacked rows grew by one slot per step
+        max_lengths = [length + steps[i] for i, length in enumerate(max_lengths)]
     decoded = [
-        BatchedDecoded(tokens[i], seconds[i], steps[i], start_lengths[i] + steps[i], phase.peak_mem_bytes)
+        BatchedDecoded(tokens[i], seconds[i], steps[i], max_lengths[i], phase.peak_mem_bytes)
         for i in range(len(sequences))
     ]
-    return decoded, padding
+    return decoded, BatchLayout(attention, padding)

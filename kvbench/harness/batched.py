@@ -2,9 +2,11 @@
 `run_sample` does, then the B caches of one (method, budget) job decode together (`kvbench.engine.batched`).
 
 The rows are those of `batch_size=1` (same greedy tokens, kept entries and bytes: each sequence's decoded slots
-land in its own cache), plus `batch_size` (the sequences that decoded together) and `batch_padding_fraction`
-(the share of the stacked cache's slots that are padding added to stack them). What cannot batch is refused in
-one line before any model work (`check_batch`).
+land in its own cache), plus `batch_size` (the sequences that decoded together), `batch_attention` ("stacked": the
+caches were stacked, padded; "per_row": each row attended over its own cache, for methods that evict while decoding
+or store K/V other than as plain tensors) and `batch_padding_fraction` (the share of the stacked cache's slots that
+are padding added to stack them; 0 per row). What cannot batch is refused in one line before any model work
+(`check_batch`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvbench.engine.architecture import FULL, compressible_layers, model_type
-from kvbench.engine.batched import Sequence, batched_greedy_decode, stack_refusal
+from kvbench.engine.batched import Sequence, batched_greedy_decode
 from kvbench.engine.measure import Stopwatch
 from kvbench.engine.models import LoadedModel
 from kvbench.harness import fidelity
@@ -138,9 +140,6 @@ def run_batch(
                     lm, state.sample, state.prompt, state.split, state.pre, job, options, state.stopwatch, stats,
                     state.reference,
                 )  # fmt: skip
-                reason = stack_refusal(one.job_cache.cache)
-                if reason is not None:  # a method declared batchable left a cache that is not: say so, not decode
-                    raise ValueError(f"method {job.method.name} left a cache batched decode cannot take: {reason}")
                 prepared.append((state, job, one))
             except Exception as err:
                 if options.fail_fast:
@@ -159,10 +158,19 @@ def decode_together(lm: LoadedModel, prepared: list[tuple[SampleState, Job, Prep
     sequences = []
     for state, _, one in prepared:
         stop_at_eos, stop, _ = stop_rule(lm, state.sample)
-        sequences.append(Sequence(one.job_cache.cache, one.logits, state.sample.max_new_tokens, stop_at_eos, stop))
+        sequence = Sequence(
+            one.job_cache.cache,
+            one.logits,
+            state.sample.max_new_tokens,
+            stop_at_eos,
+            stop,
+            before_forward=one.meter.before_forward,  # as `run_job` hands it to `greedy_decode`
+            grows_only=one.job_cache.method.decode_grows_only() or not one.job_cache.applies,
+        )
+        sequences.append(sequence)
     # One stopwatch for the batch's decode phase (its time and peak are the batch's); rows keep their own.
     try:
-        decoded, padding = batched_greedy_decode(lm, sequences, Stopwatch(lm.device))
+        decoded, layout = batched_greedy_decode(lm, sequences, Stopwatch(lm.device))
     except Exception as err:
         if options.fail_fast:
             raise
@@ -172,7 +180,11 @@ def decode_together(lm: LoadedModel, prepared: list[tuple[SampleState, Job, Prep
     for (state, job, one), result in zip(prepared, decoded, strict=True):
         try:
             row = finish_job(lm, state.sample, one, result, state.stopwatch)
-            row.update(batch_size=len(prepared), batch_padding_fraction=padding)
+            row.update(
+                batch_size=len(prepared),
+                batch_attention=layout.attention,
+                batch_padding_fraction=layout.padding_fraction,
+            )
             reference_job, _ = ordered_jobs(state.jobs)
             if job is reference_job:
                 state.reference_tried = True

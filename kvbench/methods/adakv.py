@@ -68,6 +68,10 @@ class AdaKV(ScorerWrapper):
     def label_extras(self) -> list[str]:
         return [f"alpha={self.alpha}"] if self.alpha != type(self).alpha else []
 
+    def decode_grows_only(self) -> bool:
+        """No decode budget (refused); the base's decode-time work, if any, is the base's."""
+        return self.inner is None or self.inner.decode_grows_only()
+
     def compress(self, cache: KVCache, ctx: CompressionContext) -> None:
         budgets = self.layer_budgets(ctx, len(cache.layers))
         per_layer_heads: list[list[int]] = []

@@ -128,8 +128,8 @@ class Method:
     # rather than one slot per prompt token; methods whose scoring state is sized by the prompt declare False.
     compresses_bounded_layers: ClassVar[bool] = True
     # Whether the compressed caches of several samples may decode together (`batch_size > 1`,
-    # `kvbench.harness.batched`): plain `KVLayer`s, no per-slot logit bias, nothing done during decoding. Declared in
-    # the method's own class body (not inherited), True only where batched rows are tested equal to batch-1 rows.
+    # `kvbench.harness.batched`). Declared in the method's own class body (not inherited), True only where batched
+    # rows are tested equal to batch-1 rows (tests/test_batched.py).
     batchable: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
@@ -164,14 +164,17 @@ class Method:
     def batch_refusal(self) -> str | None:
         """Why this method cannot decode in a batch (None: it can); see `batchable`."""
         if not vars(type(self)).get("batchable", False):
-            return "its cache or its decode-time work is not supported by batched decode (batchable methods: " + (
+            return "its batched rows are not tested equal to batch-1 rows (batchable methods: " + (
                 ", ".join(name for name in METHODS.names() if vars(METHODS.get(name)).get("batchable", False)) + ")"
             )
-        if getattr(self, "decode_budget", None) is not None:
-            return "decode_budget evicts during decoding, per sequence"
-        if getattr(self, "decode_evict", False):
-            return "decode_evict=true evicts during decoding, per sequence (decode_evict=false batches)"
         return None
+
+    def decode_grows_only(self) -> bool:
+        """Whether decoding only appends to the compressed cache: nothing evicted before a forward (`before_forward`)
+        or by an attention observer attached in `setup`. Batched decode may then stack several samples' caches
+        (`kvbench.engine.batched`); otherwise each row attends over its own cache, which is right for any method, so
+        the default is False and methods whose decoding only appends say so."""
+        return False
 
     def rope_dependent(self) -> bool:
         """Whether this method moves, removes or re-applies the rotary embedding of cached keys or queries (it is

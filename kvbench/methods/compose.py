@@ -183,3 +183,13 @@ class Composed(Method):
     def before_forward(self, cache: KVCache, ctx: CompressionContext, num_new: int) -> None:
         if self.inner is not None:
             self.inner.before_forward(cache, self.base_context(ctx), num_new)
+
+    # ------------------------------------------------------------------ batched decode
+
+    def batch_refusal(self) -> str | None:
+        """The wrapper's own refusal, then its base's: a composition batches when both are tested batchable."""
+        own = super().batch_refusal()
+        if own is not None or self.inner is None:
+            return own
+        base = self.inner.batch_refusal()
+        return None if base is None else f"its base {self.inner.name}: {base}"

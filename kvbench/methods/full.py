@@ -16,3 +16,6 @@ class Full(Method):
     plain_kv_layers: ClassVar[bool] = True
     position_only: ClassVar[bool] = True
     batchable: ClassVar[bool] = True  # tested: tests/test_batched.py
+
+    def decode_grows_only(self) -> bool:
+        return True

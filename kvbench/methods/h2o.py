@@ -119,6 +119,7 @@ class H2O(Method):
     supports_chunked_prefill: ClassVar[bool] = True
     keeps_slot_subset: ClassVar[bool] = True
     plain_kv_layers: ClassVar[bool] = True
+    batchable: ClassVar[bool] = True  # tested (decode_evict=true, per-row batches): tests/test_batched.py
 
     recent_ratio: float = 0.5
     decode_evict: bool = True

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from kvbench.engine.quant.codecs import TensorCodec, UniformCodec, channel_group_size
 from kvbench.methods.base import register_method
@@ -26,6 +27,10 @@ class KIVI(QuantizedMethod):
     `quant.v_group_size`). `base` / `base_params`: an eviction method whose kept slots are stored this way
     (`kvbench.methods.quantized`). A constant group stores scale 0 (the official code divides by zero: [QUIRK] fixed).
     """
+
+    # Tested alone and over snapkv (per-row batches: quantised layers are not stacked): tests/test_batched.py. A base
+    # must be batchable itself (`Composed.batch_refusal`).
+    batchable: ClassVar[bool] = True
 
     k_bits: int = 2
     v_bits: int = 2

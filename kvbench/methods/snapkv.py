@@ -55,6 +55,10 @@ class SnapKV(ScoringMethod):
     def window_queries_needed(self) -> int:
         return self.window
 
+    def decode_grows_only(self) -> bool:
+        """Without `decode_budget` nothing is evicted after the prefill (nor for PyramidKV, which inherits this)."""
+        return self.decode_budget is None
+
     def layer_scores(self, layer_idx: int, layer: KVLayer, budget: int, ctx: CompressionContext) -> LayerScores:
         """Pooled, GQA-aggregated window attention of the keys before the window; the window is protected."""
         window = min(self.window, budget)

@@ -36,7 +36,7 @@ class StreamingLLM(Method):
     keeps_slot_subset: ClassVar[bool] = True
     plain_kv_layers: ClassVar[bool] = True
     position_only: ClassVar[bool] = True
-    batchable: ClassVar[bool] = True  # with decode_evict=false (`batch_refusal`); tested: tests/test_batched.py
+    batchable: ClassVar[bool] = True  # decode_evict true and false; tested: tests/test_batched.py
 
     n_sink: int = 4
     rerotate: bool = False
@@ -44,6 +44,9 @@ class StreamingLLM(Method):
 
     def rope_dependent(self) -> bool:
         return self.rerotate
+
+    def decode_grows_only(self) -> bool:
+        return not self.decode_evict
 
     def _evict(self, cache: KVCache, keep: int, ctx: CompressionContext) -> None:
         keep_recent(cache, max(keep, min(self.n_sink, ctx.budget)), sinks=self.n_sink)

@@ -55,6 +55,7 @@ class TOVA(Method):
 
     keeps_slot_subset: ClassVar[bool] = True
     plain_kv_layers: ClassVar[bool] = True
+    batchable: ClassVar[bool] = True  # tested (decode_evict=true, per-row batches): tests/test_batched.py
 
     decode_evict: bool = True
 
