@@ -36,8 +36,8 @@ WHEELS=.whl
 if ! compgen -G "$WHEELS/pandas-*-cp${py_version/./}-*.whl" > /dev/null; then
     WHEELS=$SCRATCH/wheels
     echo "== wheels for python $py_version: fetching them to $WHEELS (.whl/ holds another python's)"
-    DEST=$WHEELS PY_VERSION=$py_version PYTHON=$FETCH_PYTHON bash scripts/fetch_gpu_wheels.sh > "$SCRATCH/fetch.log" 2>&1 \
-        || { cat "$SCRATCH/fetch.log"; exit 1; }
+    DEST=$WHEELS PY_VERSION=$py_version PYTHON=$FETCH_PYTHON bash scripts/fetch_gpu_wheels.sh \
+        > "$SCRATCH/fetch.log" 2>&1 || { cat "$SCRATCH/fetch.log"; exit 1; }
 fi
 echo "   wheels: $WHEELS ($(du -sh "$WHEELS" | cut -f1))"
 
@@ -67,8 +67,9 @@ with open("pyproject.toml", "rb") as project:
     requirements = [Requirement(line) for line in tomllib.load(project)["project"]["dependencies"]]
 pin = next(requirement for requirement in requirements if requirement.name == "transformers")
 installed = metadata.version("transformers")
-print(f"transformers {installed}: {'inside' if pin.specifier.contains(installed) else 'OUTSIDE'} the pin {pin.specifier}")
-sys.exit(0 if pin.specifier.contains(installed) else 1)
+inside = pin.specifier.contains(installed)
+print(f"transformers {installed}: {'inside' if inside else 'OUTSIDE'} the pin {pin.specifier}")
+sys.exit(0 if inside else 1)
 EOF
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 if [ "$TORCH_SPEC" = none ]; then
