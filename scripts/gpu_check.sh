@@ -2,7 +2,8 @@
 # One command for a session lent a GPU: validates kvbench on CUDA from a fresh checkout in < 8 minutes and writes
 # one log plus CSVs to $GPU_CHECK_OUT (default results/gpu_check/<time>/):
 #   1 env          GPU, driver, python / torch / triton / transformers versions          -> gpu_check.log
-#   2 deps         installs, offline from .whl/, only what the image lacks                -> gpu_check.log
+#   2 deps         installs, offline from .whl/, only what the image lacks, and transformers when the image's
+#                  is outside pyproject.toml's pin (versions before/after)               -> gpu_check.log
 #   3 tokenizer    the exported SmolLM2 tokenizer (.whl/tokenizer; exported here if the GGUF wheel is installed)
 #   4 kernel tests tests/test_kernels.py + tests/test_decode_kernel.py, compiled on CUDA -> kernel_tests.xml
 #   5 niah         tiny-model NIAH sweep with kernels=triton and kernels=torch on CUDA    -> niah_triton_vs_torch.csv
@@ -84,8 +85,10 @@ EOF
 }
 
 install_missing() {
-    # module -> distribution, installed from the wheels folder only when the image lacks it
-    local missing
+    # module -> distribution, installed from the wheels folder only when the image lacks it; and transformers when
+    # the image's version is outside the pin of pyproject.toml (its requirements are upgraded only where they fall
+    # short of the new version's; torch and triton are not among them).
+    local missing outside
     missing=$("$PY" - << 'EOF'
 import importlib.util
 wanted = {"hydra": "hydra-core", "omegaconf": "omegaconf", "antlr4": "antlr4-python3-runtime", "pandas": "pandas",
@@ -93,10 +96,46 @@ wanted = {"hydra": "hydra-core", "omegaconf": "omegaconf", "antlr4": "antlr4-pyt
 print(" ".join(dist for module, dist in wanted.items() if importlib.util.find_spec(module) is None))
 EOF
 )
-    [ -z "$missing" ] && { echo "nothing to install"; return 0; }
-    echo "installing from $WHEELS: $missing"
-    # shellcheck disable=SC2086  # one distribution per word
-    "$PY" -m pip install --disable-pip-version-check --no-index --find-links "$WHEELS" $missing
+    # prints the pin as a requirement ("transformers<6,>=5.20") when the installed transformers is outside it
+    outside_pin() {
+        "$PY" - << 'EOF'
+import tomllib
+from importlib import metadata
+
+from packaging.requirements import Requirement
+
+with open("pyproject.toml", "rb") as project:
+    requirements = [Requirement(line) for line in tomllib.load(project)["project"]["dependencies"]]
+pin = next(requirement for requirement in requirements if requirement.name == "transformers")
+try:
+    installed = metadata.version("transformers")
+except metadata.PackageNotFoundError:
+    installed = None
+if installed is None or not pin.specifier.contains(installed, prereleases=True):
+    print(pin)
+EOF
+    }
+    transformers_versions() {
+        "$PY" -c 'from importlib import metadata
+for name in ("transformers", "huggingface-hub", "tokenizers", "safetensors", "hf-xet", "click"):
+    try:
+        print(f"  {name} {metadata.version(name)}")
+    except metadata.PackageNotFoundError:
+        print(f"  {name} MISSING")'
+    }
+    outside=$(outside_pin) || return 1
+    [ -z "$missing" ] && [ -z "$outside" ] && { echo "nothing to install"; return 0; }
+    [ -n "$outside" ] && { echo "transformers outside the pin $outside; before:"; transformers_versions; }
+    echo "installing from $WHEELS: $missing $outside"
+    # shellcheck disable=SC2086  # one requirement per word
+    "$PY" -m pip install --disable-pip-version-check --no-index --find-links "$WHEELS" \
+        --upgrade-strategy only-if-needed $missing $outside || return 1
+    if [ -n "$outside" ]; then
+        echo "after:"
+        transformers_versions
+        outside=$(outside_pin) || return 1
+        [ -z "$outside" ] || { echo "transformers is still outside the pin $outside"; return 1; }
+    fi
 }
 
 tokenizer() {
