@@ -11,7 +11,7 @@ are padding added to stack them; 0 per row). What cannot batch is refused in one
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,22 +152,29 @@ def run_batch(
             yield state.sample, job, {**state.base, **row}
 
 
+def sequence_of(
+    one: PreparedJob, max_new_tokens: int, stop_at_eos: bool = True, stop: Callable[[list[int]], bool] | None = None
+) -> Sequence:
+    """A prepared job as one sequence of a batched decode: its before-forward hook as `run_job` hands it to
+    `greedy_decode`, and whether its cache only grows while decoding (what lets it be stacked)."""
+    return Sequence(
+        one.job_cache.cache,
+        one.logits,
+        max_new_tokens,
+        stop_at_eos,
+        stop,
+        before_forward=one.meter.before_forward,
+        grows_only=one.job_cache.method.decode_grows_only() or not one.job_cache.applies,
+    )
+
+
 def decode_together(lm: LoadedModel, prepared: list[tuple[SampleState, Job, PreparedJob]], options: RunOptions) -> None:
     """Decode the prepared jobs in one batch and append each sample's row (building its reference from the full
     job's row, as `run_sample` does)."""
     sequences = []
     for state, _, one in prepared:
         stop_at_eos, stop, _ = stop_rule(lm, state.sample)
-        sequence = Sequence(
-            one.job_cache.cache,
-            one.logits,
-            state.sample.max_new_tokens,
-            stop_at_eos,
-            stop,
-            before_forward=one.meter.before_forward,  # as `run_job` hands it to `greedy_decode`
-            grows_only=one.job_cache.method.decode_grows_only() or not one.job_cache.applies,
-        )
-        sequences.append(sequence)
+        sequences.append(sequence_of(one, state.sample.max_new_tokens, stop_at_eos, stop))
     # One stopwatch for the batch's decode phase (its time and peak are the batch's); rows keep their own.
     try:
         decoded, layout = batched_greedy_decode(lm, sequences, Stopwatch(lm.device))

@@ -31,10 +31,10 @@ from typing import Any
 import torch
 
 from kvbench.engine.architecture import compressible_layers
-from kvbench.engine.batched import Sequence, batched_greedy_decode
+from kvbench.engine.batched import batched_greedy_decode
 from kvbench.engine.measure import Stopwatch
 from kvbench.engine.models import LoadedModel
-from kvbench.harness.batched import check_batch
+from kvbench.harness.batched import check_batch, sequence_of
 from kvbench.harness.options import RunOptions
 from kvbench.harness.prompt import build_prompt
 from kvbench.harness.results import stable_hash
@@ -209,7 +209,7 @@ class Timed:
     attention: str
     start_bytes: list[int]  # each sequence's cache after compression
     end_by_type: dict[str, int]  # the largest sequence's end-of-decode bytes per layer type (full, sliding, state)
-    end_bytes: list[int]  # each sequence's cache after its last decode step
+    end_bytes: list[int]  # the most each sequence's cache held while decoding (its end state, or a step's peak)
     peak_device_bytes: int | None  # the decode's peak device memory (CUDA: allocated; CPU: RSS)
     compress_seconds: float  # per sequence: its job's setup + compression
 
@@ -228,47 +228,19 @@ def time_batch(
     """Prepare `batch` caches (cycling over the distinct samples), decode them together, measure."""
     prepared = [prefilled[i % len(prefilled)].prepare(lm, job, options) for i in range(batch)]
     start_bytes = [one.job_cache.cache.kv_bytes() for one in prepared]
-    sequences = [sequence_of(one, decode_tokens) for one in prepared]
+    sequences = [sequence_of(one, decode_tokens, stop_at_eos=False) for one in prepared]
     compress_seconds = sum(one.job_cache.phase.seconds for one in prepared) / batch
-    decoded, padding, attention = decode(lm, sequences, Stopwatch(lm.device))
-    end_bytes = [one.job_cache.cache.kv_bytes() for one in prepared]
+    decoded, layout = batched_greedy_decode(lm, sequences, Stopwatch(lm.device))
+    # What each sequence held at the end, or more inside a step (a decode-time evictor holds budget + 1 slots during
+    # its forward: `RowMeter`'s peak, observed before every per-row forward).
+    end_bytes = [max(one.job_cache.cache.kv_bytes(), one.meter.peak.bytes) for one in prepared]
     largest = max(range(batch), key=lambda i: end_bytes[i])
     end_by_type = prepared[largest].job_cache.cache.kv_bytes_by_type()
     # Every sequence takes part in every step (same length, EOS ignored): the first one's time is the batch's.
     return Timed(
-        batch, decoded[0].seconds, decoded[0].steps, padding, attention, start_bytes, end_by_type, end_bytes,
-        decoded[0].peak_mem_bytes, compress_seconds,
+        batch, decoded[0].seconds, decoded[0].steps, layout.padding_fraction, layout.attention, start_bytes,
+        end_by_type, end_bytes, decoded[0].peak_mem_bytes, compress_seconds,
     )  # fmt: skip
-
-
-def sequence_of(one: PreparedJob, decode_tokens: int) -> Sequence:
-    """A prepared job as a sequence of a timed batch: a fixed number of tokens (EOS ignored)."""
-    return Sequence(one.job_cache.cache, one.logits, decode_tokens, stop_at_eos=False)
-
-
-def decode(lm: LoadedModel, sequences: list[Sequence], stopwatch: Stopwatch) -> tuple[list[Any], float, str]:
-    """Batched greedy decode; returns the per-sequence results, the padding share and the attention path."""
-    decoded, padding = batched_greedy_decode(lm, sequences, stopwatch)
-    return decoded, padding, "stacked"
-
-
-def serving_key(model: str, job: Job, context: int, kind: str, batch: int, memory_gib: float | None, s: Any) -> str:
-    """A serving row's key: what it measured (a rerun skips it once stored)."""
-    return stable_hash(
-        {
-            "row_type": ROW_TYPE,
-            "model": model,
-            "method": job.method.label(),
-            "budget": job.budget,
-            "context": context,
-            "kind": kind,
-            "batch": batch,
-            "memory_gib": memory_gib,
-            "decode_tokens": s.decode_tokens,
-            "samples_per_context": s.samples_per_context,
-            "reserve": s.activation_reserve_gib,
-        }  # fmt: skip
-    )
 
 
 def run_serving(
