@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from kvbench import app
+from kvbench import api, app
 from kvbench.api import build_method
 from kvbench.harness.options import RunOptions
 from kvbench.harness.sample import Sample
@@ -21,7 +21,9 @@ from kvbench.harness.serving import (
     check_memory,
     check_serving_batches,
     kv_share,
+    prefill_samples,
     samples_by_context,
+    time_batch,
     weight_bytes,
 )
 from kvbench.report.__main__ import main as report_main
@@ -172,3 +174,21 @@ def test_serving_run_writes_rows_tables_and_figures_and_resumes(tmp_path, tiny_l
     # The cross-run report reads the serving rows beside the accuracy rows.
     report_main([str(run_dir), "--out", str(tmp_path / "report")])
     assert (tmp_path / "report" / "serving.csv").read_text() == (run_dir / "serving.csv").read_text()
+
+
+def test_timed_batches_of_a_decode_time_evictor_and_a_quantiser_attend_per_row(tiny_lm):
+    sample = Sample("s", " ".join(["alpha beta gamma"] * 40), "Which word?", "Answer:", [], "string_match_all", 6)
+    options = RunOptions(budgets=(16,))
+    for config, expected_kept in (
+        ({"name": "streamingllm"}, 16),
+        ({"name": "kivi", "group_size": 8, "residual_length": 8}, None),
+    ):
+        method = build_method(config)
+        jobs = [job for job in api.plan(tiny_lm, sample, [method], options) if job.method is method]
+        prefilled = prefill_samples(tiny_lm, [sample], jobs, options)
+        one = time_batch(tiny_lm, prefilled, jobs[0], options, batch=3, decode_tokens=5)
+        assert one.attention == "per_row" and one.padding == 0.0 and one.steps == 4 and one.tokens_per_s > 0
+        if expected_kept is not None:  # makes room before every forward: a sequence never holds more than its budget
+            assert one.end_bytes == [tiny_lm.kv_bytes_per_token * expected_kept] * 3
+        else:  # kivi quantises as it decodes: less than the full cache of the same tokens
+            assert max(one.end_bytes) < tiny_lm.full_kv_bytes(prefilled[0].split + 5)
