@@ -20,7 +20,8 @@
 # Needs only a bare CUDA image (PyTorch, Triton, transformers) plus the ignored folder .whl/ made here by
 # scripts/fetch_gpu_wheels.sh (carry it with the checkout). No network.
 #   bash scripts/gpu_check.sh                # on the GPU machine
-#   bash scripts/gpu_check.sh --cpu-smoke    # every part on CPU at toy sizes (tiny model; Triton interpreted)
+#   bash scripts/gpu_check.sh --cpu-smoke    # every part on CPU at toy sizes (tiny model; Triton interpreted), and
+#                                            # scripts/check_gpu_wheels.sh: the wheels installed over transformers 5.17
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=gpu
@@ -196,6 +197,8 @@ if [ "$MODE" = gpu ]; then
 else
     export TRITON_INTERPRET=1  # Triton's CPU interpreter: the kernels run, slowly, without a GPU
     # The full kernel tests run in the test suite under the interpreter; here a few, to check the step itself.
+    # The carried wheels lift an image's transformers 5.17 into the pin, offline (a throwaway venv; needs the registry)
+    step wheels_over_image 600 bash scripts/check_gpu_wheels.sh
     step kernel_tests 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_decode_kernel.py -k "cuda or full" \
         --junitxml="$OUT/kernel_tests.xml"
     step niah 400 niah_kernels cpu "[256]" "[50]"

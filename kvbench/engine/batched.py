@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -327,6 +327,7 @@ class BatchLayout:
 
     attention: str
     padding_fraction: float
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each batched forward, in order
 
 
 @dataclass
@@ -389,6 +390,7 @@ def batched_greedy_decode(
 
     running = [i for i, seq in enumerate(sequences) if not stopped(i, int(torch.argmax(seq.first_logits)))]
     padding = 0.0
+    step_seconds: list[float] = []
     with stopwatch.phase("decode") as phase:
         if running:
             batch: BatchedKVCache | PerRowBatch
@@ -419,6 +421,7 @@ def batched_greedy_decode(
                     elif attention == STACKED:
                         batch.write_back(row, sequences[i].cache)
                 elapsed = time.perf_counter() - began
+                step_seconds.append(elapsed)
                 for r in batch.rows:
                     seconds[running[r]] += elapsed
                 if len(keep) < len(batch.rows):
@@ -429,4 +432,4 @@ def batched_greedy_decode(
         BatchedDecoded(tokens[i], seconds[i], steps[i], max_lengths[i], phase.peak_mem_bytes)
         for i in range(len(sequences))
     ]
-    return decoded, BatchLayout(attention, padding)
+    return decoded, BatchLayout(attention, padding, step_seconds)

@@ -24,6 +24,7 @@ turns them and the ordinary rows (output-length shift) into the serving table an
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -205,6 +206,7 @@ class Timed:
     batch: int
     seconds: float  # the decode forwards (after each sequence's first token)
     steps: int
+    step_seconds: list[float]  # each forward's wall time: throughput and TPOT use their median (robust to noise)
     padding: float
     attention: str
     start_bytes: list[int]  # each sequence's cache after compression
@@ -214,12 +216,13 @@ class Timed:
     compress_seconds: float  # per sequence: its job's setup + compression
 
     @property
-    def tokens_per_s(self) -> float:
-        return self.batch * self.steps / self.seconds if self.seconds > 0 else float("nan")
+    def tpot_s(self) -> float:
+        """The median step: a shared machine's stalls and a batch's first (warm-up) step do not move it."""
+        return statistics.median(self.step_seconds) if self.step_seconds else float("nan")
 
     @property
-    def tpot_s(self) -> float:
-        return self.seconds / self.steps if self.steps else float("nan")
+    def tokens_per_s(self) -> float:
+        return self.batch / self.tpot_s if self.step_seconds else float("nan")
 
 
 def time_batch(
@@ -238,8 +241,8 @@ def time_batch(
     end_by_type = prepared[largest].job_cache.cache.kv_bytes_by_type()
     # Every sequence takes part in every step (same length, EOS ignored): the first one's time is the batch's.
     return Timed(
-        batch, decoded[0].seconds, decoded[0].steps, layout.padding_fraction, layout.attention, start_bytes,
-        end_by_type, end_bytes, decoded[0].peak_mem_bytes, compress_seconds,
+        batch, decoded[0].seconds, decoded[0].steps, layout.step_seconds, layout.padding_fraction, layout.attention,
+        start_bytes, end_by_type, end_bytes, decoded[0].peak_mem_bytes, compress_seconds,
     )  # fmt: skip
 
 
@@ -401,6 +404,8 @@ def timing_fields(timed: Timed, weights: int, mean_kv: float) -> dict[str, Any]:
         "batch_size": timed.batch,
         "decode_tokens": timed.steps + 1,
         "decode_s": timed.seconds,
+        "step_s_min": min(timed.step_seconds, default=None),
+        "step_s_max": max(timed.step_seconds, default=None),
         "tokens_per_s": timed.tokens_per_s,
         "tpot_s": timed.tpot_s,
         "batch_padding_fraction": timed.padding,
