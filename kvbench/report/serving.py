@@ -1,8 +1,9 @@
 """Serving report (`experiment=serving`): what each method buys at a memory budget, from the run's serving rows
 (`kvbench.harness.serving`) and its ordinary rows (output lengths).
 
-- `serving_batches.{csv,md}`: per model x method x budget x context x batch size: tokens/s, TPOT, the KV share
-  of decode memory traffic, the stacked batch's padding share.
+- `serving_batches.{csv,md}`: per model x method x budget x context x batch size: tokens/s and relative to the
+  full cache at the same batch size (`x_full_same_batch`), TPOT, the KV share of decode memory traffic, the stacked
+  batch's padding share and the attention path.
 - `serving.{csv,md}`: per model x method x budget x context x memory budget: bytes per sequence (after
   compression, and at the end of the timed decode: what capacity divides by), the prefill's KV peak, capacity,
   tokens/s at capacity and relative to the full cache at the same memory (`x_full_equal_memory`: the headline),
@@ -97,9 +98,18 @@ def batch_table(serving: pd.DataFrame) -> pd.DataFrame:
         return batches
     batches["tpot_ms"] = batches["tpot_s"] * 1000
     batches["kv_mib_per_seq"] = batches["kv_bytes_per_seq"] / MIB
+    keys = ["model", "context", "batch_size"]
+    full = batches[(batches["method"] == "full") & (batches["budget_label"] == "-")].set_index(keys)["tokens_per_s"]
+    # the same batch size and context: what a smaller cache changes per step (the LMDeploy study's comparison)
+    batches["x_full_same_batch"] = [
+        row.tokens_per_s / full.loc[(row.model, row.context, row.batch_size)]
+        if (row.model, row.context, row.batch_size) in full.index
+        else None
+        for row in batches.itertuples()
+    ]
     columns = [
-        "model", "context", "method_label", "budget_label", "batch_size", "tokens_per_s", "tpot_ms", "kv_share",
-        "kv_mib_per_seq", "batch_padding_fraction", "batch_attention", "distinct_samples",
+        "model", "context", "method_label", "budget_label", "batch_size", "tokens_per_s", "x_full_same_batch",
+        "tpot_ms", "kv_share", "kv_mib_per_seq", "batch_padding_fraction", "batch_attention", "distinct_samples",
     ]  # fmt: skip
     return batches[columns].sort_values(["model", "context", "method_label", "budget_label", "batch_size"])
 
