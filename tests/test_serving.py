@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 
+import pandas as pd
 import pytest
 
 from kvbench import api, app
@@ -166,6 +167,8 @@ def test_serving_run_writes_rows_tables_and_figures_and_resumes(tmp_path, tiny_l
         assert (run_dir / name).stat().st_size > 0
     for stem in ("throughput_vs_memory", "capacity_vs_context"):
         assert (run_dir / f"{stem}.png").exists() and (run_dir / f"{stem}.pdf").exists()
+    batches = pd.read_csv(run_dir / "serving_batches.csv")
+    assert (batches.loc[batches["method_label"] == "full", "x_full_same_batch"] == 1.0).all()
     table = (run_dir / "serving.csv").read_text().splitlines()
     assert table[0].startswith("model,context,memory_gib,method_label") and len(table) == 1 + 8
     # A rerun recomputes nothing: every serving row is stored.
