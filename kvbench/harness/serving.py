@@ -331,6 +331,7 @@ def job_rows(
         kv_bytes_per_seq=per_sequence,
         kv_bytes_by_type_per_seq=calibration.end_by_type,  # what kv_bytes_per_seq holds, per layer type
         kv_bytes_mean_decode=mean_kv,
+        compress_s_per_seq=calibration.compress_seconds,  # a timed batch's rows give their own
     )
     if lm.device.type == "cuda":  # on a GPU a batch is real memory: none above what the largest budget holds
         largest = max(settings.memory_gib)

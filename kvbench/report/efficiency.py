@@ -81,7 +81,8 @@ def markdown_table(table: pd.DataFrame) -> str:
     def cell(value: Any) -> str:
         if isinstance(value, float):
             return "" if pd.isna(value) else f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
-        return str(value)
+        # a label such as kivi[snapkv](k_bits=4) is text, not a link; a | would end the cell
+        return str(value).replace("[", "\\[").replace("]", "\\]").replace("|", "\\|")
 
     lines = ["| " + " | ".join(table.columns) + " |", "|" + " --- |" * len(table.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
