@@ -88,10 +88,8 @@ METHODS = {
 }
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-@pytest.mark.parametrize("compress", ["prompt", "context"])
-def test_batched_rows_equal_sequential_rows(tiny_lm, name, compress):
-    cfg, budgets = METHODS[name]
+def rows_equal_at_batch_3(tiny_lm, cfg: dict, budgets: list, compress: str) -> list[dict]:
+    """The rows of `samples()` at batch_size=3, checked equal (the SAME fields) to the batch-1 rows."""
     method = kv.build_method(cfg)
     sequential = kv.evaluate(tiny_lm, samples(), method, budgets, include_full=True, compress=compress)
     batched = kv.evaluate(tiny_lm, samples(), method, budgets, include_full=True, compress=compress, batch_size=3)
@@ -100,6 +98,14 @@ def test_batched_rows_equal_sequential_rows(tiny_lm, name, compress):
         assert one["status"] == "ok", one.get("error")
         assert {k: many[k] for k in SAME if k in one} == {k: one[k] for k in SAME if k in one}
         assert "batch_size" not in one
+    return batched
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("compress", ["prompt", "context"])
+def test_batched_rows_equal_sequential_rows(tiny_lm, name, compress):
+    cfg, budgets = METHODS[name]
+    batched = rows_equal_at_batch_3(tiny_lm, cfg, budgets, compress)
     # 4 samples at B=3: a batch of 3, then one of 1 (which needs no padding).
     assert [row["batch_size"] for row in batched if row["method"] == "full"] == [3, 3, 3, 1]
     assert {row["batch_attention"] for row in batched} == {STACKED}
@@ -138,13 +144,7 @@ PER_ROW_METHODS = {
 @pytest.mark.parametrize("compress", ["prompt", "context"])
 def test_per_row_batched_rows_equal_sequential_rows(tiny_lm, name, compress):
     cfg, budgets, exercised = PER_ROW_METHODS[name]
-    method = kv.build_method(cfg)
-    sequential = kv.evaluate(tiny_lm, samples(), method, budgets, include_full=True, compress=compress)
-    batched = kv.evaluate(tiny_lm, samples(), method, budgets, include_full=True, compress=compress, batch_size=3)
-    assert [row["key"] for row in batched] == [row["key"] for row in sequential]
-    for one, many in zip(sequential, batched, strict=True):
-        assert one["status"] == "ok", one.get("error")
-        assert {k: many[k] for k in SAME if k in one} == {k: one[k] for k in SAME if k in one}
+    batched = rows_equal_at_batch_3(tiny_lm, cfg, budgets, compress)
     rows = [row for row in batched if row["method"] != "full"]
     assert [row["batch_size"] for row in rows] == [3, 3, 3, 1]
     assert all(row["batch_attention"] == PER_ROW and row["batch_padding_fraction"] == 0.0 for row in rows)
