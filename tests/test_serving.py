@@ -80,6 +80,7 @@ def test_weight_bytes_count_tied_tensors_once(tiny_lm):
         ({"batch_sizes": [2, 300]}, "serving.batch_sizes holds 300, above serving.max_batch=64"),
         ({"decode_tokens": 1}, "serving.decode_tokens must be >= 2"),
         ({"memory": 3}, "serving.memory is not a serving setting"),
+        ({"samples_per_context": 80}, "serving.samples_per_context=80 is above serving.max_batch=64"),
     ],
 )
 def test_bad_serving_settings_are_one_line(node, message):

@@ -89,6 +89,8 @@ class ServingSettings:
             raise ValueError(f"serving.batch_sizes holds {max(sizes)}, above serving.max_batch={max_batch}")
         decode_tokens = check_field("serving.decode_tokens", node.get("decode_tokens", 16), int, minimum=2)
         distinct = check_field("serving.samples_per_context", node.get("samples_per_context", 4), int, minimum=1)
+        if distinct > max_batch:  # the first timed batch holds every distinct sample once
+            raise ValueError(f"serving.samples_per_context={distinct} is above serving.max_batch={max_batch}")
         return cls(
             tuple(float(m) for m in memory), float(reserve), tuple(sorted(set(sizes))), at_capacity, max_batch,
             decode_tokens, distinct,

@@ -21,12 +21,12 @@ from typing import Any
 
 import pandas as pd
 
+from kvbench.harness.serving import ROW_TYPE
 from kvbench.report.efficiency import markdown_table
 from kvbench.report.plots import plain_log_axis, plt, save, series_colors
 
 log = logging.getLogger("kvbench")
 MIB = 2**20
-ROW_TYPE = "serving"  # kvbench.harness.serving.ROW_TYPE (the report reads rows, it does not import the harness)
 
 
 def split_rows(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
