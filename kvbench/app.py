@@ -28,7 +28,7 @@ from kvbench.harness.chunked import check_chunked_methods
 from kvbench.harness.options import RunOptions
 from kvbench.harness.results import ResultsStore, manifest
 from kvbench.harness.runner import Job
-from kvbench.harness.serving import check_memory, check_serving_batches, run_serving, samples_by_context, weight_bytes
+from kvbench.harness.serving import check_memory, check_serving_batches, run_serving, weight_bytes
 from kvbench.methods import build_method
 from kvbench.methods.base import Method
 from kvbench.report import format_table, rows_frame, summarize
@@ -186,24 +186,20 @@ def first_then(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
 
 
 def serving_samples(prepared: PreparedRun) -> list[Sample]:
-    """The task's samples again (the row loop consumed the stream), the first `samples_per_context` of each
-    context length: what the serving phase prefills."""
-    wanted = prepared.settings.serving.samples_per_context
+    """The task's samples again (the row loop consumed the stream); the serving phase picks the first of each
+    context length."""
     planned = prepared.task.planned_samples(prepared.lm.tokenizer, prepared.lm.max_context)
     if prepared.settings.max_samples is not None:
         planned = itertools.islice(planned, prepared.settings.max_samples)
-    samples = [item.build() if isinstance(item, PlannedSample) else item for item in planned]
-    return [sample for group in samples_by_context(samples, wanted).values() for sample in group]
+    return [item.build() if isinstance(item, PlannedSample) else item for item in planned]
 
 
 def serving_phase(prepared: PreparedRun) -> tuple[list[Path], str]:
     """`experiment=serving`: the serving rows (`kvbench.harness.serving`) appended to the run's store, then the
     serving tables and figures from every serving row of the run (the jobs of a sweep share it)."""
     settings, store, lm = prepared.settings, prepared.store, prepared.lm
-    model_name = str(prepared.config.get("model", {}).get("name", "model"))
     rows = run_serving(
         lm,
-        model_name,
         serving_samples(prepared),
         lambda sample: api.plan(lm, sample, prepared.methods, prepared.options),
         prepared.options,

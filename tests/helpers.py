@@ -30,11 +30,13 @@ def store_row(key: str, status: str = "ok", extra: dict | None = None) -> dict:
     return {"key": key, "status": status, **identity, "compress": "prompt", **(extra or {})}
 
 
-def sky_sample(repeats: int = 12, max_new_tokens: int = 4) -> Sample:
-    """A short repeated-sentence prompt whose answer ("blue") is in the context."""
+def sky_sample(
+    repeats: int = 12, max_new_tokens: int = 4, text: str = "The grass is green. The sky is blue.", sample_id: str = "s"
+) -> Sample:
+    """A short repeated-sentence prompt (`text` repeated) whose answer ("blue") is in the context."""
     return Sample(
-        sample_id="s",
-        context=" ".join(["The grass is green. The sky is blue."] * repeats),
+        sample_id=sample_id,
+        context=" ".join([text] * repeats),
         question="What colour is the sky?",
         answer_prefix="The sky is",
         answers=["blue"],

@@ -26,21 +26,14 @@ from kvbench.methods import build_method
 from kvbench.methods.scoring import pyramid_layer_budgets
 from kvbench.report.efficiency import efficiency_table
 from kvbench.tasks.synthetic_length import SyntheticLength
+from tests.helpers import sky_sample
 
 CHUNKED = ["streamingllm", "window", "snapkv", "pyramidkv", "h2o"]
 TINY = ["model=tiny_random", "model.device=cpu", "progress=false"]
 
 
 def noise_sample(repeats: int = 40, max_new_tokens: int = 6) -> Sample:
-    return Sample(
-        sample_id="noise",
-        context=" ".join(["The grass is green. The sky is blue. The sun is yellow."] * repeats),
-        question="What colour is the sky?",
-        answer_prefix="The sky is",
-        answers=["blue"],
-        metric="string_match_all",
-        max_new_tokens=max_new_tokens,
-    )
+    return sky_sample(repeats, max_new_tokens, "The grass is green. The sky is blue. The sun is yellow.", "noise")
 
 
 def prompt_ids(lm, sample: Sample) -> list[int]:

@@ -16,6 +16,9 @@ serving phase measures, for every job (method x budget, plus the full cache) and
 - the KV share of decode memory traffic at B: `B * kv / (weights + B * kv)`, kv being the mean bytes a sequence
   holds over its decode: when it is small, shrinking the cache cannot speed decoding up.
 
+The serving phase prefills its distinct samples itself (once per context, shared by the jobs) although the row loop
+prefilled them before: holding those caches through the row loop would put them inside every row's memory peaks.
+
 Rows carry `row_type: "serving"` and a key of their own, so a rerun resumes after the last stored one and the
 run's summary (rows with a sample fingerprint) never mixes them with accuracy rows. `kvbench.report.serving`
 turns them and the ordinary rows (output-length shift) into the serving table and figures.
@@ -206,9 +209,7 @@ class Timed:
     """One timed batch: B sequences decoded together for `decode_tokens` steps."""
 
     batch: int
-    seconds: float  # the decode forwards (after each sequence's first token)
-    steps: int
-    step_seconds: list[float]  # each forward's wall time: throughput and TPOT use their median (robust to noise)
+    step_seconds: list[float]  # each decode forward's wall time: throughput and TPOT use their median
     padding: float
     attention: str
     start_bytes: list[int]  # each sequence's cache after compression
@@ -216,6 +217,10 @@ class Timed:
     end_bytes: list[int]  # the most each sequence's cache held while decoding (its end state, or a step's peak)
     peak_device_bytes: int | None  # the decode's peak device memory (CUDA: allocated; CPU: RSS)
     compress_seconds: float  # per sequence: its job's setup + compression
+
+    @property
+    def steps(self) -> int:
+        return len(self.step_seconds)
 
     @property
     def tpot_s(self) -> float:
@@ -241,16 +246,14 @@ def time_batch(
     end_bytes = [max(one.job_cache.cache.kv_bytes(), one.meter.peak.bytes) for one in prepared]
     largest = max(range(batch), key=lambda i: end_bytes[i])
     end_by_type = prepared[largest].job_cache.cache.kv_bytes_by_type()
-    # Every sequence takes part in every step (same length, EOS ignored): the first one's time is the batch's.
     return Timed(
-        batch, decoded[0].seconds, decoded[0].steps, layout.step_seconds, layout.padding_fraction, layout.attention,
+        batch, layout.step_seconds, layout.padding_fraction, layout.attention,
         start_bytes, end_by_type, end_bytes, decoded[0].peak_mem_bytes, compress_seconds,
     )  # fmt: skip
 
 
 def run_serving(
     lm: LoadedModel,
-    model_name: str,
     samples: list[Sample],
     jobs_for: Callable[[Sample], list[Job]],
     options: RunOptions,
@@ -264,12 +267,12 @@ def run_serving(
         jobs = jobs_for(group[0])
         prefilled: list[Prefilled] | None = None
         for job in jobs:
-            keys = ServingKeys.of(model_name, job, context, settings)
+            keys = ServingKeys.of(lm.name, job, context, settings)
             if keys.all_in(done):
                 continue
             if prefilled is None:  # one prefill per distinct sample, shared by the context's jobs
                 prefilled = prefill_samples(lm, group, jobs, options)
-            yield from job_rows(lm, model_name, job, context, prefilled, options, settings, keys, done, weights)
+            yield from job_rows(lm, job, context, prefilled, options, settings, keys, done, weights)
 
 
 @dataclass(frozen=True)
@@ -311,7 +314,6 @@ class ServingKeys:
 
 def job_rows(
     lm: LoadedModel,
-    model_name: str,
     job: Job,
     context: int,
     prefilled: list[Prefilled],
@@ -323,7 +325,7 @@ def job_rows(
 ) -> Iterator[dict[str, Any]]:
     """One job's serving rows at one context: a row per fixed batch size, a row per memory budget."""
     reserve = int(settings.activation_reserve_gib * GIB)
-    base = job_fields(lm, model_name, job, context, prefilled, weights, reserve)
+    base = job_fields(lm, job, context, prefilled, weights, reserve)
     # The first timed batch holds every distinct sample once: their end-of-decode bytes size a sequence.
     calibration = time_batch(lm, prefilled, job, options, len(prefilled), settings.decode_tokens)
     per_sequence = max(calibration.end_bytes)
@@ -377,14 +379,14 @@ def job_rows(
 
 
 def job_fields(
-    lm: LoadedModel, model_name: str, job: Job, context: int, prefilled: list[Prefilled], weights: int, reserve: int
+    lm: LoadedModel, job: Job, context: int, prefilled: list[Prefilled], weights: int, reserve: int
 ) -> dict[str, Any]:
     """What every serving row of one job and context carries."""
     prefill_peaks = [one.pre.cache.kv_bytes() for one in prefilled]
     prompt_tokens = [one.split for one in prefilled]
     return {
         "row_type": ROW_TYPE,
-        "model": model_name,
+        "model": lm.name,  # as the run's rows name it (the output-length join reads both)
         "device": str(lm.device),
         "dtype": str(lm.dtype).removeprefix("torch."),
         "method": job.method.name,
@@ -406,7 +408,7 @@ def timing_fields(timed: Timed, weights: int, mean_kv: float) -> dict[str, Any]:
     return {
         "batch_size": timed.batch,
         "decode_tokens": timed.steps + 1,
-        "decode_s": timed.seconds,
+        "decode_s": sum(timed.step_seconds),
         "step_s_min": min(timed.step_seconds, default=None),
         "step_s_max": max(timed.step_seconds, default=None),
         "tokens_per_s": timed.tokens_per_s,
